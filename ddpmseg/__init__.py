@@ -1,0 +1,42 @@
+"""ddpmseg: label-efficient semantic segmentation on frozen diffusion-model features.
+
+The public API (imported lazily, so ``import ddpmseg`` stays cheap):
+    create_backbone, list_presets, get_preset, AdmConfig   backbones
+    ExtractConfig, FeatureCache, make_noise                features and their cache
+    PixelEnsemble                                          the pixel classifier
+    SegmentationModel                                      a fitted model directory
+    extract_features, fit_model, predict_images,
+    evaluate_model, kmeans_grid_image                      the pipeline steps the CLI calls
+"""
+
+from importlib import import_module
+from typing import Any
+
+from ddpmseg._version import __version__
+from ddpmseg.errors import DdpmsegError
+
+_EXPORTS = {
+    "create_backbone": "ddpmseg.backbones.adm",
+    "AdmBackbone": "ddpmseg.backbones.adm",
+    "list_presets": "ddpmseg.backbones.presets",
+    "get_preset": "ddpmseg.backbones.presets",
+    "AdmConfig": "ddpmseg.backbones.presets",
+    "ExtractConfig": "ddpmseg.features.extractor",
+    "make_noise": "ddpmseg.features.extractor",
+    "FeatureCache": "ddpmseg.features.cache",
+    "PixelEnsemble": "ddpmseg.classify.ensemble",
+    "SegmentationModel": "ddpmseg.model",
+    "extract_features": "ddpmseg.pipeline",
+    "fit_model": "ddpmseg.pipeline",
+    "predict_images": "ddpmseg.pipeline",
+    "evaluate_model": "ddpmseg.pipeline",
+    "kmeans_grid_image": "ddpmseg.pipeline",
+}
+
+__all__ = ["__version__", "DdpmsegError", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ddpmseg' has no attribute {name!r}")

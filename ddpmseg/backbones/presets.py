@@ -1,0 +1,222 @@
+"""Named ADM (guided-diffusion) architectures, registered as frozen dataclasses.
+
+A preset fixes the U-Net flags and the noise schedule of a published
+checkpoint. ``AdmConfig`` holds exactly the guided-diffusion
+``create_model_and_diffusion`` arguments that change the network or the
+schedule; training-only flags (dropout, use_fp16, ...) are accepted from flag
+files and ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ddpmseg.errors import DdpmsegError
+
+# Flags guided-diffusion scripts carry that do not change the network's
+# eval-mode function or the q_sample schedule.
+IGNORED_FLAGS = frozenset(
+    {
+        "dropout",
+        "use_fp16",
+        "use_checkpoint",
+        "timestep_respacing",
+        "use_kl",
+        "predict_xstart",
+        "rescale_learned_sigmas",
+        "model_path",
+        "batch_size",
+        "num_samples",
+        "clip_denoised",
+        "use_ddim",
+        "lr",
+        "weight_decay",
+        "ema_rate",
+    }
+)
+
+
+@dataclass(frozen=True)
+class AdmConfig:
+    """guided-diffusion U-Net + diffusion flags (their names and meanings)."""
+
+    image_size: int = 256
+    num_channels: int = 256
+    num_res_blocks: int = 2
+    channel_mult: str = ""
+    num_heads: int = 4
+    num_head_channels: int = 64
+    num_heads_upsample: int = -1
+    attention_resolutions: str = "32,16,8"
+    class_cond: bool = False
+    learn_sigma: bool = True
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    use_new_attention_order: bool = False
+    diffusion_steps: int = 1000
+    noise_schedule: str = "linear"
+    rescale_timesteps: bool = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, _coerce(f.name, value, f.type))
+        if self.channel_mult == "" and self.image_size not in (64, 128, 256, 512):
+            raise DdpmsegError(
+                f"image_size {self.image_size} has no default channel_mult in guided-diffusion; "
+                "set channel_mult explicitly (e.g. \"1,1,2,2,4,4\")"
+            )
+        if self.num_channels % 32:
+            raise DdpmsegError(
+                f"num_channels must be a multiple of 32 (GroupNorm32), got {self.num_channels}"
+            )
+        if self.noise_schedule not in ("linear", "cosine"):
+            raise DdpmsegError(
+                f"noise_schedule must be 'linear' or 'cosine', got {self.noise_schedule!r}"
+            )
+        if self.diffusion_steps < 1:
+            raise DdpmsegError(f"diffusion_steps must be >= 1, got {self.diffusion_steps}")
+
+    @property
+    def mults(self) -> tuple[float, ...]:
+        """The channel multiplier per level (guided-diffusion's defaults by image size)."""
+        if self.channel_mult:
+            return tuple(float(m) for m in self.channel_mult.split(","))
+        return {
+            512: (0.5, 1, 1, 2, 2, 4, 4),
+            256: (1, 1, 2, 2, 4, 4),
+            128: (1, 1, 2, 3, 4),
+            64: (1, 2, 3, 4),
+        }[self.image_size]
+
+    @property
+    def num_output_blocks(self) -> int:
+        return len(self.mults) * (self.num_res_blocks + 1)
+
+    def output_block_shapes(self) -> list[tuple[int, int]]:
+        """(channels, resolution) of each decoder block's output at ``image_size``."""
+        levels = len(self.mults)
+        shapes = []
+        for i in range(self.num_output_blocks):
+            level = levels - 1 - i // (self.num_res_blocks + 1)
+            res = self.image_size // 2**level
+            if level and i % (self.num_res_blocks + 1) == self.num_res_blocks:
+                res *= 2  # the last block of a level upsamples
+            shapes.append((int(self.num_channels * self.mults[level]), res))
+        return shapes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any], source: str = "flags") -> "AdmConfig":
+        """Build from guided-diffusion flag names; unknown names are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(flags) - known - IGNORED_FLAGS)
+        if unknown:
+            raise DdpmsegError(
+                f"{source}: unknown guided-diffusion flag(s) {', '.join(unknown)}; "
+                f"valid flags: {', '.join(sorted(known))}"
+            )
+        return cls(**{k: v for k, v in flags.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "AdmConfig":
+        path = Path(path)
+        try:
+            flags = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DdpmsegError(f"model flags file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DdpmsegError(f"cannot read model flags {path}: {e}; expected a JSON object") from None
+        if not isinstance(flags, dict):
+            raise DdpmsegError(f"model flags {path} must hold a JSON object of guided-diffusion flags")
+        return cls.from_flags(flags, source=str(path))
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Accept the string/number spellings guided-diffusion's argparse accepts."""
+    kind = {"int": int, "bool": bool, "str": str}[annotation]
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise DdpmsegError(f"flag {name}={value!r} is not a valid {annotation}") from None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A published checkpoint: its architecture and where users download it."""
+
+    name: str
+    config: AdmConfig
+    filename: str
+    urls: tuple[str, ...]
+    description: str
+    family: str = "adm"
+
+
+_YANDEX = "https://storage.yandexcloud.net/yandex-research/ddpm-segmentation/models/ddpm_checkpoints/"
+_OPENAI = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
+_ADM_256 = AdmConfig()  # all five presets share the paper's flags
+
+_PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(preset: Preset) -> Preset:
+    if preset.name in _PRESETS:
+        raise ValueError(f"preset {preset.name!r} is already registered")
+    _PRESETS[preset.name] = preset
+    return preset
+
+
+for _name, _file, _urls, _desc in [
+    ("ffhq_256", "ffhq.pt", (_YANDEX + "ffhq.pt",), "FFHQ faces, 256x256 (the paper's FFHQ-34 / CelebA-19)"),
+    (
+        "lsun_bedroom_256",
+        "lsun_bedroom.pt",
+        (_YANDEX + "lsun_bedroom.pt", _OPENAI + "lsun_bedroom.pt"),
+        "LSUN bedrooms, 256x256 (Bedroom-28, ADE-Bedroom-30)",
+    ),
+    ("lsun_cat_256", "lsun_cat.pt", (_YANDEX + "lsun_cat.pt",), "LSUN cats, 256x256 (Cat-15)"),
+    ("lsun_horse_256", "lsun_horse.pt", (_YANDEX + "lsun_horse.pt",), "LSUN horses, 256x256 (Horse-21)"),
+    (
+        "imagenet_256_uncond",
+        "256x256_diffusion_uncond.pt",
+        (_OPENAI + "256x256_diffusion_uncond.pt",),
+        "ImageNet, unconditional, 256x256",
+    ),
+]:
+    register_preset(Preset(_name, _ADM_256, _file, _urls, _desc))
+
+
+def list_presets() -> list[str]:
+    """Names of all registered presets, sorted."""
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        raise DdpmsegError(
+            f"unknown preset {name!r}; choose one of {', '.join(list_presets())} "
+            "or pass --model-flags FILE"
+        ) from None

@@ -1,0 +1,99 @@
+"""The paper's feature recipe: shared noise, q_sample, one forward per t, decoder taps.
+
+For an image x0 in [-1, 1] of shape (1, 3, S, S), each timestep t gives
+x_t = q_sample(x0, t, noise) with ONE noise tensor shared by every t and every
+image; the U-Net runs on x_t at t and the outputs of the chosen decoder blocks
+are kept at their native resolution. ``upsample_concat`` turns those maps into
+the (C, S, S) pixel features of the paper: bilinear (align_corners=False),
+timestep-major then block order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ddpmseg.backbones.adm import AdmBackbone
+from ddpmseg.errors import DdpmsegError
+
+DEFAULT_STEPS = (50, 150, 250)
+DEFAULT_BLOCKS = (5, 6, 7, 8, 12)
+
+BlockMaps = Mapping[tuple[int, int], torch.Tensor]  # (t, block) -> (C, h, w)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that fixes the features of an image, besides the weights."""
+
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    blocks: tuple[int, ...] = DEFAULT_BLOCKS
+    seed: int = 0
+    preprocess: str = "resize"
+    storage_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(int(t) for t in self.steps))
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        if self.preprocess not in ("resize", "crop"):
+            raise DdpmsegError(f"preprocess must be 'resize' or 'crop', got {self.preprocess!r}")
+        if self.storage_dtype not in ("float16", "float32"):
+            raise DdpmsegError(f"storage dtype must be float16 or float32, got {self.storage_dtype!r}")
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        """(t, block) pairs in the reference's concatenation order."""
+        return [(t, b) for t in self.steps for b in self.blocks]
+
+
+def make_noise(seed: int, size: int) -> torch.Tensor:
+    """The shared noise (1, 3, S, S), always drawn on the CPU so runs are portable."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn((1, 3, size, size), generator=gen, dtype=torch.float32)
+
+
+def extract_block_maps(
+    backbone: AdmBackbone,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    steps: Sequence[int],
+    blocks: Sequence[int],
+    batch_size: int = 0,
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Native-resolution block maps of one image for every (t, block), on the CPU.
+
+    The timesteps of the image run as one batch (or ``batch_size`` at a time,
+    0 = all at once); each forward stops after the last requested block.
+    """
+    if x0.ndim != 4 or x0.shape[0] != 1:
+        raise ValueError(f"x0 must have shape (1, 3, S, S), got {tuple(x0.shape)}")
+    device = backbone.device
+    x0 = x0.to(device)
+    noise = noise.to(device)
+    steps = list(steps)
+    step_batch = batch_size or len(steps)
+    out: dict[tuple[int, int], torch.Tensor] = {}
+    for start in range(0, len(steps), step_batch):
+        chunk = steps[start : start + step_batch]
+        t = torch.tensor(chunk, device=device, dtype=torch.long)
+        n = len(chunk)
+        x_t = backbone.q_sample(x0.expand(n, -1, -1, -1), t, noise.expand(n, -1, -1, -1))
+        maps = backbone.forward_blocks(x_t, t, blocks)
+        for j, step in enumerate(chunk):
+            for b in blocks:
+                out[(step, b)] = maps[b][j].float().cpu()
+    return out
+
+
+def upsample_concat(maps: BlockMaps, keys: Sequence[tuple[int, int]], size: int) -> torch.Tensor:
+    """The paper's pixel features: each map upsampled to (size, size), concatenated (C, S, S)."""
+    ups = [
+        F.interpolate(
+            torch.as_tensor(maps[k]).float()[None], size=(size, size), mode="bilinear", align_corners=False
+        )[0]
+        for k in keys
+    ]
+    return torch.cat(ups, dim=0)
