@@ -215,3 +215,21 @@ def create_backbone(
         model.load_state_dict(state)
     dev = resolve_device(device) if isinstance(device, str) else device
     return AdmBackbone(config, model.to(dev), name=name or "custom")
+
+
+def random_unet(config: AdmConfig, seed: int = 0) -> torch.nn.Module:
+    """A deterministic random-weight U-Net whose every block does something.
+
+    guided-diffusion zero-initialises each residual branch's last conv and the
+    attention projections (so a fresh model is the identity plus skips); those
+    get small Gaussian weights here, as a trained model would have. Used by
+    tests, benchmarks and the demo in place of real checkpoints.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_unet(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim > 1 and not p.any():
+                    p.normal_(0.0, 0.02)
+    return model

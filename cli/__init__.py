@@ -1,0 +1,1 @@
+"""The ddpmseg command line (installed as ``ddpmseg.cli``): one thin click command per verb."""

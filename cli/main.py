@@ -1,0 +1,238 @@
+"""``ddpmseg`` commands. Each only parses options, calls one library function and
+prints a summary line; errors become one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from ddpmseg.errors import DdpmsegError
+
+
+def _ints(value: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise DdpmsegError(f"--{name} takes comma-separated integers such as 50,150,250, got {value!r}") from None
+
+
+class _Group(click.Group):
+    """Turns library errors into one line and an exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug")) if ctx.params else "--debug" in sys.argv
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("ddpmseg: interrupted; finished work is kept, run the same command again to resume", err=True)
+            ctx.exit(130)
+        except DdpmsegError as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"ddpmseg: error: {e}", err=True)
+            ctx.exit(1)
+        except OSError as e:
+            if debug:
+                traceback.print_exc()
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            click.echo(f"ddpmseg: error: {e.strerror or e}{where}; check the path and its permissions", err=True)
+            ctx.exit(1)
+        except Exception as e:  # a bug: still one line unless --debug
+            if debug:
+                traceback.print_exc()
+            click.echo(f"ddpmseg: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", err=True)
+            ctx.exit(2)
+
+
+_common_backbone = [
+    click.option("--ckpt", "checkpoint", required=True, type=click.Path(path_type=Path), help="Checkpoint file (a guided-diffusion state dict)."),
+    click.option("--preset", default=None, help="Architecture preset (see `ddpmseg presets`); default: match or infer from the checkpoint."),
+    click.option("--model-flags", type=click.Path(path_type=Path), default=None, help="JSON file of guided-diffusion flags for a custom architecture."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+]
+_common_extract = [
+    click.option("--steps", default="50,150,250", show_default=True, help="Diffusion timesteps."),
+    click.option("--blocks", default="5,6,7,8,12", show_default=True, help="Decoder (output_blocks) indices."),
+    click.option("--seed", default=0, show_default=True, help="Seed of the shared noise."),
+    click.option("--preprocess", type=click.Choice(["resize", "crop"]), default="resize", show_default=True, help="resize: plain resize to the model size; crop: short side then centre crop."),
+]
+
+
+def _apply(options):
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def _extract_config(steps: str, blocks: str, seed: int, preprocess: str, storage: str = "float16"):
+    from ddpmseg.features.extractor import ExtractConfig
+
+    return ExtractConfig(_ints(steps, "steps"), _ints(blocks, "blocks"), seed, preprocess, storage)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.version_option(package_name="ddpmseg")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Label-efficient semantic segmentation on frozen diffusion-model features."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="ddpmseg: %(message)s")
+    ctx.obj = {"progress": not quiet}
+
+
+@main.command()
+def presets() -> None:
+    """List the architecture presets and where their checkpoints come from."""
+    from ddpmseg.backbones.presets import get_preset, list_presets
+
+    for name in list_presets():
+        p = get_preset(name)
+        click.echo(f"{name:22s} {p.filename:30s} {p.description}")
+
+
+@main.command()
+@click.argument("preset")
+@click.option("--dir", "directory", default="checkpoints", show_default=True, type=click.Path(path_type=Path))
+@click.option("--url", default=None, help="Download from this URL instead of the preset's.")
+@click.pass_obj
+def download(obj, preset: str, directory: Path, url: str | None) -> None:
+    """Download a preset's published checkpoint (resumes a partial file)."""
+    from ddpmseg.backbones.download import download_preset
+
+    path = download_preset(preset, directory, url=url, progress=obj["progress"])
+    click.echo(f"checkpoint ready: {path}")
+
+
+@main.command()
+@_apply(_common_backbone)
+def blocks(checkpoint: Path, preset, model_flags, device) -> None:
+    """List the decoder blocks of a checkpoint: index, module, channels, resolution."""
+    from ddpmseg.pipeline import load_backbone
+
+    backbone, _ = load_backbone(checkpoint, preset, model_flags, "cpu")
+    click.echo(f"{'index':>5}  {'module':18s} {'channels':>8}  resolution")
+    for b in backbone.blocks():
+        click.echo(f"{b.index:>5}  {b.module:18s} {b.channels:>8}  {b.resolution}x{b.resolution}")
+
+
+@main.command()
+@_apply(_common_backbone)
+@click.option("--images", required=True, multiple=True, type=click.Path(path_type=Path), help="Image folder or files (repeatable).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Feature file (HDF5), e.g. feats.h5.")
+@_apply(_common_extract)
+@click.option("--batch-size", default=0, show_default=True, help="Timesteps per forward pass (0 = all of an image's at once).")
+@click.option("--storage", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="On-disk dtype of the block maps.")
+@click.pass_obj
+def extract(obj, checkpoint, preset, model_flags, device, images, out, steps, blocks, seed, preprocess, batch_size, storage) -> None:
+    """Extract decoder-block features of images into a cache file."""
+    from ddpmseg.pipeline import extract_features
+
+    cfg = _extract_config(steps, blocks, seed, preprocess, storage)
+    s = extract_features(checkpoint, images, out, config=cfg, preset=preset, model_flags=model_flags,
+                         device=device, batch_size=batch_size, progress=obj["progress"])
+    per = s.seconds / s.new if s.new else 0.0
+    click.echo(f"extract: {s.new} new, {s.skipped} already cached, {s.total} in {s.out} "
+               f"({per:.1f} s/image, {s.bytes_per_image / 2**20:.1f} MiB/image)")
+
+
+@main.command()
+@click.option("--features", required=True, type=click.Path(path_type=Path), help="Feature file from `ddpmseg extract`.")
+@click.option("--masks", required=True, type=click.Path(path_type=Path), help="Folder of label maps (.npy, label PNGs or colour PNGs with --classes).")
+@click.option("--labels", default=None, type=int, help="Use the first N labelled images (natural sort order).")
+@click.option("--classes", default=None, help="Label set: a shipped name (e.g. ffhq_34) or a CSV index,name,r,g,b.")
+@click.option("--ensemble", default=10, show_default=True, help="Number of MLPs in the ensemble.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-epochs", default=100, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Model folder to write.")
+@click.pass_obj
+def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, device, out) -> None:
+    """Train the pixel-classifier ensemble on cached features and masks."""
+    from ddpmseg.pipeline import fit_model
+
+    s = fit_model(features, masks, out, labels=labels, classes=classes, ensemble=ensemble, seed=seed,
+                  max_epochs=max_epochs, device=device, progress=obj["progress"])
+    click.echo(f"fit: {len(s.image_ids)} images, {s.n_pixels} pixels, {s.n_classes} classes, "
+               f"{s.seconds:.1f} s, steps per member {min(s.n_iter)}-{max(s.n_iter)} -> {s.out}")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--ckpt", "checkpoint", default=None, type=click.Path(path_type=Path), help="Checkpoint, if moved since fit.")
+@click.option("--device", default="auto", show_default=True)
+@click.pass_obj
+def predict(obj, images, model_dir, out, checkpoint, device) -> None:
+    """Segment images: label, overlay and uncertainty PNGs at the original size."""
+    from ddpmseg.pipeline import predict_images
+
+    s = predict_images(images, model_dir, out, checkpoint=checkpoint, device=device, progress=obj["progress"])
+    n = max(s.n_images, 1)
+    click.echo(f"predict: {s.n_images} images -> {s.out} ({s.seconds / n:.2f} s/image, "
+               f"{s.extract_seconds / n:.2f} s of it extraction)")
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--images", required=True, multiple=True, type=click.Path(path_type=Path))
+@click.option("--masks", required=True, type=click.Path(path_type=Path))
+@click.option("--ckpt", "checkpoint", default=None, type=click.Path(path_type=Path), help="Checkpoint, if moved since fit.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def evaluate(obj, model_dir, images, masks, checkpoint, device, as_json) -> None:
+    """Per-class IoU and mIoU of a model on labelled images."""
+    from ddpmseg.pipeline import evaluate_model
+
+    r = evaluate_model(model_dir, images, masks, checkpoint=checkpoint, device=device,
+                       progress=obj["progress"] and not as_json)
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    width = max(len(n) for n in r["per_class"])
+    for name, iou in r["per_class"].items():
+        click.echo(f"{name:{width}s}  {100 * iou:5.1f}")
+    click.echo(f"evaluate: mIoU {100 * r['miou']:.1f} over {r['n_images']} images")
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@_apply(_common_backbone)
+@click.option("--k", default=5, show_default=True, help="Clusters per cell.")
+@_apply(_common_extract)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Grid PNG to write.")
+@click.pass_obj
+def kmeans(obj, image, checkpoint, preset, model_flags, device, k, steps, blocks, seed, preprocess, out) -> None:
+    """The paper's Figure-4 grid: k-means of each block's features per timestep."""
+    from ddpmseg.pipeline import kmeans_grid_image
+
+    cfg = _extract_config(steps, blocks, seed, preprocess)
+    path = kmeans_grid_image(image, checkpoint, out, k=k, config=cfg, preset=preset, model_flags=model_flags,
+                             device=device, progress=obj["progress"])
+    click.echo(f"kmeans: {len(cfg.blocks)} blocks x {len(cfg.steps)} steps, k={k} -> {path}")
+
+
+@main.command()
+@click.option("--dir", "directory", default="ddpmseg-demo", show_default=True, type=click.Path(path_type=Path))
+@click.pass_obj
+def demo(obj, directory: Path) -> None:
+    """Offline end-to-end run on a tiny random-weight ADM and synthetic images."""
+    from ddpmseg.demo import run_demo
+
+    run_demo(directory, echo=click.echo, progress=obj["progress"])
+
+
+if __name__ == "__main__":
+    main()
