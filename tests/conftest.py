@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random-weight ADM checkpoints and the shared data sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpmseg.backbones.adm import random_unet
+from ddpmseg.backbones.presets import AdmConfig
+from ddpmseg.demo import TINY_FLAGS
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EYES8 = SHARED_DATA / "eyes8"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_flags() -> dict:
+    return dict(TINY_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_flags) -> AdmConfig:
+    return AdmConfig.from_flags(tiny_flags)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_config, tiny_flags) -> tuple[Path, Path]:
+    """(checkpoint, flags JSON) of a random tiny ADM saved like a real checkpoint."""
+    d = tmp_path_factory.mktemp("tiny_adm")
+    ckpt, flags = d / "tiny_adm.pt", d / "tiny_adm.json"
+    torch.save(random_unet(tiny_config, seed=0).state_dict(), ckpt)
+    flags.write_text(json.dumps(tiny_flags))
+    return ckpt, flags
+
+
+@pytest.fixture(scope="session")
+def eyes8() -> Path:
+    if not EYES8.is_dir():
+        pytest.skip(f"shared data not found at {EYES8}")
+    return EYES8

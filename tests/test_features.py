@@ -1,0 +1,139 @@
+"""Fidelity: ddpmseg's pixel features equal the paper's recipe, implemented here
+independently and naively (closed-form q_sample, one full forward per t with
+forward hooks on output_blocks, bilinear upsampling, concatenation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ddpmseg.backbones.adm import build_unet, create_backbone
+from ddpmseg.backbones.presets import AdmConfig, get_preset
+from ddpmseg.features.cache import FeatureCache
+from ddpmseg.features.extractor import ExtractConfig, extract_block_maps, make_noise, upsample_concat
+from ddpmseg.features.pixels import CachePixels
+from ddpmseg.pipeline import extract_features
+
+
+def naive_recipe(model, x0, noise, steps, blocks, T=1000):
+    """The reference recipe, written from the paper's description."""
+    betas = np.linspace(0.0001 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
+    abar = np.cumprod(1.0 - betas)
+    taps = {}
+    hooks = [
+        model.output_blocks[b].register_forward_hook(lambda mod, inp, out, b=b: taps.__setitem__(b, out))
+        for b in blocks
+    ]
+    feats = []
+    try:
+        for t in steps:
+            x_t = float(np.sqrt(abar[t])) * x0 + float(np.sqrt(1 - abar[t])) * noise
+            with torch.no_grad():
+                model(x_t, torch.tensor([t]))  # full forward, output head included
+            for b in blocks:
+                feats.append(F.interpolate(taps[b], size=x0.shape[-2:], mode="bilinear", align_corners=False)[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(feats, dim=0)
+
+
+def reference_image_tensor(path, size):
+    img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tiny_ckpt):
+    ckpt, flags = tiny_ckpt
+    return create_backbone(None, ckpt, config=AdmConfig.from_json(flags))
+
+
+@pytest.mark.parametrize("steps,blocks", [((50, 150, 250), (5, 6, 7, 8, 12)), ((0, 999), (0, 17)), ((10,), (3,))])
+def test_in_memory_features_match_naive_recipe(tiny_backbone, eyes8, steps, blocks):
+    size = tiny_backbone.image_size
+    x0 = reference_image_tensor(eyes8 / "image_0.jpg", size)
+    noise = make_noise(0, size)
+    ours = upsample_concat(
+        extract_block_maps(tiny_backbone, x0, noise, steps, blocks), [(t, b) for t in steps for b in blocks], size
+    )
+    ref = naive_recipe(tiny_backbone.model, x0, noise, steps, blocks)
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref) < 1e-5
+
+
+@pytest.mark.parametrize("storage,tol", [("float32", 1e-5), ("float16", 2e-3)])
+def test_cache_pixel_features_match_naive_recipe(tmp_path, tiny_ckpt, tiny_backbone, eyes8, storage, tol):
+    ckpt, flags = tiny_ckpt
+    cfg = ExtractConfig(storage_dtype=storage)
+    out = tmp_path / "feats.h5"
+    extract_features(ckpt, [eyes8 / "image_0.jpg", eyes8 / "image_1.jpg"], out, config=cfg, model_flags=flags, device="cpu")
+    with FeatureCache(out) as cache:
+        assert cache.image_ids == ["image_0", "image_1"]
+        assert cache.noise.shape == (1, 3, 64, 64)
+        np.testing.assert_array_equal(cache.noise, make_noise(0, 64).numpy())
+        for image_id in cache.image_ids:
+            x0 = reference_image_tensor(eyes8 / f"{image_id}.jpg", 64)
+            ref = naive_recipe(tiny_backbone.model, x0, torch.from_numpy(cache.noise), cfg.steps, cfg.blocks)
+            feats = cache.pixel_features(image_id)
+            assert feats.dtype == torch.float32 and feats.shape == ref.shape
+            assert rel_err(feats, ref) < tol
+
+
+def test_forward_stops_after_last_requested_block(tiny_backbone):
+    ran = []
+    hooks = [m.register_forward_hook(lambda *a, i=i: ran.append(i)) for i, m in enumerate(tiny_backbone.model.output_blocks)]
+    head = tiny_backbone.model.out.register_forward_hook(lambda *a: ran.append("out"))
+    try:
+        x = torch.zeros(2, 3, 64, 64)
+        maps = tiny_backbone.forward_blocks(x, torch.tensor([5, 7]), [3, 8])
+    finally:
+        for h in hooks + [head]:
+            h.remove()
+    assert ran == list(range(9))  # blocks 0..8 for the batch of two timesteps, no head
+    assert set(maps) == {3, 8}
+
+
+def test_cache_pixels_gather_equals_upsampled_features(tiny_backbone):
+    torch.manual_seed(0)
+    keys = [(50, 5), (50, 8), (150, 12)]
+    images = []
+    for _ in range(3):
+        x0 = torch.rand(1, 3, 64, 64) * 2 - 1
+        images.append(extract_block_maps(tiny_backbone, x0, make_noise(1, 64), [50, 150], [5, 8, 12]))
+    source = CachePixels(images, keys, 64, dtype=torch.float32)
+    assert len(source) == 3 * 64 * 64
+    full = torch.stack([upsample_concat(m, keys, 64) for m in images])  # (3, C, 64, 64)
+    idx = torch.randint(0, len(source), (500,))
+    rows = source.gather(idx)
+    expect = full.permute(0, 2, 3, 1).reshape(-1, full.shape[1])[idx]
+    assert torch.allclose(rows, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_ffhq_256_architecture_gives_8448_channels():
+    cfg = get_preset("ffhq_256").config
+    model = build_unet(cfg)  # the full 552 M-parameter network, random weights
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(552.8e6, rel=1e-3)
+    assert len(model.output_blocks) == cfg.num_output_blocks == 18
+    shapes = cfg.output_block_shapes()
+    per_step = sum(shapes[b][0] for b in (5, 6, 7, 8, 12))
+    assert per_step == 2816 and 3 * per_step == 8448
+    assert [shapes[b] for b in (5, 6, 7, 8, 12)] == [(1024, 32), (512, 32), (512, 32), (512, 64), (256, 128)]
+    # the channel counts also hold in the built modules (last layer of each block)
+    for b in (5, 6, 7, 8, 12):
+        convs = [m for m in model.output_blocks[b].modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs[-1].out_channels == shapes[b][0]
+
+
+def test_block_shapes_match_a_real_forward(tiny_backbone):
+    x = torch.zeros(1, 3, 64, 64)
+    maps = tiny_backbone.forward_blocks(x, torch.tensor([10]), list(range(18)))
+    for b, (c, r) in enumerate(tiny_backbone.config.output_block_shapes()):
+        assert tuple(maps[b].shape) == (1, c, r, r)
