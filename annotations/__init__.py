@@ -1,0 +1,1 @@
+"""The paper's label sets (index,name,r,g,b CSV files), installed as ``ddpmseg.annotations``."""
