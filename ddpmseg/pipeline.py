@@ -133,7 +133,7 @@ class FitSummary:
 def _labelled_ids(cache: FeatureCache, masks: Path) -> list[tuple[str, Path]]:
     if not masks.is_dir():
         raise DdpmsegError(f"--masks {masks} is not a folder; give the folder holding the label maps")
-    found = [(i, data.find_mask(i, masks)) for i in cache.image_ids]
+    found = [(i, data.find_mask(i, masks, image_path=cache.source(i))) for i in cache.image_ids]
     return [(i, m) for i, m in found if m is not None]
 
 
@@ -302,7 +302,7 @@ def evaluate_model(
     masks = Path(masks)
     if not masks.is_dir():
         raise DdpmsegError(f"--masks {masks} is not a folder; give the folder holding the label maps")
-    pairs = [(p, data.find_mask(p.stem, masks)) for p in data.list_images(images)]
+    pairs = [(p, data.find_mask(p.stem, masks, image_path=p)) for p in data.list_images(images)]
     pairs = [(p, m) for p, m in pairs if m is not None]
     if not pairs:
         raise DdpmsegError(f"no image of {', '.join(map(str, images))} has a mask in {masks}")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ddpmseg._version import __version__
+from ddpmseg.data import natural_key
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.extractor import BlockMaps, upsample_concat
 
@@ -44,12 +45,6 @@ def dataset_name(t: int, block: int) -> str:
 
 def parts_dir(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
-
-
-def _natural_key(s: str) -> list:
-    import re
-
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
 
 
 def _write_header(f: h5py.File, config: dict[str, Any], noise: np.ndarray) -> None:
@@ -201,7 +196,7 @@ class FeatureCache:
         self.config: dict[str, Any] = json.loads(head.attrs["config"])
         self.noise: np.ndarray = np.asarray(head["noise"])
         self.ddpmseg_version: str = str(head.attrs["ddpmseg_version"])
-        self.image_ids: list[str] = sorted(self._where, key=_natural_key)
+        self.image_ids: list[str] = sorted(self._where, key=natural_key)
 
     # -- configuration -------------------------------------------------------------
     @property
