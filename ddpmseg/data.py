@@ -19,7 +19,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from ddpmseg._io import write_atomic
 from ddpmseg.errors import DdpmsegError
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class LabelSet:
         w.writerow(CSV_HEADER)
         for i, (n, c) in enumerate(zip(self.names, self.colors)):
             w.writerow([i, n, *c])
-        _atomic_write(Path(path), lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8"))
+        write_atomic(Path(path), lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8"))
 
     @classmethod
     def default(cls, n_classes: int) -> "LabelSet":
@@ -256,23 +256,9 @@ def load_label_set(name_or_path: str | Path) -> LabelSet:
 
 
 # -- atomic writes -----------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp)`` for a temp file beside ``path``, then rename it onto ``path``."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save_image_atomic(path: Path, img: Image.Image, format: str | None = None) -> None:
     fmt = format or Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
-    _atomic_write(Path(path), lambda tmp: img.save(tmp, format=fmt))
+    write_atomic(Path(path), lambda tmp: img.save(tmp, format=fmt))
 
 
 # -- images --------------------------------------------------------------------------------
@@ -800,7 +786,7 @@ def make_synthetic_dataset(out_dir: str | Path, n_images: int = 6, size: int = 6
     for i in range(n_images):
         img, labels = _synthetic_one(rng, size)
         _save_image_atomic(out / f"shape_{i}.png", Image.fromarray(img, "RGB"), "PNG")
-        _atomic_write(out / f"shape_{i}.npy", lambda tmp, a=labels: _np_save(tmp, a))
+        write_atomic(out / f"shape_{i}.npy", lambda tmp, a=labels: _np_save(tmp, a))
     SYNTHETIC_LABELSET.to_csv(out / "classes.csv")
     return SYNTHETIC_LABELSET
 

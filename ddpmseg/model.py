@@ -13,7 +13,6 @@ Both files are written atomically (temp file + rename).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,20 +24,10 @@ import torch.nn.functional as F
 from ddpmseg._version import __version__
 from ddpmseg.classify.ensemble import PixelEnsemble
 from ddpmseg.data import LabelSet
+from ddpmseg._io import write_atomic
 from ddpmseg.errors import DdpmsegError
 
 MODEL_FILES = ("model.json", "tensors.pt")
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (no half-written files)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @dataclass

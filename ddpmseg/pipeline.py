@@ -30,7 +30,7 @@ from ddpmseg.features.cache import FeatureCache, FeatureWriter
 from ddpmseg.features.extractor import ExtractConfig, extract_block_maps, make_noise
 from ddpmseg.features.pixels import CachePixels
 from ddpmseg.metrics import evaluate_masks
-from ddpmseg.model import SegmentationModel, classify_block_maps, model_config, write_atomic
+from ddpmseg.model import SegmentationModel, classify_block_maps, model_config
 
 log = logging.getLogger(__name__)
 

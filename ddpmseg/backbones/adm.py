@@ -82,6 +82,18 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise DdpmsegError(f"unknown device {device!r}; use auto, cpu or cuda") from None
 
 
+def _check_indices(values: Sequence[int], n: int, what: str, valid: str, example: str) -> list[int]:
+    values = [int(v) for v in values]
+    if not values:
+        raise DdpmsegError(f"no {what} given; pass e.g. {example}")
+    bad = [v for v in values if not 0 <= v < n]
+    if bad:
+        raise DdpmsegError(f"{what} {bad[0]} out of range: {valid}")
+    if len(set(values)) != len(values):
+        raise DdpmsegError(f"duplicated {what} in {values}; list each once")
+    return values
+
+
 @dataclass(frozen=True)
 class BlockInfo:
     index: int
@@ -121,28 +133,14 @@ class AdmBackbone:
         ]
 
     def check_blocks(self, blocks: Sequence[int]) -> list[int]:
+        """Validated decoder block indices (range, duplicates)."""
         n = self.config.num_output_blocks
-        blocks = [int(b) for b in blocks]
-        if not blocks:
-            raise DdpmsegError("no blocks given; pass e.g. --blocks 5,6,7,8,12")
-        bad = [b for b in blocks if not 0 <= b < n]
-        if bad:
-            raise DdpmsegError(f"block index {bad[0]} out of range: this model has decoder blocks 0..{n - 1}")
-        if len(set(blocks)) != len(blocks):
-            raise DdpmsegError(f"duplicated block index in {blocks}; list each block once")
-        return blocks
+        return _check_indices(blocks, n, "block index", f"this model has decoder blocks 0..{n - 1}", "--blocks 5,6,7,8,12")
 
     def check_steps(self, steps: Sequence[int]) -> list[int]:
+        """Validated diffusion timesteps (range, duplicates)."""
         n = self.config.diffusion_steps
-        steps = [int(t) for t in steps]
-        if not steps:
-            raise DdpmsegError("no steps given; pass e.g. --steps 50,150,250")
-        bad = [t for t in steps if not 0 <= t < n]
-        if bad:
-            raise DdpmsegError(f"step {bad[0]} out of range: diffusion steps must lie in [0, {n})")
-        if len(set(steps)) != len(steps):
-            raise DdpmsegError(f"duplicated step in {steps}; list each step once")
-        return steps
+        return _check_indices(steps, n, "step", f"diffusion steps must lie in [0, {n})", "--steps 50,150,250")
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, guided-diffusion's own code."""
