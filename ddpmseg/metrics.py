@@ -1,0 +1,128 @@
+"""Confusion matrix, per-class IoU and mIoU as ddpm-segmentation reports them.
+
+Intersections and unions are summed over all test images before dividing;
+mIoU averages over every class index in ``range(K)`` except the ignore label
+(background included), a class absent from both prediction and truth counting
+as IoU 0. Pixels whose truth is the ignore label are left out of every count.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+
+from ddpmseg.errors import DdpmsegError
+
+
+def _as_labels(a: Any, what: str) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise DdpmsegError(f"{what} must hold whole-number labels; pass an integer label map")
+    elif arr.dtype.kind not in "iub":
+        raise DdpmsegError(f"{what} must be an integer label map, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def confusion_matrix(pred: Any, truth: Any, n_classes: int, ignore_index: int | None = 255) -> np.ndarray:
+    """(K, K) int64 counts, rows = truth, columns = prediction; truth == ignore_index is skipped."""
+    if n_classes < 1:
+        raise DdpmsegError(f"n_classes={n_classes} must be at least 1")
+    p, t = _as_labels(pred, "prediction"), _as_labels(truth, "truth")
+    if p.shape != t.shape:
+        raise DdpmsegError(f"prediction shape {p.shape} differs from truth shape {t.shape}; predict at the mask's size")
+    if ignore_index is not None:
+        valid = t != ignore_index
+        p, t = p[valid], t[valid]
+    else:
+        p, t = p.reshape(-1), t.reshape(-1)
+    k = n_classes
+    for arr, what in ((p, "prediction"), (t, "truth")):
+        bad = arr[(arr < 0) | (arr >= k)]
+        if bad.size:
+            extra = "" if what == "prediction" or ignore_index is None else f" or the ignore label {ignore_index}"
+            raise DdpmsegError(f"{what} holds label {int(bad[0])} outside 0..{k - 1}{extra}; check n_classes and the label maps")
+    return np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.int64)
+
+
+def iou_from_confusion(cm: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
+    """Per-class IoU (K,) float64: diag / (row + column - diag), 0 where the union is empty.
+
+    If ``ignore_index`` is a class index, that entry is NaN (it is not scored).
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise DdpmsegError(f"confusion matrix must be square (K, K), got shape {cm.shape}")
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    if ignore_index is not None and 0 <= ignore_index < len(iou):
+        iou[ignore_index] = np.nan
+    return iou
+
+
+def scored_classes(n_classes: int, ignore_index: int | None = 255) -> list[int]:
+    """The class indices mIoU averages over: range(K) without the ignore label."""
+    return [c for c in range(n_classes) if c != ignore_index]
+
+
+def mean_iou(cm: np.ndarray, ignore_index: int | None = 255) -> float:
+    """Mean IoU over range(K) except the ignore label (if it is a class index); absent classes count 0."""
+    iou = iou_from_confusion(cm)
+    classes = scored_classes(len(iou), ignore_index)
+    if not classes:
+        raise DdpmsegError(f"no class left to score: the only class is the ignore label {ignore_index}")
+    return float(iou[classes].mean())
+
+
+class SegmentationScore:
+    """Accumulates a confusion matrix over images; ``result()`` gives mIoU and per-class IoU."""
+
+    def __init__(self, n_classes: int, ignore_index: int | None = 255) -> None:
+        self.n_classes = n_classes
+        self.ignore_index = ignore_index
+        self.confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+        self.n_images = 0
+
+    def update(self, pred: Any, truth: Any) -> "SegmentationScore":
+        """Add one image's prediction and truth (same shape)."""
+        self.confusion += confusion_matrix(pred, truth, self.n_classes, self.ignore_index)
+        self.n_images += 1
+        return self
+
+    def result(self) -> dict[str, Any]:
+        """``miou`` (float), ``per_class`` (K floats, NaN for an ignored class index), ``confusion``, ``n_images``."""
+        return {
+            "miou": mean_iou(self.confusion, self.ignore_index),
+            "per_class": [float(v) for v in iou_from_confusion(self.confusion, self.ignore_index)],
+            "confusion": self.confusion.copy(),
+            "n_images": self.n_images,
+        }
+
+
+def evaluate_masks(
+    preds: Iterable[Any], truths: Iterable[Any], n_classes: int, ignore_index: int | None = 255
+) -> dict[str, Any]:
+    """Score predicted label maps against truths, summing intersections and unions over images.
+
+    Returns ``dict(miou=float, per_class=list[float], confusion=(K, K) int64, n_images=int)``.
+    """
+    score = SegmentationScore(n_classes, ignore_index)
+    sentinel = object()
+    p_iter, t_iter = iter(preds), iter(truths)
+    i = 0
+    while True:
+        p, t = next(p_iter, sentinel), next(t_iter, sentinel)
+        if p is sentinel and t is sentinel:
+            break
+        if p is sentinel or t is sentinel:
+            raise DdpmsegError(f"got a different number of predictions and truths (mismatch at image {i}); pair them one to one")
+        try:
+            score.update(p, t)
+        except DdpmsegError as e:
+            raise DdpmsegError(f"image {i}: {e}") from None
+        i += 1
+    if i == 0:
+        raise DdpmsegError("no image to evaluate; give at least one prediction and truth")
+    return score.result()

@@ -1,0 +1,419 @@
+"""The pixel-classifier ensemble: fused == sequential training, the recipe's details, the estimator contract."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import sklearn.base
+import sklearn.exceptions
+import torch
+from torch import nn
+
+from ddpmseg.classify import ArrayPixels, PixelEnsemble
+from ddpmseg.classify import ensemble as ens
+from ddpmseg.classify.ensemble import EarlyStop, NotFittedError, StackedMLP, make_mlp, vote
+from ddpmseg.errors import DdpmsegError
+
+
+def _random_problem(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)).astype(np.float32), rng.integers(0, k, n)
+
+
+def _blobs(n_per: int, d: int = 16, k: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(123).normal(scale=3.0, size=(k, d))
+    y = np.repeat(np.arange(k), n_per)
+    x = centres[y] + rng.normal(size=(len(y), d))
+    return x.astype(np.float32), y
+
+
+class RecordingPixels(ArrayPixels):
+    """ArrayPixels that remembers every index batch it was asked for."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        super().__init__(array)
+        self.calls: list[torch.Tensor] = []
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        self.calls.append(index.clone())
+        return super().gather(index)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[PixelEnsemble, np.ndarray]:
+    x, y = _random_problem(200, 6, 4, seed=1)
+    return PixelEnsemble(n_members=4, max_epochs=3, random_state=3).fit(x, y), x
+
+
+# -- the fusion is exact --------------------------------------------------------------
+@pytest.mark.parametrize(
+    "n, k, patience, min_epochs, max_epochs, expect_early",
+    [
+        (300, 3, 50, 4, 3, False),  # no early stop: every member runs 3 epochs of 5 batches (last one partial)
+        (300, 3, 2, 0, 4, True),  # members stop at different steps
+        (129, 5, 3, 1, 3, None),  # last batch of one pixel is skipped by both trainers
+        (150, 30, 4, 1, 3, None),  # the wide (256/128) architecture
+    ],
+)
+def test_fused_training_equals_sequential_members(n, k, patience, min_epochs, max_epochs, expect_early):
+    x, y = _random_problem(n, 8, k)
+    kw = dict(n_classes=k, n_members=3, patience=patience, min_epochs=min_epochs, max_epochs=max_epochs, random_state=7)
+    fused = PixelEnsemble(fused=True, **kw).fit(x, y)
+    seq = PixelEnsemble(fused=False, **kw).fit(x, y)
+
+    steps_per_epoch = len(ens._batch_bounds(n, 64))
+    assert steps_per_epoch == {300: 5, 129: 2, 150: 3}[n]  # 129 = 64 + 64 + 1: a lone pixel cannot train BatchNorm
+    assert fused.n_iter_ == seq.n_iter_
+    assert all(1 <= it <= max_epochs * steps_per_epoch for it in fused.n_iter_)
+    if expect_early is False:
+        assert fused.n_iter_ == [max_epochs * steps_per_epoch] * 3
+    elif expect_early:
+        assert min(fused.n_iter_) < max_epochs * steps_per_epoch and len(set(fused.n_iter_)) > 1
+    np.testing.assert_allclose(fused.final_loss_, seq.final_loss_, rtol=1e-5)
+
+    a, b = fused.module_.state_dict(), seq.module_.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        if not name.endswith("num_batches_tracked"):
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the trained parameters actually moved away from the init (the test compares something)
+    assert fused.module_.b1.abs().max() > 1e-4
+    np.testing.assert_array_equal(fused.predict(x), seq.predict(x))
+
+
+def test_epoch_batches_match_a_dataloader_with_shuffle():
+    x, y = _random_problem(300, 4, 3)
+    src = RecordingPixels(x)
+    est = PixelEnsemble(n_members=2, max_epochs=1, random_state=0).fit(src, y)
+    # 300 pixels at batch 64 -> 4 full batches and one of 44; one gather per step for both members
+    assert est.n_iter_ == [5, 5]
+    assert len(src.calls) == 5
+    seen = torch.cat(src.calls).unique()
+    assert seen.tolist() == list(range(300))  # every pixel visited in the epoch
+    gens = ens.member_generators(0, 2)
+    for g in gens:  # the members' shuffles come after their init draws
+        ens._draw_linear_weights(4, (128, 32), 3, g)
+    perms = [torch.randperm(300, generator=g) for g in gens]
+    for step, call in enumerate(src.calls):
+        lo, hi = step * 64, min(300, step * 64 + 64)
+        expected = torch.cat([p[lo:hi] for p in perms]).unique()
+        assert torch.equal(call.sort().values, expected)  # each distinct pixel of the step gathered once
+
+
+# -- the architecture and init --------------------------------------------------------
+@pytest.mark.parametrize("k, widths", [(2, (128, 32)), (29, (128, 32)), (30, (256, 128)), (34, (256, 128))])
+def test_widths_follow_class_count(k, widths):
+    assert ens.default_hidden(k) == widths
+    mlp = make_mlp(10, widths, k)
+    kinds = [type(layer) for layer in mlp]
+    assert kinds == [nn.Linear, nn.ReLU, nn.BatchNorm1d, nn.Linear, nn.ReLU, nn.BatchNorm1d, nn.Linear]
+    assert [(mlp[i].in_features, mlp[i].out_features) for i in (0, 3, 6)] == [(10, widths[0]), widths, (widths[1], k)]
+    x, y = _random_problem(70, 10, k)
+    y[:k] = np.arange(k)
+    est = PixelEnsemble(n_members=2, max_epochs=1).fit(x, y)
+    assert est.hidden_ == widths and est.n_classes_ == k
+    m = est.module_
+    assert m.w1.shape == (2, 10, widths[0]) and m.w2.shape == (2, *widths) and m.w3.shape == (2, widths[1], k)
+    assert m.bn1.num_features == 2 * widths[0] and m.bn2.num_features == 2 * widths[1]
+
+
+def test_init_statistics_and_batchnorm_defaults():
+    module = StackedMLP(4, 256, (128, 32), 5)
+    for mbr, g in enumerate(ens.member_generators(0, 4)):
+        module.init_member_(mbr, g)
+    w = torch.cat([module.w1.flatten(), module.w2.flatten(), module.w3.flatten()])
+    assert abs(w.mean().item()) < 1e-3
+    assert w.std().item() == pytest.approx(0.02, rel=0.02)
+    for b in (module.b1, module.b2, module.b3):
+        assert torch.count_nonzero(b) == 0
+    for bn in (module.bn1, module.bn2):
+        assert bn.eps == 1e-5 and bn.momentum == 0.1 and bn.affine and bn.track_running_stats
+        assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+        assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)
+    # members draw different weights; the same seed draws the same ones
+    assert not torch.equal(module.w1[0], module.w1[1])
+    again = StackedMLP(4, 256, (128, 32), 5)
+    again.init_member_(2, ens.member_generators(0, 4)[2])
+    assert torch.equal(again.w1[2], module.w1[2])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_stacked_batchnorm_is_per_member(training):
+    torch.manual_seed(0)
+    module = StackedMLP(3, 5, (6, 4), 3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+        for bn in (module.bn1, module.bn2):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    members = [module.member_mlp(i).train(training) for i in range(3)]
+    module.train(training)
+    x = torch.randn(3, 9, 5)
+    out = module(x)
+    for i, mlp in enumerate(members):
+        torch.testing.assert_close(out[i], mlp(x[i]))
+    if training:  # running statistics of each member's channel slice follow its own batch
+        for i, mlp in enumerate(members):
+            torch.testing.assert_close(module.bn1.running_mean[i * 6 : (i + 1) * 6], mlp[2].running_mean)
+            torch.testing.assert_close(module.bn2.running_var[i * 4 : (i + 1) * 4], mlp[5].running_var)
+
+
+# -- early stopping --------------------------------------------------------------------
+def test_early_stop_rule_on_a_synthetic_loss_sequence():
+    stop = EarlyStop(patience=2, min_epochs=1)
+    # epoch 0 is never counted, however bad
+    assert not stop.update(5.0, 0) and not stop.update(9.0, 0) and stop.count == 0
+    # epoch 1: 3 (best, 0) 3.5 (1) 2 (best, 0) 2 (not strictly less, 1) 2.5 (2) 2.1 (3 > 2: stop)
+    results = [stop.update(v, 1) for v in (3.0, 3.5, 2.0, 2.0, 2.5)]
+    assert results == [False] * 5 and stop.best_loss == 2.0 and stop.count == 2
+    assert stop.update(2.1, 1) and stop.stopped
+
+
+def test_early_stop_reference_defaults():
+    stop = EarlyStop()
+    assert (stop.patience, stop.min_epochs, stop.best_loss) == (50, 4, 1e7)
+    assert not any(stop.update(1.0, e) for e in range(4) for _ in range(100))  # epochs 0..3 are ignored
+    flags = [stop.update(1.0, 4) for _ in range(52)]
+    # first update sets best_loss, the next 50 bring the counter to 50, the 52nd makes it 51 > 50
+    assert flags == [False] * 51 + [True]
+    assert EarlyStop().update(1e8, 4) is False  # above the 1e7 start: counted, not best
+
+
+def _reference_member(x, y, seed_gen, patience, min_epochs, max_epochs):
+    """train_interpreter.py's loop for one member, written plainly (Adam 1e-3, batch 64, CE, its early stop)."""
+    d, k = x.shape[1], int(y.max()) + 1
+    classifier = ens.init_mlp_(make_mlp(d, ens.default_hidden(k), k), seed_gen)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=0.001)
+    criterion = nn.CrossEntropyLoss()
+    classifier.train()
+    iteration, break_count, best_loss, stop_sign = 0, 0, 10000000, 0
+    for epoch in range(max_epochs):
+        perm = torch.randperm(len(x), generator=seed_gen)
+        for lo in range(0, len(x), 64):
+            idx = perm[lo : lo + 64]
+            optimizer.zero_grad()
+            loss = criterion(classifier(torch.from_numpy(x)[idx]), torch.from_numpy(y)[idx])
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            if epoch > min_epochs - 1:
+                if loss.item() < best_loss:
+                    best_loss = loss.item()
+                    break_count = 0
+                else:
+                    break_count += 1
+                if break_count > patience:
+                    stop_sign = 1
+                    break
+        if stop_sign == 1:
+            break
+    return classifier, iteration
+
+
+@pytest.mark.parametrize("patience, min_epochs", [(1, 1), (3, 2), (50, 4)])
+def test_fused_members_equal_the_reference_loop(patience, min_epochs):
+    x, y = _random_problem(200, 5, 3, seed=4)  # 4 batches per epoch, the last of 8
+    est = PixelEnsemble(n_members=2, patience=patience, min_epochs=min_epochs, max_epochs=6, random_state=11).fit(x, y)
+    for m, g in enumerate(ens.member_generators(11, 2)):
+        ref, iters = _reference_member(x, y, g, patience, min_epochs, 6)
+        assert est.n_iter_[m] == iters
+        got = est.module_.member_mlp(m).state_dict()
+        for name, value in ref.state_dict().items():
+            if not name.endswith("num_batches_tracked"):
+                torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    if patience == 50:
+        assert est.n_iter_ == [24, 24]
+    else:
+        assert min(est.n_iter_) < 24
+
+
+# -- voting and uncertainty --------------------------------------------------------------
+def test_vote_majority_and_ties_to_smallest_label():
+    votes = torch.tensor([[2, 1, 2, 0], [2, 0, 1, 3], [1, 1, 2, 3], [0, 0, 1, 0]])  # (M=4, N=4)
+    logits = torch.nn.functional.one_hot(votes, 4).float() * 3.0
+    labels, unc = vote(logits)
+    # pixel 0: 2,2,1,0 -> 2 ; pixel 1: 1,0,1,0 tie -> 0 ; pixel 2: 2,1,2,1 tie -> 1 ; pixel 3: 0,3,3,0 tie -> 0
+    assert labels.tolist() == [2, 0, 1, 0]
+    assert torch.all(unc >= 0)
+
+
+def test_uncertainty_hand_value():
+    logits = torch.tensor([[[60.0, -60.0]], [[-60.0, 60.0]]])  # two confident members that disagree
+    _, unc = vote(logits)
+    assert unc.item() == pytest.approx(math.log(2), abs=1e-6)
+    same = torch.tensor([[[1.0, 2.0, 0.5]], [[1.0, 2.0, 0.5]]])
+    assert vote(same)[1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_predict_is_majority_of_member_argmax(fitted):
+    est, x = fitted
+    logits = est.predict_member_logits(x)
+    assert logits.shape == (4, len(x), 4)
+    top = logits.argmax(-1).numpy()  # (M, N)
+    counts = np.stack([(top == c).sum(0) for c in range(4)], axis=1)
+    np.testing.assert_array_equal(est.predict(x), counts.argmax(1))
+    proba = est.predict_proba(x)
+    assert proba.shape == (len(x), 4)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(proba, torch.softmax(logits, -1).mean(0).numpy(), atol=1e-6)
+    unc = est.uncertainty(x)
+    assert unc.shape == (len(x),) and np.all(unc >= 0) and unc.max() > 0
+
+
+def test_identical_members_have_zero_uncertainty(fitted):
+    est, x = fitted
+    clone = PixelEnsemble.from_state_dict(est.state_dict())
+    state = clone.module_.member_state(0)
+    for m in range(1, 4):
+        clone.module_.load_member_state(m, state)
+    np.testing.assert_allclose(clone.uncertainty(x), 0.0, atol=1e-6)
+    single = clone.predict_member_logits(x)[0]
+    np.testing.assert_array_equal(clone.predict(x), single.argmax(-1).numpy())
+    np.testing.assert_allclose(clone.predict_proba(x), torch.softmax(single, -1).numpy(), atol=1e-6)
+
+
+def test_chunked_prediction_equals_one_pass(fitted, monkeypatch):
+    est, x = fitted
+    whole = est.predict_member_logits(x)
+    monkeypatch.setattr(ens, "PREDICT_CHUNK", 7)
+    src = RecordingPixels(x)
+    torch.testing.assert_close(est.predict_member_logits(src), whole)
+    assert max(len(c) for c in src.calls) == 7
+    np.testing.assert_array_equal(est.predict(x), vote(whole)[0].numpy())
+
+
+def test_first_layer_and_head_reproduce_the_logits(fitted):
+    est, x = fitted
+    w, b = est.first_layer()
+    assert w.shape == (4, 6, 128) and b.shape == (4, 128)
+    h = torch.einsum("nd,mdh->mnh", torch.from_numpy(x), w) + b[:, None, :]
+    torch.testing.assert_close(est.head_from_hidden1(h), est.predict_member_logits(x), rtol=1e-5, atol=1e-5)
+    labels, unc = est.vote(est.head_from_hidden1(h))
+    np.testing.assert_array_equal(labels.numpy(), est.predict(x))
+    with pytest.raises(DdpmsegError, match="shape"):
+        est.head_from_hidden1(h[:, :, :5])
+
+
+# -- learning and the estimator contract ----------------------------------------------------
+def test_learns_separable_blobs_and_drops_ignore_pixels():
+    x, y = _blobs(200)
+    rng = np.random.default_rng(5)
+    junk = rng.normal(loc=-40.0, size=(150, 16)).astype(np.float32)  # far away; would be learned if kept
+    X = np.concatenate([x, junk])
+    Y = np.concatenate([y, np.full(150, 255)])
+    src = RecordingPixels(X)
+    est = PixelEnsemble(n_members=3, max_epochs=8, random_state=0).fit(src, Y)
+    assert est.n_classes_ == 3  # inferred from the labels, the 255s are not a class
+    assert torch.cat(src.calls).max() < len(x)  # ignored pixels were never gathered
+    xt, yt = _blobs(100, seed=1)
+    assert (est.predict(xt) == yt).mean() > 0.95
+    np.testing.assert_array_equal(est.classes_, [0, 1, 2])
+
+
+def test_ignore_label_zero_like_bedroom():
+    x, y = _blobs(60, k=3)
+    src = RecordingPixels(x)
+    est = PixelEnsemble(n_members=2, max_epochs=1, ignore_index=0).fit(src, y)
+    gathered = torch.cat(src.calls).unique().numpy()
+    np.testing.assert_array_equal(np.sort(gathered), np.flatnonzero(y != 0))
+    assert est.n_classes_ == 3
+
+
+def test_not_fitted_error():
+    est = PixelEnsemble()
+    for call in (est.predict, est.predict_proba, est.uncertainty, est.predict_member_logits):
+        with pytest.raises(NotFittedError) as info:
+            call(np.zeros((2, 3), np.float32))
+        assert str(info.value) == "This PixelEnsemble is not fitted yet: call fit(X, y) first."
+        assert isinstance(info.value, DdpmsegError)
+        assert isinstance(info.value, sklearn.exceptions.NotFittedError)
+    with pytest.raises(NotFittedError):
+        est.state_dict()
+
+
+def test_wrong_feature_count_names_both(fitted):
+    est, _ = fitted
+    with pytest.raises(DdpmsegError, match=r"X has 5 features .* fitted on 6"):
+        est.predict(np.zeros((3, 5), np.float32))
+
+
+@pytest.mark.parametrize(
+    "labels, kw, match",
+    [
+        ([0, 1, 2, 7, 255, 1], dict(n_classes=3), r"label 7 is out of range: labels must be in 0\.\.2"),
+        ([0, 1, -1, 1, 0, 1], {}, r"label -1 is negative"),
+        ([255] * 6, {}, r"labelled pixel"),
+        ([0, 1, 1], {}, r"got 3 labels for 6 pixels"),
+        ([0.5, 1, 1, 0, 0, 1], {}, r"whole numbers"),
+    ],
+)
+def test_bad_labels(labels, kw, match):
+    with pytest.raises(DdpmsegError, match=match):
+        PixelEnsemble(n_members=1, max_epochs=1, **kw).fit(np.zeros((6, 3), np.float32), np.array(labels))
+
+
+def test_bad_hyperparameters_and_features():
+    with pytest.raises(DdpmsegError, match="n_members"):
+        PixelEnsemble(n_members=0).fit(np.zeros((4, 2)), [0, 1, 0, 1])
+    with pytest.raises(DdpmsegError, match="2-D"):
+        PixelEnsemble().fit(np.zeros(4), [0, 1, 0, 1])
+
+
+def test_get_params_and_clone():
+    est = PixelEnsemble(n_classes=5, n_members=3, hidden=(16, 8), max_epochs=7, ignore_index=0, fused=False)
+    params = est.get_params()
+    assert params == dict(
+        n_classes=5, n_members=3, hidden=(16, 8), lr=1e-3, batch_size=64, max_epochs=7, patience=50,
+        min_epochs=4, ignore_index=0, fused=False, random_state=0, device="cpu", progress=False,
+    )
+    assert sklearn.base.clone(est).get_params() == params
+    assert not hasattr(est, "n_classes_")
+    x, y = _random_problem(100, 4, 5)
+    y[y == 0] = 1
+    fitted = est.fit(x, y)
+    assert fitted is est and est.hidden_ == (16, 8) and est.module_.w2.shape == (3, 16, 8)
+    assert not est.module_.training
+
+
+def test_state_dict_round_trip(fitted, tmp_path):
+    est, x = fitted
+    path = tmp_path / "ens.pt"
+    torch.save(est.state_dict(), path)
+    loaded = PixelEnsemble.from_state_dict(torch.load(path, weights_only=True))
+    assert loaded.get_params() == est.get_params()
+    assert loaded.n_iter_ == est.n_iter_ and loaded.hidden_ == est.hidden_
+    assert (loaded.n_classes_, loaded.n_features_in_) == (est.n_classes_, est.n_features_in_)
+    np.testing.assert_array_equal(loaded.predict(x), est.predict(x))
+    np.testing.assert_array_equal(loaded.predict_proba(x), est.predict_proba(x))
+    np.testing.assert_array_equal(loaded.uncertainty(x), est.uncertainty(x))
+    with pytest.raises(DdpmsegError, match="state dict"):
+        PixelEnsemble.from_state_dict({"module": {}})
+
+
+def test_array_pixels_gather():
+    data = np.arange(20, dtype=np.float64).reshape(5, 4)
+    src = ArrayPixels(data)
+    assert len(src) == 5 and src.n_features == 4
+    rows = src.gather(torch.tensor([4, 0, 4]))
+    assert rows.dtype == torch.float32
+    np.testing.assert_array_equal(rows.numpy(), data[[4, 0, 4]])
+    tsrc = ArrayPixels(torch.from_numpy(data).half())
+    assert tsrc.gather(torch.tensor([1])).dtype == torch.float32
+    with pytest.raises(DdpmsegError, match="2-D"):
+        ArrayPixels(np.zeros(3))
+    # tensors (which have a .gather of their own) are wrapped, not mistaken for a PixelSource
+    x, y = _random_problem(80, 3, 2)
+    a = PixelEnsemble(n_members=2, max_epochs=1).fit(torch.from_numpy(x), torch.from_numpy(y))
+    b = PixelEnsemble(n_members=2, max_epochs=1).fit(x, y)
+    np.testing.assert_array_equal(a.predict(torch.from_numpy(x)), b.predict(x))
+
+
+def test_progress_bar_runs(capsys):
+    x, y = _random_problem(100, 3, 2)
+    est = PixelEnsemble(n_members=2, max_epochs=1, progress=True).fit(x, y)
+    assert est.n_iter_ == [2, 2]
+    assert "fit" in capsys.readouterr().err
