@@ -3,7 +3,9 @@
 Intersections and unions are summed over all test images before dividing;
 mIoU averages over every class index in ``range(K)`` except the ignore label
 (background included), a class absent from both prediction and truth counting
-as IoU 0. Pixels whose truth is the ignore label are left out of every count.
+as IoU 0. As in the reference, a pixel whose truth is the ignore label still
+counts in the union of the class it is predicted as (the reference scores
+``(pred == c) | (gt == c)`` over every pixel); it never adds an intersection.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def confusion_matrix(pred: Any, truth: Any, n_classes: int, ignore_index: int | 
     p, t = _as_labels(pred, "prediction"), _as_labels(truth, "truth")
     if p.shape != t.shape:
         raise DdpmsegError(f"prediction shape {p.shape} differs from truth shape {t.shape}; predict at the mask's size")
-    if ignore_index is not None:
+    if ignore_index is not None and not 0 <= ignore_index < n_classes:
         valid = t != ignore_index
         p, t = p[valid], t[valid]
     else:
@@ -46,16 +48,30 @@ def confusion_matrix(pred: Any, truth: Any, n_classes: int, ignore_index: int | 
     return np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.int64)
 
 
-def iou_from_confusion(cm: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
+def predictions_on_ignored(pred: Any, truth: Any, n_classes: int, ignore_index: int | None = 255) -> np.ndarray:
+    """(K,) counts of each predicted class on pixels whose truth is an out-of-range ignore label."""
+    if ignore_index is None or 0 <= ignore_index < n_classes:
+        return np.zeros(n_classes, dtype=np.int64)  # such pixels are in the confusion matrix already
+    p = _as_labels(pred, "prediction")[_as_labels(truth, "truth") == ignore_index]
+    return np.bincount(p[(p >= 0) & (p < n_classes)], minlength=n_classes).astype(np.int64)
+
+
+def iou_from_confusion(
+    cm: np.ndarray, ignore_index: int | None = None, ignored_pred: np.ndarray | None = None
+) -> np.ndarray:
     """Per-class IoU (K,) float64: diag / (row + column - diag), 0 where the union is empty.
 
-    If ``ignore_index`` is a class index, that entry is NaN (it is not scored).
+    ``ignored_pred`` (from ``predictions_on_ignored``) adds the predictions on
+    ignore-label pixels to the unions, as the reference does. If
+    ``ignore_index`` is a class index, that entry is NaN (it is not scored).
     """
     cm = np.asarray(cm, dtype=np.float64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise DdpmsegError(f"confusion matrix must be square (K, K), got shape {cm.shape}")
     inter = np.diag(cm)
     union = cm.sum(0) + cm.sum(1) - inter
+    if ignored_pred is not None:
+        union = union + np.asarray(ignored_pred, dtype=np.float64)
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     if ignore_index is not None and 0 <= ignore_index < len(iou):
         iou[ignore_index] = np.nan
@@ -67,9 +83,9 @@ def scored_classes(n_classes: int, ignore_index: int | None = 255) -> list[int]:
     return [c for c in range(n_classes) if c != ignore_index]
 
 
-def mean_iou(cm: np.ndarray, ignore_index: int | None = 255) -> float:
+def mean_iou(cm: np.ndarray, ignore_index: int | None = 255, ignored_pred: np.ndarray | None = None) -> float:
     """Mean IoU over range(K) except the ignore label (if it is a class index); absent classes count 0."""
-    iou = iou_from_confusion(cm)
+    iou = iou_from_confusion(cm, ignored_pred=ignored_pred)
     classes = scored_classes(len(iou), ignore_index)
     if not classes:
         raise DdpmsegError(f"no class left to score: the only class is the ignore label {ignore_index}")
@@ -83,19 +99,21 @@ class SegmentationScore:
         self.n_classes = n_classes
         self.ignore_index = ignore_index
         self.confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+        self.ignored_pred = np.zeros(n_classes, dtype=np.int64)
         self.n_images = 0
 
     def update(self, pred: Any, truth: Any) -> "SegmentationScore":
         """Add one image's prediction and truth (same shape)."""
         self.confusion += confusion_matrix(pred, truth, self.n_classes, self.ignore_index)
+        self.ignored_pred += predictions_on_ignored(pred, truth, self.n_classes, self.ignore_index)
         self.n_images += 1
         return self
 
     def result(self) -> dict[str, Any]:
         """``miou`` (float), ``per_class`` (K floats, NaN for an ignored class index), ``confusion``, ``n_images``."""
         return {
-            "miou": mean_iou(self.confusion, self.ignore_index),
-            "per_class": [float(v) for v in iou_from_confusion(self.confusion, self.ignore_index)],
+            "miou": mean_iou(self.confusion, self.ignore_index, self.ignored_pred),
+            "per_class": [float(v) for v in iou_from_confusion(self.confusion, self.ignore_index, self.ignored_pred)],
             "confusion": self.confusion.copy(),
             "n_images": self.n_images,
         }

@@ -321,7 +321,9 @@ def evaluate_model(
     result = evaluate_masks(preds, truths, labelset.n_classes, ignore_index=ignore)
     return {
         "miou": float(result["miou"]),
-        "per_class": {name: float(v) for name, v in zip(labelset.names, result["per_class"])},
+        "per_class": {  # the ignore label, when it is a class index (bedroom_28: 0), is not scored
+            name: float(v) for c, (name, v) in enumerate(zip(labelset.names, result["per_class"])) if c != ignore
+        },
         "n_images": len(pairs),
         "images": [p.stem for p, _ in pairs],
     }

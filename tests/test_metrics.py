@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.metrics import SegmentationScore, confusion_matrix, evaluate_masks, iou_from_confusion, mean_iou
+from ddpmseg.metrics import (
+    SegmentationScore,
+    confusion_matrix,
+    evaluate_masks,
+    iou_from_confusion,
+    mean_iou,
+    predictions_on_ignored,
+)
 
 PRED = np.array([[0, 1, 1], [2, 2, 0]])
 TRUTH = np.array([[0, 1, 2], [2, 2, 1]])
@@ -22,13 +29,17 @@ def test_confusion_matrix_rows_truth_cols_pred():
     assert cm.dtype == np.int64
 
 
-def test_ignore_pixels_are_excluded_from_both_counts():
+def test_ignore_pixels_count_in_the_union_of_their_prediction_as_in_the_reference():
     truth = TRUTH.copy()
-    truth[0, 2] = 255  # pred there is 1: must not enter class 1's union
+    truth[0, 2] = 255  # pred there is 1: the reference's (pred == 1) | (gt == 1) counts it
     cm = confusion_matrix(PRED, truth, 3)
     np.testing.assert_array_equal(cm, [[1, 0, 0], [1, 1, 0], [0, 0, 2]])
-    # class 1: inter 1, union = pred1 (1) + truth1 (2) - 1 = 2
-    assert iou_from_confusion(cm)[1] == pytest.approx(0.5)
+    extra = predictions_on_ignored(PRED, truth, 3)
+    np.testing.assert_array_equal(extra, [0, 1, 0])
+    # class 1: inter 1, union = pred1 (1 + 1 on the ignored pixel) + truth1 (2) - 1 = 3
+    assert iou_from_confusion(cm, ignored_pred=extra)[1] == pytest.approx(1 / 3)
+    result = SegmentationScore(3).update(PRED, truth).result()
+    assert result["per_class"][1] == pytest.approx(1 / 3)
 
 
 def test_iou_and_miou_with_an_absent_class_counting_zero():
@@ -42,13 +53,13 @@ def test_iou_and_miou_with_an_absent_class_counting_zero():
 
 def test_ignore_label_zero_like_bedroom():
     pred = np.array([1, 1, 2, 0, 2, 1])
-    truth = np.array([0, 1, 2, 2, 0, 1])  # truth 0 = ignore: pixels 0 and 4 leave every count
+    truth = np.array([0, 1, 2, 2, 0, 1])  # truth 0 = ignore, yet pixels 0 and 4 enter the unions
     cm = confusion_matrix(pred, truth, 3, ignore_index=0)
-    np.testing.assert_array_equal(cm, [[0, 0, 0], [0, 2, 0], [1, 0, 1]])
-    # class 1: inter 2, union 2 -> 1 ; class 2: inter 1, union 1+2-1=2 -> 1/2 ; class 0 not scored
-    assert mean_iou(cm, ignore_index=0) == pytest.approx((1 + 0.5) / 2)
+    np.testing.assert_array_equal(cm, [[0, 1, 1], [0, 2, 0], [1, 0, 1]])
+    # class 1: inter 2, union {0,1,5} -> 2/3 ; class 2: inter 1, union {2,3,4} -> 1/3 ; class 0 not scored
+    assert mean_iou(cm, ignore_index=0) == pytest.approx((2 / 3 + 1 / 3) / 2)
     iou = iou_from_confusion(cm, ignore_index=0)
-    assert math.isnan(iou[0]) and iou[1:] == pytest.approx([1.0, 0.5])
+    assert math.isnan(iou[0]) and iou[1:] == pytest.approx([2 / 3, 1 / 3])
     # with ignore 255 (out of range) every class index is scored, background included
     cm255 = confusion_matrix(pred, truth, 3, ignore_index=255)
     # class 0: inter 0, union 1+2 = 3 -> 0 ; class 1: inter 2, union 3+2-2=3 -> 2/3 ; class 2: inter 1, union 2+2-1=3
@@ -69,14 +80,16 @@ def test_evaluate_masks_sums_over_images_before_dividing():
     np.testing.assert_array_equal(out["confusion"], [[3, 2], [0, 3]])
 
 
-def test_matches_the_reference_counting_without_ignore_pixels():
+def test_matches_the_reference_counting():
     rng = np.random.default_rng(0)
     k = 6
     preds = [rng.integers(0, k - 1, (16, 16)) for _ in range(3)]  # class 5 never predicted
     truths = [rng.integers(0, k - 1, (16, 16)) for _ in range(3)]  # nor present: counts 0
+    for t in truths:
+        t[rng.random(t.shape) < 0.1] = 255  # ignore pixels, scored as the reference does
     inter, union = np.zeros(k), np.zeros(k)
     for p, t in zip(preds, truths):
-        for c in range(k):
+        for c in range(k):  # the reference's compute_iou
             inter[c] += np.sum((p == c) & (t == c))
             union[c] += np.sum((p == c) | (t == c))
     expected = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
