@@ -21,6 +21,11 @@ def _ints(value: str, name: str) -> tuple[int, ...]:
         raise DdpmsegError(f"--{name} takes comma-separated integers such as 50,150,250, got {value!r}") from None
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (library and OS messages can hold newlines)."""
+    return " ".join(str(e).split())
+
+
 class _Group(click.Group):
     """Turns library errors into one line and an exit code, never a traceback."""
 
@@ -36,18 +41,18 @@ class _Group(click.Group):
         except DdpmsegError as e:
             if debug:
                 traceback.print_exc()
-            click.echo(f"ddpmseg: error: {e}", err=True)
+            click.echo(f"ddpmseg: error: {_one_line(e)}", err=True)
             ctx.exit(1)
         except OSError as e:
             if debug:
                 traceback.print_exc()
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            click.echo(f"ddpmseg: error: {e.strerror or e}{where}; check the path and its permissions", err=True)
+            click.echo(f"ddpmseg: error: {e.strerror or _one_line(e)}{where}; check the path and its permissions", err=True)
             ctx.exit(1)
         except Exception as e:  # a bug: still one line unless --debug
             if debug:
                 traceback.print_exc()
-            click.echo(f"ddpmseg: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", err=True)
+            click.echo(f"ddpmseg: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)", err=True)
             ctx.exit(2)
 
 

@@ -114,6 +114,8 @@ class SegmentationModel:
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "SegmentationModel":
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise DdpmsegError(f"--model {directory} is a file, not a model folder; pass the folder written by `ddpmseg fit`")
         if not directory.is_dir():
             raise DdpmsegError(f"model folder {directory} does not exist; create it with `ddpmseg fit ... --out {directory}`")
         missing = [f for f in MODEL_FILES if not (directory / f).is_file()]

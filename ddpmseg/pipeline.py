@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpmseg import data, viz
+from ddpmseg._io import check_writable
 from ddpmseg.backbones.adm import AdmBackbone, create_backbone
 from ddpmseg.backbones.checkpoint import file_sha256
 from ddpmseg.backbones.presets import AdmConfig
@@ -89,6 +90,8 @@ def extract_features(
 
     Images already in ``out`` (or finished by an interrupted run) are skipped.
     """
+    if batch_size < 0:
+        raise DdpmsegError(f"--batch-size must be 0 (all timesteps at once) or positive, got {batch_size}")
     paths = data.list_images(images)
     backbone, ckpt = load_backbone(checkpoint, preset, model_flags, device)
     steps = backbone.check_steps(config.steps)
@@ -167,6 +170,7 @@ def fit_model(
 ) -> FitSummary:
     """Train the pixel ensemble on the labelled images of a feature cache."""
     masks = Path(masks)
+    check_writable(out, folder=True)  # before any training
     with FeatureCache(features) as cache:
         pairs = _labelled_ids(cache, masks)
         if not pairs:
@@ -185,6 +189,11 @@ def fit_model(
         ids = [i for i, _ in pairs]
         source = CachePixels([cache.block_maps(i) for i in ids], cache.keys, cache.image_size)
         y = np.concatenate([m.reshape(-1) for m in label_maps])
+        if int((y != ignore_index).sum()) < 2:
+            raise DdpmsegError(
+                f"the {len(ids)} masks used from {masks} label fewer than two pixels ({ignore_index} = ignore; "
+                "a class under 20 pixels of an image is ignored there); give masks that label the images"
+            )
         cache_config = cache.config
         noise = torch.from_numpy(cache.noise)
     start = time.perf_counter()
@@ -273,10 +282,10 @@ def predict_images(
 ) -> PredictSummary:
     """Write NAME_labels.png, NAME_overlay.png and NAME_uncertainty.png per image."""
     paths = data.list_images(images)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DdpmsegError(f"--out {out} exists and is not a folder; choose a folder name")
+    out = check_writable(out, folder=True)
     segmenter = Segmenter(model_dir, checkpoint, device)
+    for p in paths:  # fail on a bad image before any output is written
+        data.load_rgb(p)
     out.mkdir(parents=True, exist_ok=True)
     palette = segmenter.model.labelset.palette()
     start, ext = time.perf_counter(), 0.0
@@ -343,7 +352,7 @@ def kmeans_grid_image(
     progress: bool = False,
 ) -> Path:
     """The paper's Figure-4 grid: rows blocks, columns timesteps, k clusters per cell."""
-    image, out = Path(image), Path(out)
+    image, out = Path(image), check_writable(out, folder=False, example="grid.png")
     backbone, _ = load_backbone(checkpoint, preset, model_flags, device)
     steps = backbone.check_steps(config.steps)
     blocks = backbone.check_blocks(config.blocks)

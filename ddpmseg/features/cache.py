@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 import torch
 
+from ddpmseg._io import check_writable
 from ddpmseg._version import __version__
 from ddpmseg.data import natural_key
 from ddpmseg.errors import DdpmsegError
@@ -57,12 +58,18 @@ def _write_header(f: h5py.File, config: dict[str, Any], noise: np.ndarray) -> No
 
 
 def _open_h5(path: Path, mode: str = "r") -> h5py.File:
+    if path.is_dir():
+        raise DdpmsegError(f"feature file {path} is a folder; give the HDF5 file written by `ddpmseg extract`")
     try:
         f = h5py.File(path, mode)
     except FileNotFoundError:
         raise DdpmsegError(f"feature file {path} does not exist; create it with `ddpmseg extract`") from None
     except OSError as e:
-        raise DdpmsegError(f"cannot open feature file {path} ({e}); it is not a readable HDF5 file") from None
+        reason = " ".join(str(e).split())  # h5py messages can span lines
+        raise DdpmsegError(
+            f"cannot open feature file {path} ({reason}); it is not a readable HDF5 file: "
+            "give a file written by `ddpmseg extract` (or a new file name for --out)"
+        ) from None
     if f.attrs.get("format") != FORMAT:
         f.close()
         raise DdpmsegError(f"{path} is an HDF5 file but not a ddpmseg feature cache; create one with `ddpmseg extract`")
@@ -84,10 +91,7 @@ class FeatureWriter:
         self.path = Path(path)
         self.config = config
         self.noise = noise.detach().cpu().numpy().astype(np.float32)
-        if self.path.is_dir():
-            raise DdpmsegError(f"--out {self.path} is a directory; give a file name such as feats.h5")
-        if not self.path.parent.exists():
-            raise DdpmsegError(f"folder {self.path.parent} for --out does not exist; create it first")
+        check_writable(self.path, folder=False)  # before any image is extracted
         if self.path.exists():
             with _open_h5(self.path) as f:
                 self._check_same(json.loads(f.attrs["config"]), np.asarray(f["noise"]))
@@ -128,7 +132,8 @@ class FeatureWriter:
     def merge(self) -> int:
         """Fold every part into the main file; returns the number of images merged."""
         parts = _complete_parts(self.path)
-        if not parts and self.path.exists():
+        if not parts:  # nothing finished: never leave an empty cache behind
+            self._remove_parts_dir()
             return 0
         tmp = self.path.with_name(self.path.name + ".tmp")
         if self.path.exists():
@@ -148,11 +153,18 @@ class FeatureWriter:
         os.replace(tmp, self.path)
         for part in parts:
             part.unlink()
+        self._remove_parts_dir()
+        return len(parts)
+
+    def _remove_parts_dir(self) -> None:
+        """Remove the parts folder with any temp file of an image interrupted mid-write."""
+        d = parts_dir(self.path)
+        for tmp in d.glob("*.h5.tmp") if d.is_dir() else []:
+            tmp.unlink(missing_ok=True)
         try:
-            parts_dir(self.path).rmdir()
+            d.rmdir()
         except OSError:
             pass
-        return len(parts)
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,8 @@ def extract_block_maps(
     """
     if x0.ndim != 4 or x0.shape[0] != 1:
         raise ValueError(f"x0 must have shape (1, 3, S, S), got {tuple(x0.shape)}")
+    if batch_size < 0:
+        raise DdpmsegError(f"--batch-size must be 0 (all timesteps at once) or positive, got {batch_size}")
     device = backbone.device
     x0 = x0.to(device)
     noise = noise.to(device)
