@@ -57,7 +57,7 @@ class _Group(click.Group):
 
 
 _common_backbone = [
-    click.option("--ckpt", "checkpoint", required=True, type=click.Path(path_type=Path), help="Checkpoint file (a guided-diffusion state dict)."),
+    click.option("--ckpt", "checkpoint", required=True, type=click.Path(path_type=Path), help="Checkpoint: a guided-diffusion state dict file, or a diffusers UNet2DModel folder / hub id."),
     click.option("--preset", default=None, help="Architecture preset (see `ddpmseg presets`); default: match or infer from the checkpoint."),
     click.option("--model-flags", type=click.Path(path_type=Path), default=None, help="JSON file of guided-diffusion flags for a custom architecture."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
@@ -103,7 +103,7 @@ def presets() -> None:
 
     for name in list_presets():
         p = get_preset(name)
-        click.echo(f"{name:22s} {p.filename:30s} {p.description}")
+        click.echo(f"{name:22s} {p.family:10s} {p.filename:30s} {p.description}")
 
 
 @main.command()
@@ -126,9 +126,11 @@ def blocks(checkpoint: Path, preset, model_flags, device) -> None:
     from ddpmseg.pipeline import load_backbone
 
     backbone, _ = load_backbone(checkpoint, preset, model_flags, "cpu")
-    click.echo(f"{'index':>5}  {'module':18s} {'channels':>8}  resolution")
-    for b in backbone.blocks():
-        click.echo(f"{b.index:>5}  {b.module:18s} {b.channels:>8}  {b.resolution}x{b.resolution}")
+    infos = backbone.blocks()
+    width = max([18] + [len(b.module) for b in infos])
+    click.echo(f"{'index':>5}  {'module':{width}s} {'channels':>8}  resolution")
+    for b in infos:
+        click.echo(f"{b.index:>5}  {b.module:{width}s} {b.channels:>8}  {b.resolution}x{b.resolution}")
 
 
 @main.command()

@@ -43,14 +43,14 @@ def load_backbone(
     model_flags: str | Path | None = None,
     device: str = "auto",
 ) -> tuple[AdmBackbone, dict[str, Any]]:
-    """The backbone for a checkpoint file and its provenance record (name, path, sha256)."""
-    if preset and model_flags:
-        raise DdpmsegError("give either --preset or --model-flags, not both")
-    config = AdmConfig.from_json(model_flags) if model_flags else None
-    backbone = create_backbone(preset, checkpoint, config=config, device=device)
-    path = Path(checkpoint)
-    info = {"name": path.name, "path": str(path.resolve()), "sha256": file_sha256(path)}
-    return backbone, info
+    """The backbone for ``--ckpt`` and its provenance record (name, path, sha256).
+
+    A file is a guided-diffusion (ADM) checkpoint; a folder or a hub id is a
+    diffusers UNet2DModel (sha256 of its weights file).
+    """
+    from ddpmseg.backbones.registry import load_any
+
+    return load_any(checkpoint, preset, model_flags, device)
 
 
 def backbone_record(backbone: AdmBackbone) -> dict[str, Any]:
@@ -235,19 +235,36 @@ class Segmenter:
         dev = _device(device)
         self.model = SegmentationModel.load(model_dir, device=dev)
         cfg = self.model.config
-        ckpt = Path(checkpoint or cfg["checkpoint"]["path"])
-        if not ckpt.is_file():
-            raise DdpmsegError(
-                f"checkpoint {ckpt} recorded in {model_dir}/model.json is missing; pass --ckpt with the file "
-                f"{cfg['checkpoint']['name']}"
-            )
-        if file_sha256(ckpt) != cfg["checkpoint"]["sha256"]:
-            raise DdpmsegError(
-                f"checkpoint {ckpt} is not the one the model was fitted with ({cfg['checkpoint']['name']}, "
-                "sha256 differs); pass --ckpt with that file"
-            )
-        bcfg = AdmConfig(**cfg["backbone"]["config"])
-        self.backbone = create_backbone(None, ckpt, config=bcfg, device=dev)
+        family = cfg["backbone"].get("family", "adm")
+        if family == "adm":
+            ckpt = Path(checkpoint or cfg["checkpoint"]["path"])
+            if not ckpt.is_file():
+                raise DdpmsegError(
+                    f"checkpoint {ckpt} recorded in {model_dir}/model.json is missing; pass --ckpt with the file "
+                    f"{cfg['checkpoint']['name']}"
+                )
+            if file_sha256(ckpt) != cfg["checkpoint"]["sha256"]:
+                raise DdpmsegError(
+                    f"checkpoint {ckpt} is not the one the model was fitted with ({cfg['checkpoint']['name']}, "
+                    "sha256 differs); pass --ckpt with that file"
+                )
+            bcfg = AdmConfig(**cfg["backbone"]["config"])
+            self.backbone = create_backbone(None, ckpt, config=bcfg, device=dev)
+        else:
+            from ddpmseg.backbones.registry import backbone_from_record, checkpoint_available, checkpoint_sha256
+
+            ckpt = checkpoint or cfg["checkpoint"]["path"]
+            if not checkpoint_available(ckpt, family):
+                raise DdpmsegError(
+                    f"checkpoint {ckpt} recorded in {model_dir}/model.json is missing; pass --ckpt with the "
+                    f"{family} model folder {cfg['checkpoint']['name']}"
+                )
+            if checkpoint_sha256(ckpt, family) != cfg["checkpoint"]["sha256"]:
+                raise DdpmsegError(
+                    f"checkpoint {ckpt} is not the one the model was fitted with ({cfg['checkpoint']['name']}, "
+                    "sha256 of the weights differs); pass --ckpt with that folder"
+                )
+            self.backbone = backbone_from_record(cfg["backbone"], ckpt, device=dev)
         self.extract = ExtractConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["extract"].items()})
 
     def segment(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:

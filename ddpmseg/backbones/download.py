@@ -168,6 +168,10 @@ def download_preset(
     preset = get_preset(name)
     directory = Path(directory)
     dest = directory / preset.filename
+    if preset.family == "diffusers":
+        from ddpmseg.backbones.diffusers_unet import download_hub
+
+        return download_hub(url or preset.urls[0].removeprefix("hf://"), dest)
     if dest.exists():
         try:
             _verify(dest, preset)

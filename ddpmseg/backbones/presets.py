@@ -1,4 +1,8 @@
-"""Named ADM (guided-diffusion) architectures, registered as frozen dataclasses.
+"""Named backbone architectures, registered as frozen dataclasses.
+
+Two families: ADM (guided-diffusion; ``AdmConfig``) and diffusers
+``UNet2DModel`` (``DiffusersConfig``; the google DDPM checkpoints on the
+Hugging Face hub). This module never imports diffusers.
 
 A preset fixes the U-Net flags and the noise schedule of a published
 checkpoint. ``AdmConfig`` holds exactly the guided-diffusion
@@ -161,12 +165,99 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
         raise DdpmsegError(f"flag {name}={value!r} is not a valid {annotation}") from None
 
 
+# UNet2DModel config keys that are diffusers bookkeeping, not architecture.
+_DIFFUSERS_PRIVATE = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
+
+def _json_clean(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples -> lists), so records compare equal after a round trip."""
+    return json.loads(json.dumps(obj))
+
+
+@dataclass(frozen=True, eq=False)
+class DiffusersConfig:
+    """A diffusers ``UNet2DModel`` config plus the noise schedule used for q_sample.
+
+    ``unet`` is the model's ``config.json`` without diffusers' private keys.
+    ``scheduler`` is the scheduler config used for noising (the folder's
+    ``scheduler_config.json``) or None: guided-diffusion's linear schedule over
+    ``num_train_timesteps`` (1000) steps.
+    """
+
+    unet: Mapping[str, Any]
+    scheduler: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        unet = {k: v for k, v in dict(self.unet).items() if k not in _DIFFUSERS_PRIVATE}
+        sched = None if self.scheduler is None else {
+            k: v for k, v in dict(self.scheduler).items() if k not in _DIFFUSERS_PRIVATE
+        }
+        object.__setattr__(self, "unet", _json_clean(unet))
+        object.__setattr__(self, "scheduler", _json_clean(sched))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DiffusersConfig) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    @property
+    def image_size(self) -> int:
+        size = self.unet.get("sample_size")
+        if isinstance(size, list):
+            if len(size) != 2 or size[0] != size[1]:
+                raise DdpmsegError(f"UNet2DModel sample_size {size} is not square; ddpmseg needs square models")
+            size = size[0]
+        if not isinstance(size, int) or size < 1:
+            raise DdpmsegError(f"UNet2DModel config has no usable sample_size ({size!r}); add it to config.json")
+        return size
+
+    @property
+    def layers_per_block(self) -> int:
+        return int(self.unet.get("layers_per_block", 2))
+
+    @property
+    def block_out_channels(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in self.unet.get("block_out_channels", (224, 448, 672, 896)))
+
+    @property
+    def num_output_blocks(self) -> int:
+        return len(self.block_out_channels) * (self.layers_per_block + 1)
+
+    @property
+    def diffusion_steps(self) -> int:
+        if self.scheduler is not None:
+            return int(self.scheduler.get("num_train_timesteps", 1000))
+        return int(self.unet.get("num_train_timesteps") or 1000)
+
+    def output_block_shapes(self) -> list[tuple[int, int]]:
+        """(channels, resolution) of each decoder unit, numbered like guided-diffusion's output_blocks."""
+        chans = self.block_out_channels[::-1]
+        n, step = len(chans), self.layers_per_block + 1
+        shapes = []
+        for k in range(self.num_output_blocks):
+            level, j = divmod(k, step)
+            res = self.image_size // 2 ** (n - 1 - level)
+            if j == step - 1 and level < n - 1:
+                res *= 2  # the up block's output, after its upsampler
+            shapes.append((chans[level], res))
+        return shapes
+
+    def to_dict(self) -> dict[str, Any]:
+        # image_size is derived (sample_size); it is recorded for readers of the cache (FeatureCache.image_size)
+        return {"image_size": self.image_size, "unet": _json_clean(self.unet), "scheduler": _json_clean(self.scheduler)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DiffusersConfig":
+        return cls(unet=d["unet"], scheduler=d.get("scheduler"))
+
+
 @dataclass(frozen=True)
 class Preset:
     """A published checkpoint: its architecture and where users download it."""
 
     name: str
-    config: AdmConfig
+    config: AdmConfig | DiffusersConfig
     filename: str
     urls: tuple[str, ...]
     description: str
@@ -205,6 +296,58 @@ for _name, _file, _urls, _desc in [
     ),
 ]:
     register_preset(Preset(_name, _ADM_256, _file, _urls, _desc))
+
+
+# The google DDPM checkpoints (Ho et al. 2020) as diffusers converted them.
+# Written from the published config.json files (not re-downloaded here).
+_GOOGLE_DDPM_COMMON = dict(
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
+    act_fn="silu",
+    attention_head_dim=None,
+    center_input_sample=False,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    mid_block_scale_factor=1,
+    norm_eps=1e-6,
+    norm_num_groups=32,
+    time_embedding_type="positional",
+)
+_GOOGLE_DDPM_256 = DiffusersConfig(
+    unet=dict(
+        _GOOGLE_DDPM_COMMON,
+        sample_size=256,
+        block_out_channels=[128, 128, 256, 256, 512, 512],
+        down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
+    ),
+    scheduler=dict(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+        variance_type="fixed_small", clip_sample=True,
+    ),
+)
+_GOOGLE_DDPM_32 = DiffusersConfig(
+    unet=dict(
+        _GOOGLE_DDPM_COMMON,
+        sample_size=32,
+        block_out_channels=[128, 256, 256, 256],
+        down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    ),
+    scheduler=_GOOGLE_DDPM_256.scheduler,
+)
+
+for _name, _hub, _config, _desc in [
+    ("ddpm_celebahq_256", "google/ddpm-celebahq-256", _GOOGLE_DDPM_256, "DDPM CelebA-HQ faces, 256x256 (diffusers)"),
+    ("ddpm_ema_celebahq_256", "google/ddpm-ema-celebahq-256", _GOOGLE_DDPM_256, "DDPM CelebA-HQ faces, EMA weights, 256x256 (diffusers)"),
+    ("ddpm_bedroom_256", "google/ddpm-bedroom-256", _GOOGLE_DDPM_256, "DDPM LSUN bedrooms, 256x256 (diffusers)"),
+    ("ddpm_cat_256", "google/ddpm-cat-256", _GOOGLE_DDPM_256, "DDPM LSUN cats, 256x256 (diffusers)"),
+    ("ddpm_church_256", "google/ddpm-church-256", _GOOGLE_DDPM_256, "DDPM LSUN churches, 256x256 (diffusers)"),
+    ("ddpm_cifar10_32", "google/ddpm-cifar10-32", _GOOGLE_DDPM_32, "DDPM CIFAR-10, 32x32 (diffusers)"),
+]:
+    register_preset(Preset(_name, _config, _hub.split("/")[1], ("hf://" + _hub,), _desc, family="diffusers"))
 
 
 def list_presets() -> list[str]:
