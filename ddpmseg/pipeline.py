@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ddpmseg import data, viz
 from ddpmseg._io import check_writable
-from ddpmseg.backbones.adm import AdmBackbone, create_backbone
+from ddpmseg.backbones.adm import Backbone, create_backbone
 from ddpmseg.backbones.checkpoint import file_sha256
 from ddpmseg.backbones.presets import AdmConfig
 from ddpmseg.classify.ensemble import PixelEnsemble
@@ -42,7 +42,7 @@ def load_backbone(
     preset: str | None = None,
     model_flags: str | Path | None = None,
     device: str = "auto",
-) -> tuple[AdmBackbone, dict[str, Any]]:
+) -> tuple[Backbone, dict[str, Any]]:
     """The backbone for ``--ckpt`` and its provenance record (name, path, sha256).
 
     A file is a guided-diffusion (ADM) checkpoint; a folder or a hub id is a
@@ -53,7 +53,7 @@ def load_backbone(
     return load_any(checkpoint, preset, model_flags, device)
 
 
-def backbone_record(backbone: AdmBackbone) -> dict[str, Any]:
+def backbone_record(backbone: Backbone) -> dict[str, Any]:
     return {"family": backbone.family, "preset": backbone.name, "config": backbone.config.to_dict()}
 
 

@@ -15,7 +15,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -102,16 +102,14 @@ class BlockInfo:
     resolution: int
 
 
-class AdmBackbone:
-    """A frozen ADM U-Net plus its noise schedule."""
+class Backbone:
+    """What every backbone family shares: a frozen U-Net whose ``config`` has
+    ``image_size``, ``num_output_blocks`` and ``diffusion_steps``. Subclasses add
+    ``blocks()``, ``q_sample`` and ``forward_blocks``."""
 
-    family = "adm"
-
-    def __init__(self, config: AdmConfig, model: torch.nn.Module, name: str = "custom") -> None:
-        self.config = config
-        self.model = model
-        self.name = name
-        self.diffusion = build_diffusion(config)
+    family = "?"
+    config: Any
+    model: torch.nn.Module
 
     @property
     def device(self) -> torch.device:
@@ -121,16 +119,9 @@ class AdmBackbone:
     def image_size(self) -> int:
         return self.config.image_size
 
-    def to(self, device: torch.device | str) -> "AdmBackbone":
+    def to(self, device: torch.device | str) -> "Backbone":
         self.model.to(device)
         return self
-
-    def blocks(self) -> list[BlockInfo]:
-        """Every decoder block: index, module name, output channels and resolution."""
-        return [
-            BlockInfo(i, f"output_blocks.{i}", c, r)
-            for i, (c, r) in enumerate(self.config.output_block_shapes())
-        ]
 
     def check_blocks(self, blocks: Sequence[int]) -> list[int]:
         """Validated decoder block indices (range, duplicates)."""
@@ -141,6 +132,25 @@ class AdmBackbone:
         """Validated diffusion timesteps (range, duplicates)."""
         n = self.config.diffusion_steps
         return _check_indices(steps, n, "step", f"diffusion steps must lie in [0, {n})", "--steps 50,150,250")
+
+
+class AdmBackbone(Backbone):
+    """A frozen ADM U-Net plus its noise schedule."""
+
+    family = "adm"
+
+    def __init__(self, config: AdmConfig, model: torch.nn.Module, name: str = "custom") -> None:
+        self.config = config
+        self.model = model
+        self.name = name
+        self.diffusion = build_diffusion(config)
+
+    def blocks(self) -> list[BlockInfo]:
+        """Every decoder block: index, module name, output channels and resolution."""
+        return [
+            BlockInfo(i, f"output_blocks.{i}", c, r)
+            for i, (c, r) in enumerate(self.config.output_block_shapes())
+        ]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, guided-diffusion's own code."""

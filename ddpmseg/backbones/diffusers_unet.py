@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ddpmseg.backbones.adm import BlockInfo, _check_indices, resolve_device
+from ddpmseg.backbones.adm import Backbone, BlockInfo, resolve_device
 from ddpmseg.backbones.presets import DiffusersConfig
 from ddpmseg.errors import DdpmsegError
 
@@ -188,7 +188,7 @@ def build_scheduler(config: DiffusersConfig):
         raise DdpmsegError(f"cannot build the scheduler from its config ({type(e).__name__}: {e}); remove or fix scheduler_config.json") from None
 
 
-class DiffusersBackbone:
+class DiffusersBackbone(Backbone):
     """A frozen diffusers UNet2DModel plus the noise schedule of its pipeline."""
 
     family = "diffusers"
@@ -224,18 +224,6 @@ class DiffusersBackbone:
             raise DdpmsegError("this UNet2DModel is class-conditional; ddpmseg supports unconditional models only")
         cfg.image_size  # noqa: B018 (raises on non-square / missing sample_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    def to(self, device: torch.device | str) -> "DiffusersBackbone":
-        self.model.to(device)
-        return self
-
     def _unit(self, k: int) -> tuple[int, int]:
         return divmod(k, self.config.layers_per_block + 1)
 
@@ -252,14 +240,6 @@ class DiffusersBackbone:
         return [
             BlockInfo(k, self.block_name(k), c, r) for k, (c, r) in enumerate(self.config.output_block_shapes())
         ]
-
-    def check_blocks(self, blocks: Sequence[int]) -> list[int]:
-        n = self.config.num_output_blocks
-        return _check_indices(blocks, n, "block index", f"this model has decoder blocks 0..{n - 1}", "--blocks 5,6,7,8,12")
-
-    def check_steps(self, steps: Sequence[int]) -> list[int]:
-        n = self.config.diffusion_steps
-        return _check_indices(steps, n, "step", f"diffusion steps must lie in [0, {n})", "--steps 50,150,250")
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t with the pipeline's scheduler (``add_noise``), else guided-diffusion's linear schedule."""

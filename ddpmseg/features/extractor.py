@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from ddpmseg.backbones.adm import AdmBackbone
+from ddpmseg.backbones.adm import Backbone
 from ddpmseg.errors import DdpmsegError
 
 DEFAULT_STEPS = (50, 150, 250)
@@ -56,7 +56,7 @@ def make_noise(seed: int, size: int) -> torch.Tensor:
 
 
 def extract_block_maps(
-    backbone: AdmBackbone,
+    backbone: Backbone,
     x0: torch.Tensor,
     noise: torch.Tensor,
     steps: Sequence[int],
