@@ -11,7 +11,6 @@ import torch
 from click.testing import CliRunner
 
 from ddpmseg.backbones.adm import random_unet
-from ddpmseg.backbones.presets import AdmConfig
 from ddpmseg.cli.main import main
 
 

@@ -4,7 +4,6 @@ extract, fit, predict, evaluate, kmeans, and the README's four usage lines."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
