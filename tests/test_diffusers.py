@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -25,6 +24,7 @@ from ddpmseg.errors import DdpmsegError  # noqa: E402
 from ddpmseg.features.cache import FeatureCache  # noqa: E402
 from ddpmseg.features.extractor import extract_block_maps, make_noise, upsample_concat  # noqa: E402
 from ddpmseg.pipeline import backbone_record, load_backbone  # noqa: E402
+from recipe_helpers import reference_image_tensor, rel_err
 
 # The google 256x256 DDPM structure (6 levels, attention at the 5th down / 2nd up level), tiny.
 TINY_UNET = dict(
@@ -86,15 +86,6 @@ def naive_recipe(model, names, x0, noise, steps, blocks, T=1000):
         for h in hooks:
             h.remove()
     return torch.cat(feats, dim=0)
-
-
-def reference_image_tensor(path, size):
-    img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-
-
-def rel_err(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 # --------------------------------------------------------------------------- block map

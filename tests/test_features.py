@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ddpmseg.backbones.adm import build_unet, create_backbone
 from ddpmseg.backbones.presets import AdmConfig, get_preset
@@ -16,6 +15,7 @@ from ddpmseg.features.cache import FeatureCache
 from ddpmseg.features.extractor import ExtractConfig, extract_block_maps, make_noise, upsample_concat
 from ddpmseg.features.pixels import CachePixels
 from ddpmseg.pipeline import extract_features
+from recipe_helpers import reference_image_tensor, rel_err
 
 
 def naive_recipe(model, x0, noise, steps, blocks, T=1000):
@@ -39,15 +39,6 @@ def naive_recipe(model, x0, noise, steps, blocks, T=1000):
         for h in hooks:
             h.remove()
     return torch.cat(feats, dim=0)
-
-
-def reference_image_tensor(path, size):
-    img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-
-
-def rel_err(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.fixture(scope="module")
