@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import sys
 import tempfile
 import time
@@ -28,11 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _common import peak_rss_mb, run_in_child
+
 STEPS, BLOCKS = (50, 150, 250), (5, 6, 7, 8, 12)
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child(mode: str, preset: str, n_images: int, queue) -> None:
@@ -72,17 +68,7 @@ def _child(mode: str, preset: str, n_images: int, queue) -> None:
         if i:
             times.append(time.perf_counter() - t0)
     queue.put({"mode": mode, "seconds_per_image": sum(times) / len(times), "bytes_per_image": nbytes,
-               "peak_rss_mb": round(_peak_rss_mb())})
-
-
-def run(mode: str, preset: str, n_images: int) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(mode, preset, n_images, q))
-    p.start()
-    result = q.get()
-    p.join()
-    return result
+               "peak_rss_mb": peak_rss_mb()})
 
 
 def cache_file_bytes(preset: str) -> int:
@@ -109,9 +95,9 @@ def main() -> None:
     ap.add_argument("--preset", default="ffhq_256")
     ap.add_argument("--images", type=int, default=2, help="timed images per mode (after one warm-up)")
     args = ap.parse_args()
-    naive = run("naive", args.preset, args.images)
+    naive = run_in_child(_child, "naive", args.preset, args.images)
     print(json.dumps({"benchmark": "extract", "threads": torch.get_num_threads(), **naive}), flush=True)
-    ours = run("ddpmseg", args.preset, args.images)
+    ours = run_in_child(_child, "ddpmseg", args.preset, args.images)
     print(json.dumps({"benchmark": "extract", "threads": torch.get_num_threads(), **ours}), flush=True)
     print(json.dumps({"benchmark": "extract_speedup", "ratio": round(naive["seconds_per_image"] / ours["seconds_per_image"], 2)}))
     disk = cache_file_bytes(args.preset)

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import time
 
 import numpy as np
 import torch
+
+from _common import peak_rss_mb, run_in_child
 
 SHAPES = {5: (1024, 32), 6: (512, 32), 7: (512, 32), 8: (512, 64), 12: (256, 128)}
 KEYS = [(t, b) for t in (50, 150, 250) for b in SHAPES]
@@ -68,17 +68,7 @@ def _child(mode: str, n_images: int, n_pixels: int, queue) -> None:
     queue.put({"mode": mode, "images": n_images, "pixels": n_pixels, "fit_seconds": round(seconds, 2),
                "member_steps": steps, "ms_per_member_step": round(1000 * seconds / steps, 2),
                "final_loss_mean": float(np.mean(est.final_loss_)),
-               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
-
-
-def run(mode: str, n_images: int, n_pixels: int) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(mode, n_images, n_pixels, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
+               "peak_rss_mb": peak_rss_mb()})
 
 
 def main() -> None:
@@ -87,9 +77,9 @@ def main() -> None:
     ap.add_argument("--pixels", type=int, default=8192)
     ap.add_argument("--naive-images", type=int, default=2, help="images the naive trainer holds (2.2 GB each)")
     args = ap.parse_args()
-    ours = run("ddpmseg", args.images, args.pixels)
+    ours = run_in_child(_child, "ddpmseg", args.images, args.pixels)
     print(json.dumps({"benchmark": "fit", **ours}), flush=True)
-    naive = run("naive", args.naive_images, args.pixels)
+    naive = run_in_child(_child, "naive", args.naive_images, args.pixels)
     print(json.dumps({"benchmark": "fit", **naive}), flush=True)
     print(json.dumps({"benchmark": "fit_speedup_per_member_step",
                       "ratio": round(naive["ms_per_member_step"] / ours["ms_per_member_step"], 2)}))

@@ -496,6 +496,16 @@ def _back_coords(n_orig: int, n_resized: int, offset: int, s: int) -> tuple[np.n
     return c, (c >= 0) & (c < s)
 
 
+def _inverse_grid(pre: Preprocess) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """S-grid row and column coordinates of the original pixel centres, and the (H, W) inside-crop mask."""
+    w, h = pre.original_size
+    rw, rh = pre.resized_size
+    left, top = pre.crop_box[:2]
+    cy, vy = _back_coords(h, rh, top, pre.size)
+    cx, vx = _back_coords(w, rw, left, pre.size)
+    return cy, cx, vy[:, None] & vx[None, :]
+
+
 def restore_labels(labels: np.ndarray, pre: Preprocess, fill: int = 255) -> np.ndarray:
     """Map an (S, S) label map back to the original (H, W) size (nearest).
 
@@ -505,15 +515,11 @@ def restore_labels(labels: np.ndarray, pre: Preprocess, fill: int = 255) -> np.n
     s = pre.size
     if labels.shape != (s, s):
         raise DdpmsegError(f"label map is {labels.shape}, expected ({s}, {s}) for this preprocessing record")
-    w, h = pre.original_size
-    rw, rh = pre.resized_size
-    left, top = pre.crop_box[:2]
-    cy, vy = _back_coords(h, rh, top, s)
-    cx, vx = _back_coords(w, rw, left, s)
+    cy, cx, inside = _inverse_grid(pre)
     iy = np.clip(np.floor(cy).astype(np.int64), 0, s - 1)
     ix = np.clip(np.floor(cx).astype(np.int64), 0, s - 1)
     out = labels.astype(np.int64, copy=False)[np.ix_(iy, ix)].copy()
-    out[~(vy[:, None] & vx[None, :])] = fill
+    out[~inside] = fill
     return out
 
 
@@ -526,11 +532,7 @@ def restore_map(values: np.ndarray, pre: Preprocess, fill: float = 0.0) -> np.nd
     s = pre.size
     if v.ndim not in (2, 3) or v.shape[-2:] != (s, s):
         raise DdpmsegError(f"map is {v.shape}, expected ({s}, {s}) or (C, {s}, {s}) for this preprocessing record")
-    w, h = pre.original_size
-    rw, rh = pre.resized_size
-    left, top = pre.crop_box[:2]
-    cy, vy = _back_coords(h, rh, top, s)
-    cx, vx = _back_coords(w, rw, left, s)
+    cy, cx, inside = _inverse_grid(pre)
 
     def taps(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         c = np.clip(c - 0.5, 0, s - 1)
@@ -544,7 +546,7 @@ def restore_map(values: np.ndarray, pre: Preprocess, fill: float = 0.0) -> np.nd
     top_row = v[..., y0, :][..., x0] * (1 - fx) + v[..., y0, :][..., x1] * fx
     bot_row = v[..., y1, :][..., x0] * (1 - fx) + v[..., y1, :][..., x1] * fx
     out = (top_row * (1 - fy) + bot_row * fy).astype(np.float32)
-    out[..., ~(vy[:, None] & vx[None, :])] = fill
+    out[..., ~inside] = fill
     return out
 
 

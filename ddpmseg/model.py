@@ -133,20 +133,6 @@ class SegmentationModel:
         ensemble.to(device)
         return cls(config, ensemble, noise)
 
-    def new_config_check(self, cache_config: dict[str, Any]) -> None:
-        """Raise if features from ``cache_config`` do not fit this model."""
-        for key in ("extract", "backbone"):
-            if cache_config.get(key) != self.config.get(key):
-                raise DdpmsegError(
-                    f"features were extracted with another {key} setting than the model was fitted on; "
-                    "re-extract with the model's settings (see model.json)"
-                )
-        if cache_config["checkpoint"]["sha256"] != self.config["checkpoint"]["sha256"]:
-            raise DdpmsegError(
-                f"features come from checkpoint {cache_config['checkpoint']['name']} but the model was fitted on "
-                f"{self.config['checkpoint']['name']} (sha256 differs); use the same checkpoint"
-            )
-
 
 def model_config(cache_config: dict[str, Any], labelset: LabelSet, fit: dict[str, Any]) -> dict[str, Any]:
     """model.json: the cache's extraction provenance plus classes and fit settings."""

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ddpmseg import data, viz
 from ddpmseg._io import check_writable
-from ddpmseg.backbones.adm import Backbone, create_backbone
+from ddpmseg.backbones.adm import Backbone, create_backbone, resolve_device
 from ddpmseg.backbones.checkpoint import file_sha256
 from ddpmseg.backbones.presets import AdmConfig
 from ddpmseg.classify.ensemble import PixelEnsemble
@@ -203,7 +203,7 @@ def fit_model(
         max_epochs=max_epochs,
         ignore_index=ignore_index,
         random_state=seed,
-        device=str(_device(device)),
+        device=str(resolve_device(device)),
         progress=progress,
     ).fit(source, y)
     seconds = time.perf_counter() - start
@@ -221,18 +221,12 @@ def fit_model(
     return FitSummary(Path(out), ids, fit["n_pixels"], labelset.n_classes, seconds, fit["n_iter"])
 
 
-def _device(device: str) -> torch.device:
-    from ddpmseg.backbones.adm import resolve_device
-
-    return resolve_device(device)
-
-
 # -- predict / evaluate --------------------------------------------------------------
 class Segmenter:
     """A fitted model plus its backbone, ready to segment image files."""
 
     def __init__(self, model_dir: str | Path, checkpoint: str | Path | None = None, device: str = "auto") -> None:
-        dev = _device(device)
+        dev = resolve_device(device)
         self.model = SegmentationModel.load(model_dir, device=dev)
         cfg = self.model.config
         family = cfg["backbone"].get("family", "adm")

@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 
 diffusers = pytest.importorskip("diffusers")
@@ -24,7 +22,7 @@ from ddpmseg.errors import DdpmsegError  # noqa: E402
 from ddpmseg.features.cache import FeatureCache  # noqa: E402
 from ddpmseg.features.extractor import extract_block_maps, make_noise, upsample_concat  # noqa: E402
 from ddpmseg.pipeline import backbone_record, load_backbone  # noqa: E402
-from recipe_helpers import reference_image_tensor, rel_err
+from recipe_helpers import hooked_recipe, reference_image_tensor, rel_err
 
 # The google 256x256 DDPM structure (6 levels, attention at the 5th down / 2nd up level), tiny.
 TINY_UNET = dict(
@@ -62,30 +60,11 @@ def tiny_backbone(tiny_folders) -> DiffusersBackbone:
     return create_diffusers_backbone(tiny_folders[0], device="cpu")
 
 
-def naive_recipe(model, names, x0, noise, steps, blocks, T=1000):
+def naive_recipe(model, names, x0, noise, steps, blocks):
     """Closed-form q_sample (linear 1e-4..0.02), one unmodified ``model(x_t, t).sample`` per t,
     forward hooks on the modules the block map names, bilinear upsampling, concatenation."""
-    betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)
-    abar = np.cumprod(1.0 - betas)
-    taps = {}
-    hooks = [
-        model.get_submodule(names[b].split(" ")[0]).register_forward_hook(
-            lambda mod, inp, out, b=b: taps.__setitem__(b, out)
-        )
-        for b in blocks
-    ]
-    feats = []
-    try:
-        for t in steps:
-            x_t = float(np.sqrt(abar[t])) * x0 + float(np.sqrt(1 - abar[t])) * noise
-            with torch.no_grad():
-                model(x_t, torch.tensor([t])).sample
-            for b in blocks:
-                feats.append(F.interpolate(taps[b], size=x0.shape[-2:], mode="bilinear", align_corners=False)[0])
-    finally:
-        for h in hooks:
-            h.remove()
-    return torch.cat(feats, dim=0)
+    taps = {b: model.get_submodule(names[b].split(" ")[0]) for b in blocks}
+    return hooked_recipe(taps, lambda x, t: model(x, t).sample, x0, noise, steps)
 
 
 # --------------------------------------------------------------------------- block map

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ddpmseg.backbones.adm import build_unet, create_backbone
 from ddpmseg.backbones.presets import AdmConfig, get_preset
@@ -15,30 +14,12 @@ from ddpmseg.features.cache import FeatureCache
 from ddpmseg.features.extractor import ExtractConfig, extract_block_maps, make_noise, upsample_concat
 from ddpmseg.features.pixels import CachePixels
 from ddpmseg.pipeline import extract_features
-from recipe_helpers import reference_image_tensor, rel_err
+from recipe_helpers import hooked_recipe, reference_image_tensor, rel_err
 
 
-def naive_recipe(model, x0, noise, steps, blocks, T=1000):
-    """The reference recipe, written from the paper's description."""
-    betas = np.linspace(0.0001 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
-    abar = np.cumprod(1.0 - betas)
-    taps = {}
-    hooks = [
-        model.output_blocks[b].register_forward_hook(lambda mod, inp, out, b=b: taps.__setitem__(b, out))
-        for b in blocks
-    ]
-    feats = []
-    try:
-        for t in steps:
-            x_t = float(np.sqrt(abar[t])) * x0 + float(np.sqrt(1 - abar[t])) * noise
-            with torch.no_grad():
-                model(x_t, torch.tensor([t]))  # full forward, output head included
-            for b in blocks:
-                feats.append(F.interpolate(taps[b], size=x0.shape[-2:], mode="bilinear", align_corners=False)[0])
-    finally:
-        for h in hooks:
-            h.remove()
-    return torch.cat(feats, dim=0)
+def naive_recipe(model, x0, noise, steps, blocks):
+    """The reference recipe on an ADM: hooks on ``output_blocks``, full forward per t."""
+    return hooked_recipe({b: model.output_blocks[b] for b in blocks}, model, x0, noise, steps)
 
 
 @pytest.fixture(scope="module")
