@@ -367,8 +367,9 @@ def test_get_params_and_clone():
     est = PixelEnsemble(n_classes=5, n_members=3, hidden=(16, 8), max_epochs=7, ignore_index=0, fused=False)
     params = est.get_params()
     assert params == dict(
-        n_classes=5, n_members=3, hidden=(16, 8), lr=1e-3, batch_size=64, max_epochs=7, patience=50,
+        n_classes=5, n_members=3, hidden=(16, 8), lr=None, batch_size=None, max_epochs=7, patience=50,
         min_epochs=4, ignore_index=0, fused=False, random_state=0, device="cpu", progress=False,
+        recipe="reference", pixel_fraction=1.0, precision="auto",
     )
     assert sklearn.base.clone(est).get_params() == params
     assert not hasattr(est, "n_classes_")
@@ -376,6 +377,7 @@ def test_get_params_and_clone():
     y[y == 0] = 1
     fitted = est.fit(x, y)
     assert fitted is est and est.hidden_ == (16, 8) and est.module_.w2.shape == (3, 16, 8)
+    assert (est.batch_size_, est.lr_, est.precision_) == (64, 1e-3, "fp32")  # the reference recipe's
     assert not est.module_.training
 
 

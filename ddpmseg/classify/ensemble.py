@@ -12,6 +12,24 @@ over stacked parameters is exactly M independent Adams, and the summed loss
 gives each member exactly its own gradient. Member m draws its initial weights
 and its shuffles from its own ``torch.Generator``, so the fused trainer and the
 plain one-member-after-another trainer (``fused=False``) see identical batches.
+
+Two training recipes (``PixelEnsemble(recipe=...)``):
+
+``"reference"`` -- the paper's, exactly (above): every member its own shuffle,
+    batch 64, one Adam step per member per batch. On a CPU its cost is the
+    (D, H1) first layer's matmuls and Adam update per 64 pixels.
+``"fast"`` -- all members share one shuffled batch of 1024 pixels, so a step
+    gathers the pixels once and runs layer 1 of every member as one
+    ``(B, D) x (D, M*H1)`` GEMM (in bfloat16 where the hardware has it, with
+    fp32 master weights, Adam and everything after layer 1), and Adam's update
+    is amortised over 16x more pixels. Members still differ by their own
+    initialisation (same draws as the reference), BatchNorm statistics and
+    early stop. The learning rate is scaled by sqrt(1024/64) = 4 (Adam's usual
+    rule for a 16x batch) and early stopping counts patience in pixels:
+    ``patience * 64`` pixels without a new best batch loss, i.e. 4 batches of
+    1024 (:func:`fast_patience_steps`). ``benchmarks/bench_fit.py`` measures
+    its speed, ``benchmarks/bench_fit_quality.py`` its held-out mIoU against
+    the reference recipe's.
 """
 
 from __future__ import annotations
@@ -33,7 +51,12 @@ from ddpmseg.errors import DdpmsegError
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "ddpmseg-pixel-ensemble"
-STATE_VERSION = 1
+STATE_VERSION = 1  # states saved before ``recipe`` / ``pixel_fraction`` / ``precision`` load as the reference recipe
+RECIPES = ("reference", "fast")
+PRECISIONS = ("auto", "fp32", "bf16")
+REFERENCE_BATCH, REFERENCE_LR = 64, 1e-3
+FAST_BATCH = 1024
+FAST_LR = REFERENCE_LR * math.sqrt(FAST_BATCH / REFERENCE_BATCH)  # 4e-3
 PREDICT_CHUNK = 65536  # rows per prediction chunk, at most ...
 PREDICT_CHUNK_BYTES = 256 << 20  # ... and at most this many bytes of float32 features
 INIT_STD = 0.02
@@ -284,7 +307,92 @@ class _FirstLayerInto(torch.autograd.Function):
         return None, None, grad.sum(1)
 
 
+class _SharedFirstLayer(torch.autograd.Function):
+    """Layer 1 of every member on one shared batch: ``x @ w + b``, ``w (D, M*H1)`` fp32, output (B, M*H1) fp32.
+
+    With ``low`` (a persistent bfloat16 buffer shaped like ``w``) both GEMMs run
+    in bfloat16 with fp32 accumulation: ``w`` is rounded into ``low`` each
+    forward (the master weights and Adam stay fp32), and dL/dw is rounded to
+    bf16 once. Backward writes dL/dw into the persistent ``w.grad`` (no new
+    (D, M*H1) tensor per step) and gives no gradient to ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
+        if low is None:
+            ctx.save_for_backward(x, w)
+            return torch.addmm(b, x, w)
+        xq = x.to(low.dtype)
+        ctx.save_for_backward(xq, w)
+        return torch.mm(xq, low.copy_(w)).float().add_(b)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor, None]:
+        x, w = ctx.saved_tensors
+        if x.dtype == torch.float32:
+            torch.mm(x.T, grad, out=w.grad)
+        else:  # oneDNN's bf16 GEMM is ~2x faster on a contiguous transpose (measured)
+            w.grad.copy_(torch.mm(x.T.contiguous(), grad.to(x.dtype)))
+        return None, None, grad.sum(0), None
+
+
 # -- helpers -----------------------------------------------------------------------------
+def fast_patience_steps(patience: int, batch_size: int) -> int:
+    """The fast recipe's early-stopping patience in batches: the reference's ``patience`` batches of
+    64 pixels, counted in pixels (``patience * 64``), i.e. ``ceil(patience * 64 / batch_size)`` batches."""
+    return max(1, math.ceil(patience * REFERENCE_BATCH / batch_size))
+
+
+def resolve_precision(precision: str, recipe: str, device: torch.device) -> torch.dtype:
+    """Layer 1's GEMM dtype: fp32 for the reference recipe; for the fast one bf16 if asked, or with
+    ``"auto"`` where the device has bf16 matmul kernels (oneDNN on CPU, bf16-capable CUDA)."""
+    if recipe == "reference" or precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    try:
+        if device.type == "cuda":
+            ok = torch.cuda.is_bf16_supported()
+        else:
+            ok = device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # older torch without the probe
+        ok = False
+    return torch.bfloat16 if ok else torch.float32
+
+
+class _MemberLog:
+    """Per-member bookkeeping of a fused trainer: steps, losses, epoch curves, early stops and snapshots."""
+
+    def __init__(self, n_members: int, patience: int, min_epochs: int) -> None:
+        self.stops = [EarlyStop(patience, min_epochs) for _ in range(n_members)]
+        self.snapshots: list[list[torch.Tensor] | None] = [None] * n_members
+        self.n_iter, self.final = [0] * n_members, [math.nan] * n_members
+        self.best = [math.inf] * n_members
+        self.curves: list[list[float]] = [[] for _ in range(n_members)]
+        self._sums, self._counts = [0.0] * n_members, [0] * n_members
+
+    def active(self) -> list[int]:
+        return [m for m, snap in enumerate(self.snapshots) if snap is None]
+
+    def record(self, m: int, loss: float, step: int, epoch: int) -> bool:
+        """Record member m's batch loss; True if it has just stopped (the caller then snapshots it)."""
+        self.n_iter[m] = step
+        self.final[m] = loss
+        self.best[m] = min(self.best[m], loss)
+        self._sums[m] += loss
+        self._counts[m] += 1
+        return self.stops[m].update(loss, epoch)
+
+    def end_epoch(self) -> None:
+        for m, count in enumerate(self._counts):
+            if count:
+                self.curves[m].append(self._sums[m] / count)
+        self._sums, self._counts = [0.0] * len(self._sums), [0] * len(self._counts)
+
+    def result(self) -> tuple[list[int], list[float], list[float], list[list[float]]]:
+        return self.n_iter, self.final, self.best, self.curves
+
+
 def make_adam(params: Any, lr: float) -> torch.optim.Adam:
     """Adam with PyTorch's defaults; the single-kernel (``fused``) implementation where available."""
     params = list(params)
@@ -345,6 +453,15 @@ class PixelEnsemble(BaseEstimator):
 
     ``fit(X, y)`` takes an (N, D) array/tensor or a streaming :class:`PixelSource`
     and (N,) integer labels; pixels labelled ``ignore_index`` are dropped.
+
+    ``recipe``: ``"reference"`` (the paper's, exactly) or ``"fast"`` (shared
+    batches; see the module docstring). ``batch_size`` / ``lr`` default to the
+    recipe's (64 / 1e-3 and 1024 / 4e-3). ``patience`` is in batches of 64
+    pixels (the fast recipe counts it in pixels). ``pixel_fraction``: each epoch
+    visits this fraction of the labelled pixels, a fresh random subset each
+    epoch (1.0 = all, the reference). ``precision``: layer 1's GEMMs in the fast
+    recipe (``"auto"``: bf16 where the device has fast bf16 kernels). ``fused``:
+    ``False`` trains the reference members one after another (the naive trainer).
     """
 
     def __init__(
@@ -352,8 +469,8 @@ class PixelEnsemble(BaseEstimator):
         n_classes: int | None = None,
         n_members: int = 10,
         hidden: tuple[int, int] | None = None,
-        lr: float = 1e-3,
-        batch_size: int = 64,
+        lr: float | None = None,
+        batch_size: int | None = None,
         max_epochs: int = 100,
         patience: int = 50,
         min_epochs: int = 4,
@@ -362,6 +479,9 @@ class PixelEnsemble(BaseEstimator):
         random_state: int | None = 0,
         device: str = "cpu",
         progress: bool = False,
+        recipe: str = "reference",
+        pixel_fraction: float = 1.0,
+        precision: str = "auto",
     ) -> None:
         self.n_classes = n_classes
         self.n_members = n_members
@@ -376,6 +496,9 @@ class PixelEnsemble(BaseEstimator):
         self.random_state = random_state
         self.device = device
         self.progress = progress
+        self.recipe = recipe
+        self.pixel_fraction = pixel_fraction
+        self.precision = precision
 
     # -- fitting ------------------------------------------------------------------------
     def fit(self, X: Any, y: Any) -> "PixelEnsemble":
@@ -409,11 +532,16 @@ class PixelEnsemble(BaseEstimator):
         gens = member_generators(self.random_state, self.n_members)
         keep_t = torch.from_numpy(keep).long()
         y_t = torch.from_numpy(kept).long()
+        fast = self.recipe == "fast"
+        self.batch_size_ = int(self.batch_size or (FAST_BATCH if fast else REFERENCE_BATCH))
+        self.lr_ = float(self.lr or (FAST_LR if fast else REFERENCE_LR))
+        self.precision_ = "bf16" if resolve_precision(self.precision, self.recipe, device) == torch.bfloat16 else "fp32"
         log.info(
-            "fitting %d members on %d pixels x %d features, %d classes, hidden %s (%s)",
-            self.n_members, keep.size, d, n_classes, hidden, "fused" if self.fused else "sequential",
+            "fitting %d members on %d pixels x %d features, %d classes, hidden %s (%s recipe, %s, batch %d, lr %g)",
+            self.n_members, keep.size, d, n_classes, hidden, self.recipe,
+            "fused" if self.fused else "sequential", self.batch_size_, self.lr_,
         )
-        train = self._fit_fused if self.fused else self._fit_sequential
+        train = self._fit_fast if fast else self._fit_fused if self.fused else self._fit_sequential
         n_iter, final, best, curves = train(module, source, keep_t, y_t, gens, device)
 
         self.n_classes_ = n_classes
@@ -430,9 +558,23 @@ class PixelEnsemble(BaseEstimator):
     def _check_hyperparameters(self) -> None:
         checks = [
             (self.n_members >= 1, f"n_members={self.n_members} must be at least 1"),
-            (self.batch_size >= 2, f"batch_size={self.batch_size} must be at least 2 (BatchNorm needs two samples)"),
+            (
+                self.batch_size is None or self.batch_size >= 2,
+                f"batch_size={self.batch_size} must be at least 2 (BatchNorm needs two samples) or None",
+            ),
             (self.max_epochs >= 1, f"max_epochs={self.max_epochs} must be at least 1"),
-            (self.lr > 0, f"lr={self.lr} must be positive"),
+            (self.lr is None or self.lr > 0, f"lr={self.lr} must be positive or None"),
+            (self.recipe in RECIPES, f"recipe={self.recipe!r} is unknown: use 'reference' or 'fast'"),
+            (
+                isinstance(self.pixel_fraction, (int, float)) and 0 < self.pixel_fraction <= 1,
+                f"pixel_fraction={self.pixel_fraction} must be in (0, 1]",
+            ),
+            (self.precision in PRECISIONS, f"precision={self.precision!r} is unknown: use 'auto', 'fp32' or 'bf16'"),
+            (
+                self.recipe == "fast" or self.precision != "bf16",
+                "precision='bf16' applies to recipe='fast' only: use precision='auto' or 'fp32' with the reference",
+            ),
+            (self.fused or self.recipe == "reference", "fused=False (the sequential trainer) exists for recipe='reference' only"),
             (self.n_classes is None or self.n_classes >= 1, f"n_classes={self.n_classes} must be at least 1 or None"),
             (
                 self.hidden is None or (len(self.hidden) == 2 and all(int(h) >= 1 for h in self.hidden)),
@@ -458,6 +600,10 @@ class PixelEnsemble(BaseEstimator):
     def _progress_bar(self, total: int) -> tqdm:
         return tqdm(total=total, desc="fit", unit="step", disable=not self.progress, leave=False)
 
+    def _epoch_pixels(self, n: int) -> int:
+        """Pixels visited per epoch: ``pixel_fraction`` of the ``n`` labelled ones (at least 2)."""
+        return n if self.pixel_fraction >= 1 else min(n, max(2, round(self.pixel_fraction * n)))
+
     def _fit_fused(
         self,
         module: StackedMLP,
@@ -471,27 +617,22 @@ class PixelEnsemble(BaseEstimator):
         for m, g in enumerate(gens):
             module.init_member_(m, g)
         module.train()
-        opt = make_adam(module.parameters(), self.lr)
+        opt = make_adam(module.parameters(), self.lr_)
         module.w1.grad = torch.zeros_like(module.w1)  # persistent, overwritten by every backward
         other_params = [p for p in module.parameters() if p is not module.w1]
-        bounds = _batch_bounds(n, self.batch_size)
-        stops = [EarlyStop(self.patience, self.min_epochs) for _ in range(m_total)]
-        snapshots: list[list[torch.Tensor] | None] = [None] * m_total
-        n_iter, final = [0] * m_total, [math.nan] * m_total
-        best = [math.inf] * m_total
-        curves: list[list[float]] = [[] for _ in range(m_total)]
+        n_epoch = self._epoch_pixels(n)
+        bounds = _batch_bounds(n_epoch, self.batch_size_)
+        track = _MemberLog(m_total, self.patience, self.min_epochs)
         bar = self._progress_bar(self.max_epochs * len(bounds))
         step = 0
         try:
             for epoch in range(self.max_epochs):
-                active = [m for m in range(m_total) if snapshots[m] is None]
+                active = track.active()
                 if not active:
                     break
-                perms = {m: torch.randperm(n, generator=gens[m]) for m in active}
-                sums = [0.0] * m_total
-                counts = [0] * m_total
+                perms = {m: torch.randperm(n, generator=gens[m])[:n_epoch] for m in active}
                 for lo, hi in bounds:
-                    active = [m for m in range(m_total) if snapshots[m] is None]
+                    active = track.active()
                     if not active:
                         break
                     # stopped members ride along on an active member's batch (their result is discarded)
@@ -509,25 +650,96 @@ class PixelEnsemble(BaseEstimator):
                     bar.update(1)
                     values = losses.tolist()
                     for m in active:
-                        loss = values[m]
-                        n_iter[m] = step
-                        final[m] = loss
-                        best[m] = min(best[m], loss)
-                        sums[m] += loss
-                        counts[m] += 1
-                        if stops[m].update(loss, epoch):
-                            snapshots[m] = module.member_state(m)
+                        if track.record(m, values[m], step, epoch):
+                            track.snapshots[m] = module.member_state(m)
                             log.info("member %d stopped early after %d steps (epoch %d)", m, step, epoch)
-                for m in range(m_total):
-                    if counts[m]:
-                        curves[m].append(sums[m] / counts[m])
+                track.end_epoch()
         finally:
             bar.close()
         module.w1.grad = None
-        for m, snap in enumerate(snapshots):
+        for m, snap in enumerate(track.snapshots):
             if snap is not None:
                 module.load_member_state(m, snap)
-        return n_iter, final, best, curves
+        return track.result()
+
+    def _fit_fast(
+        self,
+        module: StackedMLP,
+        source: PixelSource,
+        keep: torch.Tensor,
+        y: torch.Tensor,
+        gens: list[torch.Generator],
+        device: torch.device,
+    ) -> tuple[list[int], list[float], list[float], list[list[float]]]:
+        """The fast recipe: every member on the same shuffled batch, layer 1 as one (B,D)x(D,M*H1) GEMM.
+
+        Layer 1 trains as one (D, M*H1) matrix (member m owns columns
+        ``m*H1:(m+1)*H1``), copied into the stacked ``w1`` at snapshots and at
+        the end. Shuffles come from one more ``SeedSequence`` child than the
+        members' (their inits are the reference's draws).
+        """
+        m_total, n = self.n_members, len(keep)
+        d, h1, k = module.n_features, module.hidden[0], module.n_classes
+        for m, g in enumerate(gens):
+            module.init_member_(m, g)
+        shuffle = member_generators(self.random_state, m_total + 1)[-1]
+        module.train()
+        w = nn.Parameter(module.w1.detach().permute(1, 0, 2).reshape(d, m_total * h1).clone())
+        b = nn.Parameter(module.b1.detach().reshape(-1).clone())
+        head_params = [p for p in module.parameters() if p is not module.w1 and p is not module.b1]
+        opt = make_adam([w, b, *head_params], self.lr_)
+        w.grad = torch.zeros_like(w)  # persistent, overwritten by every backward
+        low = torch.empty_like(w, dtype=torch.bfloat16) if self.precision_ == "bf16" else None
+
+        @torch.no_grad()
+        def sync(members: list[int]) -> None:  # the trained layer-1 columns into the stacked w1 / b1
+            for m in members:
+                module.w1[m].copy_(w[:, m * h1 : (m + 1) * h1])
+                module.b1[m].copy_(b[m * h1 : (m + 1) * h1])
+
+        n_epoch = self._epoch_pixels(n)
+        bounds = _batch_bounds(n_epoch, self.batch_size_)
+        track = _MemberLog(m_total, fast_patience_steps(self.patience, self.batch_size_), self.min_epochs)
+        bar = self._progress_bar(self.max_epochs * len(bounds))
+        step = 0
+        try:
+            for epoch in range(self.max_epochs):
+                if not track.active():
+                    break
+                perm = torch.randperm(n, generator=shuffle)[:n_epoch]
+                for lo, hi in bounds:
+                    active = track.active()
+                    if not active:
+                        break
+                    pos = perm[lo:hi]
+                    x = source.gather(keep[pos]).to(device=device, dtype=torch.float32, non_blocking=True)
+                    yb = y[pos].to(device)
+                    for p in head_params:
+                        p.grad = None
+                    b.grad = None
+                    h = _SharedFirstLayer.apply(x, w, b, low)  # (B, M*H1)
+                    logits = module.head(h.view(len(pos), m_total, h1).transpose(0, 1))  # (M, B, K)
+                    losses = F.cross_entropy(
+                        logits.reshape(-1, k), yb.repeat(m_total), reduction="none"
+                    ).reshape(m_total, -1).mean(1)
+                    losses.sum().backward()
+                    opt.step()
+                    step += 1
+                    bar.update(1)
+                    values = losses.tolist()
+                    for m in active:  # stopped members keep training (shared GEMM); their snapshot is kept
+                        if track.record(m, values[m], step, epoch):
+                            sync([m])
+                            track.snapshots[m] = module.member_state(m)
+                            log.info("member %d stopped early after %d steps (epoch %d)", m, step, epoch)
+                track.end_epoch()
+        finally:
+            bar.close()
+        sync(list(range(m_total)))
+        for m, snap in enumerate(track.snapshots):
+            if snap is not None:
+                module.load_member_state(m, snap)
+        return track.result()
 
     @staticmethod
     def _gather_union(
@@ -558,18 +770,19 @@ class PixelEnsemble(BaseEstimator):
     ) -> tuple[list[int], list[float], list[float], list[list[float]]]:
         """The naive recipe: each member trained alone as an nn.Sequential, then copied into ``module``."""
         n = len(keep)
-        bounds = _batch_bounds(n, self.batch_size)
+        n_epoch = self._epoch_pixels(n)
+        bounds = _batch_bounds(n_epoch, self.batch_size_)
         n_iter, final, best, curves = [], [], [], []
         d, hidden, k = module.n_features, module.hidden, module.n_classes
         bar = self._progress_bar(self.n_members * self.max_epochs * len(bounds))
         try:
             for m, g in enumerate(gens):
                 mlp = init_mlp_(make_mlp(d, hidden, k), g).to(device).train()
-                opt = make_adam(mlp.parameters(), self.lr)
+                opt = make_adam(mlp.parameters(), self.lr_)
                 stop = EarlyStop(self.patience, self.min_epochs)
                 steps, last, low, curve = 0, math.nan, math.inf, []
                 for epoch in range(self.max_epochs):
-                    perm = torch.randperm(n, generator=g)
+                    perm = torch.randperm(n, generator=g)[:n_epoch]
                     total, count = 0.0, 0
                     for lo, hi in bounds:
                         idx = keep[perm[lo:hi]]
@@ -702,6 +915,9 @@ class PixelEnsemble(BaseEstimator):
             "final_loss_": [float(v) for v in self.final_loss_],
             "best_loss_": [float(v) for v in self.best_loss_],
             "loss_curve_": [[float(v) for v in c] for c in self.loss_curve_],
+            "batch_size_": int(self.batch_size_),
+            "lr_": float(self.lr_),
+            "precision_": self.precision_,
             "module": {k: v.detach().cpu().clone() for k, v in self.module_.state_dict().items()},
         }
 
@@ -715,6 +931,7 @@ class PixelEnsemble(BaseEstimator):
                 f"PixelEnsemble state version {state['version']} is newer than this ddpmseg supports; upgrade ddpmseg"
             )
         params = dict(state["params"])
+        params.setdefault("recipe", "reference")  # saved before the fast recipe existed
         if params.get("hidden") is not None:
             params["hidden"] = tuple(params["hidden"])
         est = cls(**params)
@@ -728,6 +945,9 @@ class PixelEnsemble(BaseEstimator):
         est.final_loss_ = list(state.get("final_loss_", []))
         est.best_loss_ = list(state.get("best_loss_", []))
         est.loss_curve_ = [list(c) for c in state.get("loss_curve_", [])]
+        est.batch_size_ = int(state.get("batch_size_", params.get("batch_size") or REFERENCE_BATCH))
+        est.lr_ = float(state.get("lr_", params.get("lr") or REFERENCE_LR))
+        est.precision_ = str(state.get("precision_", "fp32"))
         est.classes_ = np.arange(est.n_classes_)
         est.module_ = module.to(torch.device(device)).eval()
         return est
