@@ -67,6 +67,7 @@ _common_extract = [
     click.option("--blocks", default="5,6,7,8,12", show_default=True, help="Decoder (output_blocks) indices."),
     click.option("--seed", default=0, show_default=True, help="Seed of the shared noise."),
     click.option("--preprocess", type=click.Choice(["resize", "crop"]), default="resize", show_default=True, help="resize: plain resize to the model size; crop: short side then centre crop."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="U-Net arithmetic: fp32 (the recipe), bf16 (~3x faster on CPU, ~1% feature error), fp16 (CUDA only)."),
 ]
 
 
@@ -79,10 +80,10 @@ def _apply(options):
     return deco
 
 
-def _extract_config(steps: str, blocks: str, seed: int, preprocess: str, storage: str = "float16"):
+def _extract_config(steps: str, blocks: str, seed: int, preprocess: str, precision: str, storage: str = "float16"):
     from ddpmseg.features.extractor import ExtractConfig
 
-    return ExtractConfig(_ints(steps, "steps"), _ints(blocks, "blocks"), seed, preprocess, storage)
+    return ExtractConfig(_ints(steps, "steps"), _ints(blocks, "blocks"), seed, preprocess, storage, precision)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,11 +142,11 @@ def blocks(checkpoint: Path, preset, model_flags, device) -> None:
 @click.option("--batch-size", default=0, show_default=True, help="Timesteps per forward pass (0 = all of an image's at once).")
 @click.option("--storage", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="On-disk dtype of the block maps.")
 @click.pass_obj
-def extract(obj, checkpoint, preset, model_flags, device, images, out, steps, blocks, seed, preprocess, batch_size, storage) -> None:
+def extract(obj, checkpoint, preset, model_flags, device, images, out, steps, blocks, seed, preprocess, precision, batch_size, storage) -> None:
     """Extract decoder-block features of images into a cache file."""
     from ddpmseg.pipeline import extract_features
 
-    cfg = _extract_config(steps, blocks, seed, preprocess, storage)
+    cfg = _extract_config(steps, blocks, seed, preprocess, precision, storage)
     s = extract_features(checkpoint, images, out, config=cfg, preset=preset, model_flags=model_flags,
                          device=device, batch_size=batch_size, progress=obj["progress"])
     per = s.seconds / s.new if s.new else 0.0
@@ -221,11 +222,11 @@ def evaluate(obj, model_dir, images, masks, checkpoint, device, as_json) -> None
 @_apply(_common_extract)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Grid PNG to write.")
 @click.pass_obj
-def kmeans(obj, image, checkpoint, preset, model_flags, device, k, steps, blocks, seed, preprocess, out) -> None:
+def kmeans(obj, image, checkpoint, preset, model_flags, device, k, steps, blocks, seed, preprocess, precision, out) -> None:
     """The paper's Figure-4 grid: k-means of each block's features per timestep."""
     from ddpmseg.pipeline import kmeans_grid_image
 
-    cfg = _extract_config(steps, blocks, seed, preprocess)
+    cfg = _extract_config(steps, blocks, seed, preprocess, precision)
     path = kmeans_grid_image(image, checkpoint, out, k=k, config=cfg, preset=preset, model_flags=model_flags,
                              device=device, progress=obj["progress"])
     click.echo(f"kmeans: {len(cfg.blocks)} blocks x {len(cfg.steps)} steps, k={k} -> {path}")

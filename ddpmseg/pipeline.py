@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ddpmseg import data, viz
 from ddpmseg._io import check_writable
-from ddpmseg.backbones.adm import Backbone, create_backbone, resolve_device
+from ddpmseg.backbones.adm import Backbone, create_backbone, precision_dtype, resolve_device
 from ddpmseg.backbones.checkpoint import file_sha256
 from ddpmseg.backbones.presets import AdmConfig
 from ddpmseg.classify.ensemble import PixelEnsemble
@@ -96,6 +96,7 @@ def extract_features(
     backbone, ckpt = load_backbone(checkpoint, preset, model_flags, device)
     steps = backbone.check_steps(config.steps)
     blocks = backbone.check_blocks(config.blocks)
+    precision_dtype(config.precision, backbone.device)
     size = backbone.image_size
     noise = make_noise(config.seed, size)
     cache_config = {"extract": dataclasses.asdict(config), "backbone": backbone_record(backbone), "checkpoint": ckpt}
@@ -109,7 +110,7 @@ def extract_features(
     try:
         for p in tqdm(todo, desc="extract", unit="img", disable=not progress):
             _, x0, pre = _load_image(p, size, config.preprocess)
-            maps = extract_block_maps(backbone, x0, noise, steps, blocks, batch_size=batch_size)
+            maps = extract_block_maps(backbone, x0, noise, steps, blocks, batch_size, config.precision)
             writer.add(p.stem, maps, str(p), pre.to_dict())
     finally:
         writer.merge()
@@ -266,7 +267,8 @@ class Segmenter:
         size = self.backbone.image_size
         rgb, x0, pre = _load_image(path, size, self.extract.preprocess)
         t0 = time.perf_counter()
-        maps = extract_block_maps(self.backbone, x0, self.model.noise, self.extract.steps, self.extract.blocks)
+        e = self.extract
+        maps = extract_block_maps(self.backbone, x0, self.model.noise, e.steps, e.blocks, precision=e.precision)
         seconds = time.perf_counter() - t0
         seg = classify_block_maps(self.model.ensemble, maps, self.model.keys, size)
         labels = data.restore_labels(seg.labels, pre, fill=255)
@@ -367,9 +369,10 @@ def kmeans_grid_image(
     backbone, _ = load_backbone(checkpoint, preset, model_flags, device)
     steps = backbone.check_steps(config.steps)
     blocks = backbone.check_blocks(config.blocks)
+    precision_dtype(config.precision, backbone.device)
     size = backbone.image_size
     rgb, x0, pre = _load_image(image, size, config.preprocess)
-    maps = extract_block_maps(backbone, x0, make_noise(config.seed, size), steps, blocks)
+    maps = extract_block_maps(backbone, x0, make_noise(config.seed, size), steps, blocks, precision=config.precision)
     cells = {}
     for b, t in tqdm([(b, t) for b in blocks for t in steps], desc="k-means", disable=not progress):
         cells[(b, t)] = viz.cluster_features(maps[(t, b)], k, random_state=config.seed)

@@ -292,6 +292,7 @@ def test_bad_checkpoint_is_refused(world, tiny_ckpt, state, tiny_flags, tmp_path
 @pytest.mark.parametrize("opt,value,match", [
     ("--steps", "50,150,50", "duplicated step"),
     ("--batch-size", "-1", "--batch-size must be 0"),
+    ("--precision", "fp16", "--precision fp16 is for CUDA"),
 ])  # fmt: skip
 def test_bad_extract_option_is_refused(world, tiny_ckpt, tmp_path, opt, value, match):
     out = tmp_path / "f.h5"

@@ -10,6 +10,7 @@ import torch
 
 from ddpmseg.backbones.adm import build_unet, create_backbone
 from ddpmseg.backbones.presets import AdmConfig, get_preset
+from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.cache import FeatureCache
 from ddpmseg.features.extractor import ExtractConfig, extract_block_maps, make_noise, upsample_concat
 from ddpmseg.features.pixels import CachePixels
@@ -109,3 +110,74 @@ def test_block_shapes_match_a_real_forward(tiny_backbone):
     maps = tiny_backbone.forward_blocks(x, torch.tensor([10]), list(range(18)))
     for b, (c, r) in enumerate(tiny_backbone.config.output_block_shapes()):
         assert tuple(maps[b].shape) == (1, c, r, r)
+
+
+def _per_map_rel_err(ours: torch.Tensor, ref: torch.Tensor, n_maps_channels: list[int]) -> list[float]:
+    """Norm-relative error of each (t, block) slice of two (C, S, S) feature stacks."""
+    errs, col = [], 0
+    for c in n_maps_channels:
+        a, b = ours[col : col + c], ref[col : col + c]
+        errs.append(float((a - b).norm() / b.norm()))
+        col += c
+    return errs
+
+
+@pytest.mark.parametrize("steps,blocks", [((50, 150, 250), (5, 6, 7, 8, 12)), ((0, 999), (2, 17))])
+def test_bf16_features_stay_within_two_percent_of_the_fp32_recipe(tiny_backbone, eyes8, steps, blocks):
+    size = tiny_backbone.image_size
+    x0 = reference_image_tensor(eyes8 / "image_1.jpg", size)
+    noise = make_noise(0, size)
+    keys = [(t, b) for t in steps for b in blocks]
+    maps = extract_block_maps(tiny_backbone, x0, noise, steps, blocks, precision="bf16")
+    assert all(m.dtype == torch.float32 for m in maps.values())
+    ours = upsample_concat(maps, keys, size)
+    ref = naive_recipe(tiny_backbone.model, x0, noise, steps, blocks)
+    errs = _per_map_rel_err(ours, ref, [maps[k].shape[0] for k in keys])
+    assert max(errs) < 0.02
+    assert min(errs) > 0  # bf16 really ran: the features are not the fp32 ones
+
+
+def test_precision_context_leaves_the_model_unchanged(tiny_backbone):
+    x, t = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)), torch.tensor([50, 250])
+    before = tiny_backbone.forward_blocks(x, t, [5, 12])
+    with tiny_backbone.precision("bf16"):
+        low = tiny_backbone.forward_blocks(x, t, [5, 12])
+    after = tiny_backbone.forward_blocks(x, t, [5, 12])
+    for b in (5, 12):
+        assert low[b].dtype == torch.float32  # conv outputs return to fp32 inside the context
+        assert not torch.equal(low[b], before[b])
+        assert torch.equal(after[b], before[b])  # hooks and autocast are gone afterwards
+
+
+def test_precision_is_part_of_the_cache_identity(tmp_path, tiny_ckpt, eyes8):
+    ckpt, flags = tiny_ckpt
+    out = tmp_path / "feats.h5"
+    extract_features(ckpt, [eyes8 / "image_0.jpg"], out, config=ExtractConfig(precision="bf16"), model_flags=flags, device="cpu")
+    with FeatureCache(out) as cache:
+        assert cache.config["extract"]["precision"] == "bf16"
+    before = out.read_bytes()
+    with pytest.raises(DdpmsegError, match="precision"):
+        extract_features(ckpt, [eyes8 / "image_1.jpg"], out, config=ExtractConfig(), model_flags=flags, device="cpu")
+    assert out.read_bytes() == before
+
+
+def test_cache_from_before_precision_counts_as_fp32(tmp_path, tiny_ckpt, eyes8):
+    import h5py
+    import json
+
+    ckpt, flags = tiny_ckpt
+    out = tmp_path / "feats.h5"
+    extract_features(ckpt, [eyes8 / "image_0.jpg"], out, config=ExtractConfig(), model_flags=flags, device="cpu")
+    with h5py.File(out, "r+") as f:  # as written by ddpmseg before --precision existed
+        config = json.loads(f.attrs["config"])
+        del config["extract"]["precision"]
+        f.attrs["config"] = json.dumps(config)
+    s = extract_features(ckpt, [eyes8 / "image_1.jpg"], out, config=ExtractConfig(), model_flags=flags, device="cpu")
+    assert (s.new, s.total) == (1, 2)
+
+
+@pytest.mark.parametrize("precision,message", [("fp16", "CUDA"), ("int8", "precision")])
+def test_unusable_precisions_are_refused(tiny_backbone, precision, message):
+    with pytest.raises(DdpmsegError, match=message):
+        with tiny_backbone.precision(precision):
+            pass

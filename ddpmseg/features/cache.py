@@ -170,6 +170,7 @@ class FeatureWriter:
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a cache config that fixes the features (a moved checkpoint is the same)."""
     out = dict(config)
+    out["extract"] = {"precision": "fp32", **config.get("extract", {})}  # caches from before --precision
     out["checkpoint"] = {k: v for k, v in config.get("checkpoint", {}).items() if k != "path"}
     return out
 

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from ddpmseg.backbones.adm import Backbone
+from ddpmseg.backbones.adm import PRECISIONS, Backbone
 from ddpmseg.errors import DdpmsegError
 
 DEFAULT_STEPS = (50, 150, 250)
@@ -34,6 +34,7 @@ class ExtractConfig:
     seed: int = 0
     preprocess: str = "resize"
     storage_dtype: str = "float16"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(int(t) for t in self.steps))
@@ -42,6 +43,8 @@ class ExtractConfig:
             raise DdpmsegError(f"preprocess must be 'resize' or 'crop', got {self.preprocess!r}")
         if self.storage_dtype not in ("float16", "float32"):
             raise DdpmsegError(f"storage dtype must be float16 or float32, got {self.storage_dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise DdpmsegError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def keys(self) -> list[tuple[int, int]]:
@@ -62,11 +65,13 @@ def extract_block_maps(
     steps: Sequence[int],
     blocks: Sequence[int],
     batch_size: int = 0,
+    precision: str = "fp32",
 ) -> dict[tuple[int, int], torch.Tensor]:
-    """Native-resolution block maps of one image for every (t, block), on the CPU.
+    """Native-resolution float32 block maps of one image for every (t, block), on the CPU.
 
     The timesteps of the image run as one batch (or ``batch_size`` at a time,
-    0 = all at once); each forward stops after the last requested block.
+    0 = all at once); each forward stops after the last requested block and
+    runs at ``precision`` (see ``Backbone.precision``).
     """
     if x0.ndim != 4 or x0.shape[0] != 1:
         raise ValueError(f"x0 must have shape (1, 3, S, S), got {tuple(x0.shape)}")
@@ -83,7 +88,8 @@ def extract_block_maps(
         t = torch.tensor(chunk, device=device, dtype=torch.long)
         n = len(chunk)
         x_t = backbone.q_sample(x0.expand(n, -1, -1, -1), t, noise.expand(n, -1, -1, -1))
-        maps = backbone.forward_blocks(x_t, t, blocks)
+        with backbone.precision(precision):
+            maps = backbone.forward_blocks(x_t, t, blocks)
         for j, step in enumerate(chunk):
             for b in blocks:
                 out[(step, b)] = maps[b][j].float().cpu()
