@@ -121,6 +121,20 @@ def download(obj, preset: str, directory: Path, url: str | None) -> None:
 
 
 @main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--preset", default=None, help="guided-diffusion preset of the checkpoint; default: match or infer.")
+@click.option("--model-flags", type=click.Path(path_type=Path), default=None, help="JSON file of guided-diffusion flags.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="New folder for the diffusers pipeline (unet/ + scheduler/).")
+def convert(checkpoint: Path, preset, model_flags, out: Path) -> None:
+    """Convert a guided-diffusion (ADM) checkpoint into a diffusers UNet2DModel + DDPMScheduler folder."""
+    from ddpmseg.backbones.convert import convert_adm_to_diffusers
+
+    r = convert_adm_to_diffusers(checkpoint, out, preset=preset, model_flags=model_flags)
+    click.echo(f"converted {checkpoint} -> {r.out} ({r.n_params / 1e6:.1f} M parameters, "
+               f"max relative output error {r.max_rel_err:.1e}); use it with --ckpt {r.out}")
+
+
+@main.command()
 @_apply(_common_backbone)
 def blocks(checkpoint: Path, preset, model_flags, device) -> None:
     """List the decoder blocks of a checkpoint: index, module, channels, resolution."""
@@ -162,15 +176,20 @@ def extract(obj, checkpoint, preset, model_flags, device, images, out, steps, bl
 @click.option("--ensemble", default=10, show_default=True, help="Number of MLPs in the ensemble.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-epochs", default=100, show_default=True)
+@click.option("--recipe", type=click.Choice(["reference", "fast"]), default="reference", show_default=True,
+              help="reference: the paper's (batch 64 per member); fast: members share batches of 1024 (bf16 layer 1 where available).")
+@click.option("--pixel-fraction", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Fraction of the labelled pixels visited per epoch (a fresh random subset each epoch).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model folder to write.")
 @click.pass_obj
-def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, device, out) -> None:
+def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, recipe, pixel_fraction, device, out) -> None:
     """Train the pixel-classifier ensemble on cached features and masks."""
     from ddpmseg.pipeline import fit_model
 
     s = fit_model(features, masks, out, labels=labels, classes=classes, ensemble=ensemble, seed=seed,
-                  max_epochs=max_epochs, device=device, progress=obj["progress"])
+                  max_epochs=max_epochs, device=device, progress=obj["progress"], recipe=recipe,
+                  pixel_fraction=pixel_fraction)
     click.echo(f"fit: {len(s.image_ids)} images, {s.n_pixels} pixels, {s.n_classes} classes, "
                f"{s.seconds:.1f} s, steps per member {min(s.n_iter)}-{max(s.n_iter)} -> {s.out}")
 
