@@ -299,7 +299,11 @@ for _name, _file, _urls, _desc in [
 
 
 # The google DDPM checkpoints (Ho et al. 2020) as diffusers converted them.
-# Written from the published config.json files (not re-downloaded here).
+# Checked against the hub's files: the config.json of google/ddpm-celebahq-256,
+# -bedroom-256, -church-256, -cat-256 and -cifar10-32 (as copied by fine-tunes
+# naming those snapshots) and the scheduler_config.json of -cat-256, -church-256
+# (fixed_small) and -cifar10-32 (fixed_large). ddpm-ema-celebahq-256 is assumed
+# to equal ddpm-celebahq-256 (same training run, EMA weights).
 _GOOGLE_DDPM_COMMON = dict(
     in_channels=3,
     out_channels=3,
@@ -336,7 +340,7 @@ _GOOGLE_DDPM_32 = DiffusersConfig(
         down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
         up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
     ),
-    scheduler=_GOOGLE_DDPM_256.scheduler,
+    scheduler=dict(_GOOGLE_DDPM_256.scheduler, variance_type="fixed_large"),
 )
 
 for _name, _hub, _config, _desc in [
