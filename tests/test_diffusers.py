@@ -244,3 +244,12 @@ def test_cli_extract_fit_predict(tmp_path, tiny_folders, eyes8):
     for i in (0, 1):
         for kind in ("labels", "overlay", "uncertainty"):
             assert (tmp_path / "preds" / f"image_{i}_{kind}.png").is_file()
+
+
+def test_bf16_features_stay_within_two_percent_of_fp32(tiny_backbone, eyes8):
+    x0 = reference_image_tensor(eyes8 / "image_2.jpg", 64)
+    noise = make_noise(0, 64)
+    ref = extract_block_maps(tiny_backbone, x0, noise, (50, 250), PAPER_BLOCKS)  # fp32: the parity tests above
+    low = extract_block_maps(tiny_backbone, x0, noise, (50, 250), PAPER_BLOCKS, precision="bf16")
+    errs = [float((low[k] - ref[k]).norm() / ref[k].norm()) for k in ref]
+    assert 0 < max(errs) < 0.02
