@@ -37,14 +37,7 @@ EYES_PALETTE = np.array([[0, 0, 0], [255, 255, 255], [0, 0, 255], [255, 0, 0]], 
 
 
 # -- helpers ------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: the tiny model gains nothing from two, and two threads spin-waiting
-    on cores shared with other jobs make these runs many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(*args):

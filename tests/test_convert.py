@@ -26,6 +26,7 @@ from ddpmseg.errors import DdpmsegError  # noqa: E402
 from ddpmseg.features.cache import FeatureCache  # noqa: E402
 from recipe_helpers import rel_err
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-5
 
 # ffhq_256's structure at 64x64 (resblock_updown, scale-shift norm, learned sigma, 64-wide heads
