@@ -35,12 +35,11 @@ CONFIGS = {
     "ffhq_like": dict(TINY_FLAGS),
     "conv_updown_plain_norm_one_head": dict(
         TINY_FLAGS, image_size=32, channel_mult="1,1,2,2", attention_resolutions="16,8", resblock_updown=False,
-        use_scale_shift_norm=False, learn_sigma=False, num_head_channels=-1, num_heads=1, use_new_attention_order=True,
-        diffusion_steps=500,
+        use_scale_shift_norm=False, learn_sigma=False, num_head_channels=-1, num_heads=1, diffusion_steps=500,
     ),
-    "fixed_heads_equal_widths_cosine": dict(
+    "fixed_heads_new_order_cosine": dict(
         TINY_FLAGS, image_size=32, channel_mult="1,2,2", attention_resolutions="16,8", num_head_channels=-1,
-        num_heads=2, noise_schedule="cosine",
+        num_heads=2, use_new_attention_order=True, noise_schedule="cosine",
     ),
 }
 # three levels at 32x32: for the tests that need a checkpoint, not the full structure
@@ -155,6 +154,16 @@ def test_output_is_atomic_and_never_overwrites(tmp_path, monkeypatch):
     out = convert_adm_to_diffusers(ckpt, empty, model_flags=flag_file).out
     assert (out / "unet" / "config.json").is_file() and (out / "scheduler" / "scheduler_config.json").is_file()
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+
+
+def test_a_plain_qkv_split_is_caught_by_the_self_check(tmp_path, monkeypatch):
+    """Splitting the legacy [head][q,k,v][ch] rows into three equal thirds (what a naive
+    converter does) scrambles multi-head attention; the conversion must refuse to write it."""
+    ckpt, flag_file = _save_adm(tmp_path, SMALL_FLAGS)  # 64-wide attentions: two 32-channel heads
+    monkeypatch.setattr(convert_mod, "_split_qkv", lambda w, heads, new_order: tuple(p.clone() for p in w.chunk(3)))
+    with pytest.raises(DdpmsegError, match="differs from the ADM"):
+        convert_adm_to_diffusers(ckpt, tmp_path / "out", model_flags=flag_file)
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- CLI
