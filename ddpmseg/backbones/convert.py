@@ -82,6 +82,12 @@ def _refuse(why: str) -> DdpmsegError:
     return DdpmsegError(f"cannot convert to a diffusers UNet2DModel: {why}")
 
 
+def _attention_levels(config: AdmConfig) -> list[bool]:
+    """Whether each level has attention (guided-diffusion: its downsampling factor is in attention_resolutions)."""
+    ds = {config.image_size // int(r) for r in config.attention_resolutions.split(",") if r.strip()}
+    return [2**level in ds for level in range(len(config.mults))]
+
+
 def _head_dim(config: AdmConfig, attn_widths: list[int], mid_width: int) -> int | None:
     """diffusers' single ``attention_head_dim`` for the ADM's head flags (None: one head of full width)."""
     if config.num_head_channels != -1:
@@ -123,8 +129,7 @@ def diffusers_unet_config(config: AdmConfig) -> dict[str, Any]:
     bad = [w for w in widths if w % 32]
     if bad:
         raise _refuse(f"level width {bad[0]} is not a multiple of 32 (the ADM's GroupNorm groups)")
-    attn_ds = {config.image_size // int(r) for r in config.attention_resolutions.split(",") if r.strip()}
-    attn = [2**level in attn_ds for level in range(len(mults))]
+    attn = _attention_levels(config)
     head_dim = _head_dim(config, [w for w, a in zip(widths, attn) if a], widths[-1])
     updown = config.resblock_updown
     plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if updown else ("DownBlock2D", "UpBlock2D")
@@ -181,8 +186,7 @@ def diffusers_scheduler_config(config: AdmConfig) -> dict[str, Any]:
 def _module_map(config: AdmConfig) -> list[tuple[str, str, str]]:
     """(ADM prefix, diffusers prefix, kind) of every module with weights; kind: res, attn, conv, linear, norm."""
     n_levels, nres = len(config.mults), config.num_res_blocks
-    attn_ds = {config.image_size // int(r) for r in config.attention_resolutions.split(",") if r.strip()}
-    has_attn = [2**level in attn_ds for level in range(n_levels)]
+    has_attn = _attention_levels(config)
     updown = "res" if config.resblock_updown else "conv"
     pairs = [
         ("time_embed.0", "time_embedding.linear_1", "linear"),
