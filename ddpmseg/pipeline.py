@@ -168,8 +168,14 @@ def fit_model(
     ignore_index: int = 255,
     device: str = "auto",
     progress: bool = False,
+    recipe: str = "reference",
+    pixel_fraction: float = 1.0,
 ) -> FitSummary:
-    """Train the pixel ensemble on the labelled images of a feature cache."""
+    """Train the pixel ensemble on the labelled images of a feature cache.
+
+    ``recipe``/``pixel_fraction``: see :class:`~ddpmseg.classify.PixelEnsemble`
+    ("reference" is the paper's recipe exactly, "fast" shares batches of 1024).
+    """
     masks = Path(masks)
     check_writable(out, folder=True)  # before any training
     with FeatureCache(features) as cache:
@@ -206,6 +212,8 @@ def fit_model(
         random_state=seed,
         device=str(resolve_device(device)),
         progress=progress,
+        recipe=recipe,
+        pixel_fraction=pixel_fraction,
     ).fit(source, y)
     seconds = time.perf_counter() - start
     fit = {
@@ -215,6 +223,11 @@ def fit_model(
         "seed": seed,
         "max_epochs": max_epochs,
         "ignore_index": ignore_index,
+        "recipe": recipe,
+        "pixel_fraction": pixel_fraction,
+        "batch_size": est.batch_size_,
+        "lr": est.lr_,
+        "precision": est.precision_,
         "n_pixels": int((y != ignore_index).sum()),
         "n_iter": list(est.n_iter_),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -419,3 +420,145 @@ def test_progress_bar_runs(capsys):
     est = PixelEnsemble(n_members=2, max_epochs=1, progress=True).fit(x, y)
     assert est.n_iter_ == [2, 2]
     assert "fit" in capsys.readouterr().err
+
+
+# -- the fast recipe ---------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fast_recipe_learns_separable_blobs(precision):
+    x, y = _blobs(300)
+    src = RecordingPixels(x)
+    est = PixelEnsemble(recipe="fast", precision=precision, n_members=3, max_epochs=6, random_state=0).fit(src, y)
+    assert (est.batch_size_, est.lr_, est.precision_) == (1024, ens.FAST_LR, precision)
+    # one gather per step shared by every member: 900 pixels fit in one batch of 1024
+    assert len(src.calls) == max(est.n_iter_) == 6 and all(len(c) == 900 for c in src.calls)
+    xt, yt = _blobs(100, seed=1)
+    assert (est.predict(xt) == yt).mean() > 0.95
+
+
+def test_fast_recipe_is_deterministic_and_seeded():
+    x, y = _random_problem(2500, 8, 4)
+    kw = dict(recipe="fast", n_members=3, max_epochs=3, precision="fp32")
+    a, b = PixelEnsemble(random_state=5, **kw).fit(x, y), PixelEnsemble(random_state=5, **kw).fit(x, y)
+    c = PixelEnsemble(random_state=6, **kw).fit(x, y)
+    sa, sb, sc = a.module_.state_dict(), b.module_.state_dict(), c.module_.state_dict()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+    assert not torch.equal(sa["w1"], sc["w1"])
+    assert a.final_loss_ == b.final_loss_ and a.n_iter_ == b.n_iter_ == [9, 9, 9]  # 3 batches (1024, 1024, 452) x 3
+
+
+def test_fast_members_start_from_the_reference_init_and_stay_distinct():
+    x, y = _random_problem(200, 6, 3)
+    est = PixelEnsemble(recipe="fast", n_members=3, max_epochs=1, precision="fp32", random_state=2).fit(x, y)
+    init = StackedMLP(3, 6, (128, 32), 3)
+    for m, g in enumerate(ens.member_generators(2, 3)):
+        init.init_member_(m, g)
+    moved = (est.module_.w1 - init.w1).abs().amax(dim=(1, 2))
+    assert torch.all(moved > 0) and torch.all(moved < 0.05)  # one Adam step of lr 4e-3 from each member's own init
+    assert not torch.allclose(est.module_.w1[0], est.module_.w1[1])
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_shared_first_layer_matches_autograd(dtype, tol):
+    torch.manual_seed(0)
+    x, w0, b0 = torch.randn(40, 12), torch.randn(12, 10) * 0.1, torch.randn(10)
+    upstream = torch.randn(40, 10)
+    w, b = nn.Parameter(w0.clone()), nn.Parameter(b0.clone())
+    w.grad = torch.full_like(w, float("nan"))  # overwritten, never accumulated into
+    low = None if dtype == torch.float32 else torch.empty_like(w, dtype=dtype)
+    out = ens._SharedFirstLayer.apply(x, w, b, low)
+    (out * upstream).sum().backward()
+    wr, br = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    ref = x @ wr + br
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(b.grad, br.grad)
+
+
+def test_fast_early_stopping_counts_patience_in_pixels():
+    assert ens.fast_patience_steps(50, 1024) == 4 and ens.fast_patience_steps(50, 64) == 50
+    assert ens.fast_patience_steps(1, 1024) == 1
+    x, y = _random_problem(600, 5, 3)  # random labels: the batch loss soon stops reaching new minima
+    est = PixelEnsemble(recipe="fast", n_members=2, batch_size=64, patience=1, min_epochs=0, max_epochs=40,
+                        precision="fp32").fit(x, y)
+    assert min(est.n_iter_) < 40 * len(ens._batch_bounds(600, 64))
+
+
+@pytest.mark.parametrize("recipe", ["reference", "fast"])
+@pytest.mark.parametrize("fraction", [0.5, 0.1])
+def test_pixel_fraction_visits_a_fresh_subset_each_epoch(recipe, fraction):
+    x, y = _random_problem(1000, 4, 3)
+    y[::10] = 255  # 900 labelled pixels
+    src = RecordingPixels(x)
+    est = PixelEnsemble(recipe=recipe, n_members=1, max_epochs=3, pixel_fraction=fraction, batch_size=1024).fit(src, y)
+    per_epoch = round(fraction * 900)
+    assert len(src.calls) == 3 and all(len(c) == per_epoch for c in src.calls)  # one batch per epoch
+    assert all(np.all(y[c.numpy()] != 255) for c in src.calls)
+    assert not torch.equal(src.calls[0].sort().values, src.calls[1].sort().values)
+    assert est.n_iter_ == [3]
+
+
+def test_fast_state_dict_round_trip_and_old_states_load_as_reference(tmp_path):
+    x, y = _random_problem(300, 5, 3)
+    est = PixelEnsemble(recipe="fast", pixel_fraction=0.5, n_members=2, max_epochs=2).fit(x, y)
+    path = tmp_path / "fast.pt"
+    torch.save(est.state_dict(), path)
+    loaded = PixelEnsemble.from_state_dict(torch.load(path, weights_only=True))
+    assert loaded.get_params() == est.get_params() and loaded.recipe == "fast" and loaded.pixel_fraction == 0.5
+    assert (loaded.batch_size_, loaded.lr_, loaded.precision_) == (est.batch_size_, est.lr_, est.precision_)
+    np.testing.assert_array_equal(loaded.predict_proba(x), est.predict_proba(x))
+    old = est.state_dict()  # a state saved before the fast recipe existed: no recipe, fraction or precision
+    for key in ("recipe", "pixel_fraction", "precision"):
+        del old["params"][key]
+    for key in ("batch_size_", "lr_", "precision_"):
+        del old[key]
+    old["params"].update(batch_size=64, lr=1e-3)
+    legacy = PixelEnsemble.from_state_dict(old)
+    assert legacy.recipe == "reference" and (legacy.batch_size_, legacy.lr_) == (64, 1e-3)
+    np.testing.assert_array_equal(legacy.predict(x), est.predict(x))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(recipe="turbo"), r"recipe='turbo' is unknown: use 'reference' or 'fast'"),
+        (dict(pixel_fraction=0.0), r"pixel_fraction=0.0 must be in \(0, 1\]"),
+        (dict(pixel_fraction=1.5), r"pixel_fraction=1.5 must be in \(0, 1\]"),
+        (dict(precision="fp16", recipe="fast"), r"precision='fp16' is unknown"),
+        (dict(precision="bf16"), r"precision='bf16' applies to recipe='fast' only"),
+        (dict(recipe="fast", fused=False), r"fused=False .* recipe='reference' only"),
+        (dict(recipe="fast", batch_size=1), r"batch_size=1 must be at least 2"),
+        (dict(lr=0.0), r"lr=0.0 must be positive"),
+    ],
+)
+def test_bad_recipe_hyperparameters(kw, match):
+    with pytest.raises(DdpmsegError, match=match) as info:
+        PixelEnsemble(**kw).fit(np.zeros((4, 2), np.float32), [0, 1, 0, 1])
+    assert "\n" not in str(info.value) and str(info.value).endswith("fix the PixelEnsemble argument")
+
+
+def test_cli_recipe_reaches_the_estimator_and_model_json(tmp_path, tiny_ckpt, eyes8):
+    from click.testing import CliRunner
+
+    from ddpmseg.cli.main import main
+    from ddpmseg.model import SegmentationModel
+
+    ckpt, flags = tiny_ckpt
+    images = [eyes8 / "image_0.jpg", eyes8 / "image_1.jpg"]
+    runner = CliRunner()
+    args = ["-q", "extract", "--ckpt", ckpt, "--model-flags", flags, "--out", tmp_path / "f.h5", "--device", "cpu"]
+    for image in images:
+        args += ["--images", image]
+    assert runner.invoke(main, [str(a) for a in args]).exit_code == 0
+    fit = ["-q", "fit", "--features", tmp_path / "f.h5", "--masks", eyes8, "--ensemble", 2, "--max-epochs", 1,
+           "--recipe", "fast", "--pixel-fraction", 0.25, "--device", "cpu", "--out", tmp_path / "model"]
+    result = runner.invoke(main, [str(a) for a in fit])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "model" / "model.json").read_text())["fit"]
+    assert (cfg["recipe"], cfg["pixel_fraction"], cfg["batch_size"]) == ("fast", 0.25, 1024)
+    est = SegmentationModel.load(tmp_path / "model").ensemble
+    assert (est.recipe, est.pixel_fraction, est.batch_size_) == ("fast", 0.25, 1024)
+    assert est.n_iter_ == [len(ens._batch_bounds(round(0.25 * cfg["n_pixels"]), 1024))] * 2  # one epoch
+    bad = runner.invoke(main, [str(a) for a in fit[:12] + ["--pixel-fraction", 0, "--out", tmp_path / "m2"]])
+    assert bad.exit_code != 0 and "pixel-fraction" in bad.output
