@@ -51,21 +51,29 @@ def classify_block_maps(
     The first layer is linear and bilinear upsampling is linear with weights
     summing to one, so W·up(F) + b = up(W·F) + b: layer 1 runs at each map's
     native resolution and only its (members x hidden) outputs are upsampled,
-    never the C-channel pixel features.
+    never the C-channel pixel features. Maps of the same native resolution
+    are summed before the one upsampling of that resolution.
     """
     weight, bias = ensemble.first_layer()  # (M, D, H1), (M, H1)
     m, d, h1 = weight.shape
     device = weight.device
-    hidden = torch.zeros((m * h1, size, size), dtype=torch.float32, device=device)
+    per_res: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> sum of W_k F_k, (M*H1, h*w)
     col = 0
     for k in keys:
         f = torch.as_tensor(maps[k]).to(device=device, dtype=torch.float32)
         c, h, w = f.shape
-        z = torch.einsum("mch,cp->mhp", weight[:, col : col + c], f.reshape(c, h * w)).reshape(1, m * h1, h, w)
-        hidden += F.interpolate(z, size=(size, size), mode="bilinear", align_corners=False)[0]
+        w_k = weight[:, col : col + c].permute(1, 0, 2).reshape(c, m * h1)  # member-major columns
+        z = torch.mm(w_k.T, f.reshape(c, h * w))
+        if (h, w) in per_res:
+            per_res[(h, w)] += z
+        else:
+            per_res[(h, w)] = z
         col += c
     if col != d:
         raise DdpmsegError(f"features have {col} channels but the classifier expects {d}; refit the model")
+    hidden = torch.zeros((m * h1, size, size), dtype=torch.float32, device=device)
+    for (h, w), z in per_res.items():
+        hidden += F.interpolate(z.reshape(1, m * h1, h, w), size=(size, size), mode="bilinear", align_corners=False)[0]
     hidden = hidden.reshape(m, h1, size * size).transpose(1, 2) + bias[:, None, :]
     labels, unc = [], []
     for start in range(0, size * size, chunk):
