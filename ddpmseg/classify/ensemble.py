@@ -360,6 +360,9 @@ def resolve_precision(precision: str, recipe: str, device: torch.device) -> torc
     return torch.bfloat16 if ok else torch.float32
 
 
+FitLog = tuple[list[int], list[float], list[float], list[list[float]]]  # steps, final, best losses, epoch curves
+
+
 class _MemberLog:
     """Per-member bookkeeping of a fused trainer: steps, losses, epoch curves, early stops and snapshots."""
 
@@ -389,7 +392,13 @@ class _MemberLog:
                 self.curves[m].append(self._sums[m] / count)
         self._sums, self._counts = [0.0] * len(self._sums), [0] * len(self._counts)
 
-    def result(self) -> tuple[list[int], list[float], list[float], list[list[float]]]:
+    def restore(self, module: StackedMLP) -> None:
+        """Put every early-stopped member's snapshot back into ``module``."""
+        for m, snap in enumerate(self.snapshots):
+            if snap is not None:
+                module.load_member_state(m, snap)
+
+    def result(self) -> FitLog:
         return self.n_iter, self.final, self.best, self.curves
 
 
@@ -612,7 +621,7 @@ class PixelEnsemble(BaseEstimator):
         y: torch.Tensor,
         gens: list[torch.Generator],
         device: torch.device,
-    ) -> tuple[list[int], list[float], list[float], list[list[float]]]:
+    ) -> FitLog:
         m_total, n = self.n_members, len(keep)
         for m, g in enumerate(gens):
             module.init_member_(m, g)
@@ -657,9 +666,7 @@ class PixelEnsemble(BaseEstimator):
         finally:
             bar.close()
         module.w1.grad = None
-        for m, snap in enumerate(track.snapshots):
-            if snap is not None:
-                module.load_member_state(m, snap)
+        track.restore(module)
         return track.result()
 
     def _fit_fast(
@@ -670,7 +677,7 @@ class PixelEnsemble(BaseEstimator):
         y: torch.Tensor,
         gens: list[torch.Generator],
         device: torch.device,
-    ) -> tuple[list[int], list[float], list[float], list[list[float]]]:
+    ) -> FitLog:
         """The fast recipe: every member on the same shuffled batch, layer 1 as one (B,D)x(D,M*H1) GEMM.
 
         Layer 1 trains as one (D, M*H1) matrix (member m owns columns
@@ -736,9 +743,7 @@ class PixelEnsemble(BaseEstimator):
         finally:
             bar.close()
         sync(list(range(m_total)))
-        for m, snap in enumerate(track.snapshots):
-            if snap is not None:
-                module.load_member_state(m, snap)
+        track.restore(module)
         return track.result()
 
     @staticmethod
@@ -767,7 +772,7 @@ class PixelEnsemble(BaseEstimator):
         y: torch.Tensor,
         gens: list[torch.Generator],
         device: torch.device,
-    ) -> tuple[list[int], list[float], list[float], list[list[float]]]:
+    ) -> FitLog:
         """The naive recipe: each member trained alone as an nn.Sequential, then copied into ``module``."""
         n = len(keep)
         n_epoch = self._epoch_pixels(n)
