@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -392,6 +392,15 @@ class _MemberLog:
         self._counts[m] += 1
         return self.stops[m].update(loss, epoch)
 
+    def record_step(
+        self, losses: list[float], active: list[int], step: int, epoch: int, snapshot: Callable[[int], list[torch.Tensor]]
+    ) -> None:
+        """Record one step's losses of the active members; snapshot (``snapshot(m)``) each that stops now."""
+        for m in active:
+            if self.record(m, losses[m], step, epoch):
+                self.snapshots[m] = snapshot(m)
+                log.info("member %d stopped early after %d steps (epoch %d)", m, step, epoch)
+
     def end_epoch(self) -> None:
         for m, count in enumerate(self._counts):
             if count:
@@ -406,6 +415,12 @@ class _MemberLog:
 
     def result(self) -> FitLog:
         return self.n_iter, self.final, self.best, self.curves
+
+
+def member_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each member's mean cross-entropy (M,) from logits (M, B, K) and targets (M*B,), member-major."""
+    m, _, k = logits.shape
+    return F.cross_entropy(logits.reshape(-1, k), targets, reduction="none").reshape(m, -1).mean(1)
 
 
 def make_adam(params: Any, lr: float) -> torch.optim.Adam:
@@ -655,19 +670,12 @@ class PixelEnsemble(BaseEstimator):
                     x, yb = self._gather_union(source, keep, y, pos, device)
                     for p in other_params:
                         p.grad = None
-                    logits = module.forward_train(x)
-                    losses = F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none"
-                    ).reshape(m_total, -1).mean(1)
+                    losses = member_losses(module.forward_train(x), yb.reshape(-1))
                     losses.sum().backward()
                     opt.step()
                     step += 1
                     bar.update(1)
-                    values = losses.tolist()
-                    for m in active:
-                        if track.record(m, values[m], step, epoch):
-                            track.snapshots[m] = module.member_state(m)
-                            log.info("member %d stopped early after %d steps (epoch %d)", m, step, epoch)
+                    track.record_step(losses.tolist(), active, step, epoch, module.member_state)
                 track.end_epoch()
         finally:
             bar.close()
@@ -692,7 +700,7 @@ class PixelEnsemble(BaseEstimator):
         members' (their inits are the reference's draws).
         """
         m_total, n = self.n_members, len(keep)
-        d, h1, k = module.n_features, module.hidden[0], module.n_classes
+        d, h1 = module.n_features, module.hidden[0]
         for m, g in enumerate(gens):
             module.init_member_(m, g)
         shuffle = member_generators(self.random_state, m_total + 1)[-1]
@@ -709,6 +717,10 @@ class PixelEnsemble(BaseEstimator):
             for m in members:
                 module.w1[m].copy_(w[:, m * h1 : (m + 1) * h1])
                 module.b1[m].copy_(b[m * h1 : (m + 1) * h1])
+
+        def snapshot(m: int) -> list[torch.Tensor]:
+            sync([m])
+            return module.member_state(m)
 
         n_epoch = self._epoch_pixels(n)
         bounds = _batch_bounds(n_epoch, self.batch_size_)
@@ -732,19 +744,13 @@ class PixelEnsemble(BaseEstimator):
                     b.grad = None
                     h = _SharedFirstLayer.apply(x, w, b, low)  # (B, M*H1)
                     logits = module.head(h.view(len(pos), m_total, h1).transpose(0, 1))  # (M, B, K)
-                    losses = F.cross_entropy(
-                        logits.reshape(-1, k), yb.repeat(m_total), reduction="none"
-                    ).reshape(m_total, -1).mean(1)
+                    losses = member_losses(logits, yb.repeat(m_total))
                     losses.sum().backward()
                     opt.step()
                     step += 1
                     bar.update(1)
-                    values = losses.tolist()
-                    for m in active:  # stopped members keep training (shared GEMM); their snapshot is kept
-                        if track.record(m, values[m], step, epoch):
-                            sync([m])
-                            track.snapshots[m] = module.member_state(m)
-                            log.info("member %d stopped early after %d steps (epoch %d)", m, step, epoch)
+                    # stopped members keep training (shared GEMM); their snapshot is kept
+                    track.record_step(losses.tolist(), active, step, epoch, snapshot)
                 track.end_epoch()
         finally:
             bar.close()
