@@ -57,6 +57,13 @@ def backbone_record(backbone: Backbone) -> dict[str, Any]:
     return {"family": backbone.family, "preset": backbone.name, "config": backbone.config.to_dict()}
 
 
+def _checked_settings(backbone: Backbone, config: ExtractConfig) -> tuple[list[int], list[int]]:
+    """The validated steps and blocks of ``config`` for ``backbone``; its precision checked on the device."""
+    steps, blocks = backbone.check_steps(config.steps), backbone.check_blocks(config.blocks)
+    precision_dtype(config.precision, backbone.device)
+    return steps, blocks
+
+
 def _load_image(path: Path, size: int, mode: str) -> tuple[np.ndarray, torch.Tensor, data.Preprocess]:
     rgb = data.load_rgb(path)
     x0, pre = data.preprocess_image(rgb, size, mode)
@@ -94,9 +101,7 @@ def extract_features(
         raise DdpmsegError(f"--batch-size must be 0 (all timesteps at once) or positive, got {batch_size}")
     paths = data.list_images(images)
     backbone, ckpt = load_backbone(checkpoint, preset, model_flags, device)
-    steps = backbone.check_steps(config.steps)
-    blocks = backbone.check_blocks(config.blocks)
-    precision_dtype(config.precision, backbone.device)
+    steps, blocks = _checked_settings(backbone, config)
     size = backbone.image_size
     noise = make_noise(config.seed, size)
     cache_config = {"extract": dataclasses.asdict(config), "backbone": backbone_record(backbone), "checkpoint": ckpt}
@@ -380,9 +385,7 @@ def kmeans_grid_image(
     """The paper's Figure-4 grid: rows blocks, columns timesteps, k clusters per cell."""
     image, out = Path(image), check_writable(out, folder=False, example="grid.png")
     backbone, _ = load_backbone(checkpoint, preset, model_flags, device)
-    steps = backbone.check_steps(config.steps)
-    blocks = backbone.check_blocks(config.blocks)
-    precision_dtype(config.precision, backbone.device)
+    steps, blocks = _checked_settings(backbone, config)
     size = backbone.image_size
     rgb, x0, pre = _load_image(image, size, config.preprocess)
     maps = extract_block_maps(backbone, x0, make_noise(config.seed, size), steps, blocks, precision=config.precision)
