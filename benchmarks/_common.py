@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import resource
+import statistics
+from pathlib import Path
 from typing import Any, Callable
+
+# Real faces for the quality benchmarks (research use only: read in place, never copied).
+FASSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "fasseg-frontal02"
 
 
 def peak_rss_mb() -> int:
@@ -21,3 +26,9 @@ def run_in_child(target: Callable[..., None], *args: Any) -> dict:
     result = q.get()
     p.join()
     return result
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for one value), rounded, for a summary line."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"seeds": len(values), "miou_mean": round(statistics.mean(values), 4), "miou_std": round(std, 4)}

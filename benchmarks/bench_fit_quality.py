@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from _common import FASSEG, mean_std
 from ddpmseg.demo import make_tiny_checkpoint
 from ddpmseg.pipeline import evaluate_model, extract_features, fit_model
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fasseg-frontal02"
-
 
 def _run(args: argparse.Namespace, work: Path) -> None:
     images = sorted((args.data / "train" / "images").glob("*.png"))
@@ -57,13 +54,12 @@ def _run(args: argparse.Namespace, work: Path) -> None:
                               "steps_per_member": [min(fit.n_iter), max(fit.n_iter)]}), flush=True)
     for (recipe, fraction), mious in results.items():
         print(json.dumps({"benchmark": "fit_quality_summary", "recipe": recipe, "pixel_fraction": fraction,
-                          "seeds": len(mious), "miou_mean": round(statistics.mean(mious), 4),
-                          "miou_std": round(statistics.stdev(mious), 4) if len(mious) > 1 else 0.0}), flush=True)
+                          **mean_std(mious)}), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DATA, help="FASSEG frontal02 folder (train/images, train/labels, classes.csv)")
+    ap.add_argument("--data", type=Path, default=FASSEG, help="FASSEG frontal02 folder (train/images, train/labels, classes.csv)")
     ap.add_argument("--train", type=int, default=10, help="images to train on; the rest are held out")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ensemble", type=int, default=10)

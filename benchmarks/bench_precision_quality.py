@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from _common import FASSEG, mean_std
 from bench_extract import build_backbone
 from ddpmseg import data
 from ddpmseg.features.cache import FeatureCache
@@ -32,9 +33,6 @@ from ddpmseg.features.extractor import ExtractConfig
 from ddpmseg.metrics import evaluate_masks
 from ddpmseg.model import SegmentationModel, classify_block_maps
 from ddpmseg.pipeline import extract_features, fit_model
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fasseg-frontal02"
-
 
 def heldout_miou(model_dir: Path, feats: Path, test: list[Path], labels: Path) -> float:
     """mIoU over the held-out images, classified from their cached block maps as `predict` does."""
@@ -92,14 +90,13 @@ def _run(args: argparse.Namespace, work: Path) -> None:
             print(json.dumps({"benchmark": "precision_quality", "precision": precision, "seed": seed,
                               "heldout_miou": round(miou, 4)}), flush=True)
     for precision, mious in results.items():
-        print(json.dumps({"benchmark": "precision_quality_summary", "precision": precision, "seeds": len(mious),
-                          "miou_mean": round(statistics.mean(mious), 4),
-                          "miou_std": round(statistics.stdev(mious), 4) if len(mious) > 1 else 0.0}), flush=True)
+        print(json.dumps({"benchmark": "precision_quality_summary", "precision": precision, **mean_std(mious)}),
+              flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DATA, help="FASSEG frontal02 folder (train/images, train/labels, classes.csv)")
+    ap.add_argument("--data", type=Path, default=FASSEG, help="FASSEG frontal02 folder (train/images, train/labels, classes.csv)")
     ap.add_argument("--train", type=int, default=6, help="images to train on (natural order)")
     ap.add_argument("--test", type=int, default=6, help="held-out images after those")
     ap.add_argument("--seeds", type=int, default=3)
