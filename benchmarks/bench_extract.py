@@ -52,15 +52,15 @@ EXPLORE = {
 
 def build_backbone(preset: str):
     """The preset's architecture with deterministic random weights (either family)."""
+    from ddpmseg.backbones import get_preset
     from ddpmseg.backbones.adm import AdmBackbone, random_unet
-    from ddpmseg.backbones.presets import get_preset
 
     p = get_preset(preset)
     if p.family == "diffusers":
         from ddpmseg.backbones.diffusers_unet import DiffusersBackbone, random_unet2d
 
-        return DiffusersBackbone(p.config, random_unet2d(p.config.unet, seed=0), name=preset)
-    return AdmBackbone(p.config, random_unet(p.config, seed=0).eval(), name=preset)
+        return DiffusersBackbone(p.config, random_unet2d(p.config.unet, seed=0), preset=preset)
+    return AdmBackbone(p.config, random_unet(p.config, seed=0).eval(), preset=preset)
 
 
 def block_modules(backbone) -> dict[int, torch.nn.Module]:
@@ -157,8 +157,8 @@ def cache_file_bytes(preset: str) -> int:
     import numpy as np
     from PIL import Image
 
-    from ddpmseg.features.extractor import ExtractConfig
     from ddpmseg.pipeline import extract_features
+    from ddpmseg.records import ExtractConfig
 
     with tempfile.TemporaryDirectory() as d:
         ckpt = Path(d) / "random.pt"
@@ -176,7 +176,7 @@ def main() -> None:
     ap.add_argument("--explore", action="store_true", help="also measure the variants that were not kept")
     ap.add_argument("--no-cache-size", action="store_true", help="skip writing a one-image cache file")
     args = ap.parse_args()
-    from ddpmseg.backbones.presets import get_preset
+    from ddpmseg.backbones import get_preset
 
     family = get_preset(args.preset).family
     rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}

@@ -14,7 +14,8 @@ process so its peak RSS is its own:
 
 naive:      the reference's way: every upsampled 8448-dim fp32 pixel feature of
             the images in RAM (only ``--naive-images``, 2.2 GB each), ten MLPs
-            trained one after another at batch 64.
+            trained one after another at batch 64 (the reference's loop, written
+            out below; the same members, inits and shuffles as ddpmseg's).
 reference:  ddpmseg's exact reference recipe: features streamed from the native
             maps of all ``--images`` images (CachePixels), the ten members as one
             batched computation, each on its own batches of 64.
@@ -42,8 +43,8 @@ from _common import peak_rss_mb, run_in_child
 SHAPES = {5: (1024, 32), 6: (512, 32), 7: (512, 32), 8: (512, 64), 12: (256, 128)}
 KEYS = [(t, b) for t in (50, 150, 250) for b in SHAPES]
 SIZE, CLASSES, MEMBERS = 256, 34, 10
-MODES = {  # mode -> PixelEnsemble arguments
-    "naive": dict(recipe="reference", fused=False),
+MODES = {  # mode -> PixelEnsemble arguments (naive: the plain loop below)
+    "naive": dict(recipe="reference"),
     "reference": dict(recipe="reference"),
     "fast": dict(recipe="fast", precision="auto"),
     "fast_fp32": dict(recipe="fast", precision="fp32"),
@@ -68,10 +69,50 @@ def _labels(source, n_images: int, labelled_images: int, n_pixels: int, seed: in
     return y
 
 
+class NaiveEnsemble:
+    """The reference's training loop, member after member (Adam 1e-3, batch 64, cross-entropy), in fp32."""
+
+    recipe, precision_, batch_size_ = "naive", "fp32", 64
+
+    def __init__(self, n_classes: int, n_members: int, max_epochs: int, random_state: int) -> None:
+        self.k, self.m, self.epochs, self.seed = n_classes, n_members, max_epochs, random_state
+
+    def fit(self, x: torch.Tensor, y: np.ndarray) -> "NaiveEnsemble":
+        from ddpmseg.classify.members import default_hidden, init_mlp_, make_mlp
+        from ddpmseg.classify.training import member_generators
+
+        keep = torch.from_numpy(np.flatnonzero(y != 255))
+        labels = torch.from_numpy(y)
+        self.members, self.n_iter_, self.loss_curve_ = [], [], []
+        for g in member_generators(self.seed, self.m):
+            mlp = init_mlp_(make_mlp(x.shape[1], default_hidden(self.k), self.k), g).train()
+            opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
+            steps, curve = 0, []
+            for _ in range(self.epochs):
+                perm, losses = keep[torch.randperm(len(keep), generator=g)], []
+                for lo in range(0, len(perm), 64):
+                    idx = perm[lo : lo + 64]
+                    opt.zero_grad()
+                    loss = F.cross_entropy(mlp(x[idx]), labels[idx])
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    losses.append(loss.item())
+                curve.append(float(np.mean(losses)))
+            self.members.append(mlp.eval())
+            self.n_iter_.append(steps)
+            self.loss_curve_.append(curve)
+        return self
+
+    @torch.no_grad()
+    def predict_member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([mlp(x) for mlp in self.members])
+
+
 def _child(mode: str, n_images: int, labelled_images: int, n_pixels: int, epochs: int, queue) -> None:
-    from ddpmseg.classify.ensemble import PixelEnsemble, as_pixel_source
+    from ddpmseg.classify.ensemble import PixelEnsemble
     from ddpmseg.features.extractor import upsample_concat
-    from ddpmseg.features.pixels import CachePixels
+    from ddpmseg.features.pixels import CachePixels, as_pixel_source
 
     maps = _maps(n_images)
     source = CachePixels(maps, KEYS, SIZE)
@@ -80,7 +121,10 @@ def _child(mode: str, n_images: int, labelled_images: int, n_pixels: int, epochs
         del source
         source = torch.cat([upsample_concat(m, KEYS, SIZE).reshape(-1, SIZE * SIZE).T for m in maps])
     del maps
-    est = PixelEnsemble(n_classes=CLASSES, n_members=MEMBERS, max_epochs=epochs, random_state=0, **MODES[mode])
+    if mode == "naive":
+        est = NaiveEnsemble(CLASSES, MEMBERS, epochs, random_state=0)
+    else:
+        est = PixelEnsemble(n_classes=CLASSES, n_members=MEMBERS, max_epochs=epochs, random_state=0, **MODES[mode])
     t0 = time.perf_counter()
     est.fit(source, y)
     seconds = time.perf_counter() - t0

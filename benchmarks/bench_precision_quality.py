@@ -29,24 +29,24 @@ from _common import FASSEG, mean_std
 from bench_extract import build_backbone
 from ddpmseg import data
 from ddpmseg.features.cache import FeatureCache
-from ddpmseg.features.extractor import ExtractConfig
 from ddpmseg.metrics import evaluate_masks
-from ddpmseg.model import SegmentationModel, classify_block_maps
+from ddpmseg.model import SegmentationModel
 from ddpmseg.pipeline import extract_features, fit_model
+from ddpmseg.records import ExtractConfig
 
 def heldout_miou(model_dir: Path, feats: Path, test: list[Path], labels: Path) -> float:
     """mIoU over the held-out images, classified from their cached block maps as `predict` does."""
     model = SegmentationModel.load(model_dir)
-    labelset, ignore = model.labelset, model.config["fit"]["ignore_index"]
+    labelset = model.labelset
     preds, truths = [], []
     with FeatureCache(feats) as cache:
         for p in test:
             pre = data.Preprocess.from_dict(cache.preprocess(p.stem))
-            seg = classify_block_maps(model.ensemble, cache.block_maps(p.stem), model.keys, cache.image_size)
+            seg = model.ensemble.predict_block_maps(cache.block_maps(p.stem), model.keys, cache.image_size)
             preds.append(data.restore_labels(seg.labels, pre, fill=255))
             truths.append(data.load_mask(data.find_mask(p.stem, labels, image_path=p), labelset,
                                          expected_size=pre.original_size))
-    return float(evaluate_masks(preds, truths, labelset.n_classes, ignore_index=ignore)["miou"])
+    return float(evaluate_masks(preds, truths, labelset.n_classes, ignore_index=labelset.ignore_index)["miou"])
 
 
 def map_errors(fp32: Path, bf16: Path) -> list[float]:

@@ -18,7 +18,6 @@ ddpmseg: `ddpmseg predict` (predict_images): early-stopped extraction, layer 1
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -36,28 +35,25 @@ N_CLASSES = 34
 
 def write_model(folder: Path, preset: str, precision: str) -> tuple[Path, Path]:
     """(checkpoint, model folder) for ``preset`` with random weights, as `ddpmseg fit` lays them out."""
+    from ddpmseg.backbones import create_backbone
     from ddpmseg.classify.ensemble import PixelEnsemble
     from ddpmseg.data import LabelSet
-    from ddpmseg.features.extractor import ExtractConfig, make_noise
-    from ddpmseg.model import SegmentationModel, model_config
-    from ddpmseg.pipeline import backbone_record, load_backbone
+    from ddpmseg.features.extractor import make_noise
+    from ddpmseg.model import SegmentationModel
+    from ddpmseg.records import ExtractConfig, FitConfig, ModelRecord
 
     ckpt = folder / "random.pt"
     torch.save(build_backbone(preset).model.state_dict(), ckpt)
-    backbone, record = load_backbone(ckpt, preset, None, "cpu")
+    backbone = create_backbone(ckpt, preset, device="cpu")
     extract = ExtractConfig(precision=precision)
     dims = {b.index: b.channels for b in backbone.blocks()}
     n_features = len(extract.steps) * sum(dims[b] for b in extract.blocks)
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(512, n_features, generator=g), torch.randint(0, N_CLASSES, (512,), generator=g)
     est = PixelEnsemble(n_classes=N_CLASSES, max_epochs=1, random_state=0).fit(X, y)
-    cache_config = {"extract": dataclasses.asdict(extract),
-                    "backbone": backbone_record(backbone), "checkpoint": record}
-    fit = {"images": [], "ensemble": 10, "seed": 0, "max_epochs": 1, "ignore_index": 255}
-    labelset = LabelSet.default(N_CLASSES)
-    model_dir = SegmentationModel(model_config(cache_config, labelset, fit), est, make_noise(0, backbone.image_size)).save(
-        folder / "model"
-    )
+    fit = FitConfig(images=(), masks="", ensemble=10, max_epochs=1)
+    record = ModelRecord(backbone.spec, backbone.checkpoint, extract, LabelSet.default(N_CLASSES), fit)
+    model_dir = SegmentationModel(record, est, make_noise(0, backbone.image_size)).save(folder / "model")
     return ckpt, model_dir
 
 

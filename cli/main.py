@@ -11,7 +11,10 @@ from pathlib import Path
 
 import click
 
+from ddpmseg.classify.training import RECIPES
 from ddpmseg.errors import DdpmsegError
+from ddpmseg.pipeline import MIN_PIXELS
+from ddpmseg.records import DEFAULT_BLOCKS, DEFAULT_STEPS, PREPROCESS_MODES, PRECISIONS, STORAGE_DTYPES, ExtractConfig
 
 
 def _ints(value: str, name: str) -> tuple[int, ...]:
@@ -62,12 +65,13 @@ _common_backbone = [
     click.option("--model-flags", type=click.Path(path_type=Path), default=None, help="JSON file of guided-diffusion flags for a custom architecture."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
 ]
+_DEFAULT = ExtractConfig()
 _common_extract = [
-    click.option("--steps", default="50,150,250", show_default=True, help="Diffusion timesteps."),
-    click.option("--blocks", default="5,6,7,8,12", show_default=True, help="Decoder (output_blocks) indices."),
-    click.option("--seed", default=0, show_default=True, help="Seed of the shared noise."),
-    click.option("--preprocess", type=click.Choice(["resize", "crop"]), default="resize", show_default=True, help="resize: plain resize to the model size; crop: short side then centre crop."),
-    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="U-Net arithmetic: fp32 (the recipe), bf16 (~1.6x faster on CPUs with bf16 units, ~1.3% feature error), fp16 (CUDA only)."),
+    click.option("--steps", default=",".join(map(str, DEFAULT_STEPS)), show_default=True, help="Diffusion timesteps."),
+    click.option("--blocks", default=",".join(map(str, DEFAULT_BLOCKS)), show_default=True, help="Decoder (output_blocks) indices."),
+    click.option("--seed", default=_DEFAULT.seed, show_default=True, help="Seed of the shared noise."),
+    click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=_DEFAULT.preprocess, show_default=True, help="resize: plain resize to the model size; crop: short side then centre crop."),
+    click.option("--precision", type=click.Choice(list(PRECISIONS)), default=_DEFAULT.precision, show_default=True, help="U-Net arithmetic: fp32 (the recipe), bf16 (~1.6x faster on CPUs with bf16 units, ~1.3% feature error), fp16 (CUDA only)."),
 ]
 
 
@@ -80,9 +84,7 @@ def _apply(options):
     return deco
 
 
-def _extract_config(steps: str, blocks: str, seed: int, preprocess: str, precision: str, storage: str = "float16"):
-    from ddpmseg.features.extractor import ExtractConfig
-
+def _extract_config(steps: str, blocks: str, seed: int, preprocess: str, precision: str, storage: str = _DEFAULT.storage_dtype):
     return ExtractConfig(_ints(steps, "steps"), _ints(blocks, "blocks"), seed, preprocess, storage, precision)
 
 
@@ -100,7 +102,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @main.command()
 def presets() -> None:
     """List the architecture presets and where their checkpoints come from."""
-    from ddpmseg.backbones.presets import get_preset, list_presets
+    from ddpmseg.backbones import get_preset, list_presets
 
     for name in list_presets():
         p = get_preset(name)
@@ -138,10 +140,9 @@ def convert(checkpoint: Path, preset, model_flags, out: Path) -> None:
 @_apply(_common_backbone)
 def blocks(checkpoint: Path, preset, model_flags, device) -> None:
     """List the decoder blocks of a checkpoint: index, module, channels, resolution."""
-    from ddpmseg.pipeline import load_backbone
+    from ddpmseg.backbones import create_backbone
 
-    backbone, _ = load_backbone(checkpoint, preset, model_flags, "cpu")
-    infos = backbone.blocks()
+    infos = create_backbone(checkpoint, preset, model_flags, device).blocks()
     width = max([18] + [len(b.module) for b in infos])
     click.echo(f"{'index':>5}  {'module':{width}s} {'channels':>8}  resolution")
     for b in infos:
@@ -154,7 +155,7 @@ def blocks(checkpoint: Path, preset, model_flags, device) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Feature file (HDF5), e.g. feats.h5.")
 @_apply(_common_extract)
 @click.option("--batch-size", default=0, show_default=True, help="Timesteps per forward pass (0 = all of an image's at once).")
-@click.option("--storage", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="On-disk dtype of the block maps.")
+@click.option("--storage", type=click.Choice(STORAGE_DTYPES), default=_DEFAULT.storage_dtype, show_default=True, help="On-disk dtype of the block maps.")
 @click.pass_obj
 def extract(obj, checkpoint, preset, model_flags, device, images, out, steps, blocks, seed, preprocess, precision, batch_size, storage) -> None:
     """Extract decoder-block features of images into a cache file."""
@@ -176,20 +177,25 @@ def extract(obj, checkpoint, preset, model_flags, device, images, out, steps, bl
 @click.option("--ensemble", default=10, show_default=True, help="Number of MLPs in the ensemble.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-epochs", default=100, show_default=True)
-@click.option("--recipe", type=click.Choice(["reference", "fast"]), default="reference", show_default=True,
-              help="reference: the paper's (batch 64 per member); fast: members share batches of 1024 (bf16 layer 1 where available).")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default="reference", show_default=True,
+              help="; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()) + ".")
+@click.option("--ignore-index", default=None, type=int,
+              help="Label neither trained nor scored (default: the label set's, else 255; bedroom_28: 0).")
+@click.option("--min-pixels", default=MIN_PIXELS, show_default=True, type=click.IntRange(0),
+              help="A class covering fewer pixels of an image is ignored in that image (the reference's rule).")
 @click.option("--pixel-fraction", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of the labelled pixels visited per epoch (a fresh random subset each epoch).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model folder to write.")
 @click.pass_obj
-def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, recipe, pixel_fraction, device, out) -> None:
+def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, recipe, ignore_index, min_pixels,
+        pixel_fraction, device, out) -> None:
     """Train the pixel-classifier ensemble on cached features and masks."""
     from ddpmseg.pipeline import fit_model
 
     s = fit_model(features, masks, out, labels=labels, classes=classes, ensemble=ensemble, seed=seed,
-                  max_epochs=max_epochs, device=device, progress=obj["progress"], recipe=recipe,
-                  pixel_fraction=pixel_fraction)
+                  max_epochs=max_epochs, ignore_index=ignore_index, min_pixels=min_pixels, device=device,
+                  progress=obj["progress"], recipe=recipe, pixel_fraction=pixel_fraction)
     click.echo(f"fit: {len(s.image_ids)} images, {s.n_pixels} pixels, {s.n_classes} classes, "
                f"{s.seconds:.1f} s, steps per member {min(s.n_iter)}-{max(s.n_iter)} -> {s.out}")
 

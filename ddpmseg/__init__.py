@@ -1,8 +1,9 @@
 """ddpmseg: label-efficient semantic segmentation on frozen diffusion-model features.
 
 The public API (imported lazily, so ``import ddpmseg`` stays cheap):
-    create_backbone, list_presets, get_preset, AdmConfig   backbones
-    ExtractConfig, FeatureCache, make_noise                features and their cache
+    create_backbone, list_presets, get_preset, AdmConfig   backbones (one builder for both families)
+    ExtractConfig, CacheRecord, ModelRecord                the typed records caches and models store
+    FeatureCache, make_noise                               features and their cache
     PixelEnsemble                                          the pixel classifier
     SegmentationModel                                      a fitted model directory
     extract_features, fit_model, predict_images,
@@ -16,12 +17,14 @@ from ddpmseg._version import __version__
 from ddpmseg.errors import DdpmsegError
 
 _EXPORTS = {
-    "create_backbone": "ddpmseg.backbones.adm",
-    "AdmBackbone": "ddpmseg.backbones.adm",
-    "list_presets": "ddpmseg.backbones.presets",
-    "get_preset": "ddpmseg.backbones.presets",
-    "AdmConfig": "ddpmseg.backbones.presets",
-    "ExtractConfig": "ddpmseg.features.extractor",
+    "create_backbone": "ddpmseg.backbones",
+    "list_presets": "ddpmseg.backbones",
+    "get_preset": "ddpmseg.backbones",
+    "AdmConfig": "ddpmseg.backbones",
+    "DiffusersConfig": "ddpmseg.backbones",
+    "ExtractConfig": "ddpmseg.records",
+    "CacheRecord": "ddpmseg.records",
+    "ModelRecord": "ddpmseg.records",
     "make_noise": "ddpmseg.features.extractor",
     "FeatureCache": "ddpmseg.features.cache",
     "PixelEnsemble": "ddpmseg.classify.ensemble",

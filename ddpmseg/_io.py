@@ -1,11 +1,13 @@
-"""Atomic file writes: a temp file beside the target, then one rename."""
+"""Output paths: checked before any work, written atomically (a temp beside the target, then one rename)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ddpmseg.errors import DdpmsegError
 
@@ -36,6 +38,14 @@ def check_writable(path: str | Path, *, folder: bool, option: str = "--out", exa
     return path
 
 
+def check_new_folder(path: str | Path, option: str = "--out") -> Path:
+    """``check_writable`` for a folder that must not exist yet (or be empty)."""
+    path = check_writable(path, folder=True, option=option)
+    if path.is_dir() and any(path.iterdir()):
+        raise DdpmsegError(f"{option} {path} exists and is a non-empty folder; pass a new folder (or remove it)")
+    return path
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` for a temp file beside ``path``, then rename it onto ``path``.
 
@@ -56,3 +66,27 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def is_temp_file(path: Path) -> bool:
+    """Whether ``path`` is a temp file of :func:`write_atomic` (left behind only by a killed process)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``out`` to fill; on success it is renamed onto ``out`` (missing or empty).
+
+    On any error (or Ctrl-C) the temp folder is removed and ``out`` is untouched.
+    """
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty: checked by check_new_folder before the work
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -13,12 +13,16 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from ddpmseg import data
+from ddpmseg._io import write_atomic
+from ddpmseg.backbones import AdmConfig
 from ddpmseg.backbones.adm import random_unet
-from ddpmseg.backbones.presets import AdmConfig
-from ddpmseg.features.extractor import ExtractConfig
+from ddpmseg.data import LabelSet
+from ddpmseg.errors import DdpmsegError
+from ddpmseg.records import ExtractConfig
+from ddpmseg.viz import save_png_atomic
 
 # Same structure as ffhq_256 (6 levels, 2 res blocks, resblock up/down,
 # scale-shift norm, attention at 32/16/8 in ffhq's ds terms), 64x64 and narrow.
@@ -45,6 +49,64 @@ def make_tiny_checkpoint(directory: str | Path, seed: int = 0) -> tuple[Path, Pa
     return ckpt, flags
 
 
+SYNTHETIC_LABELSET = LabelSet(
+    "synthetic_shapes",
+    ("background", "disc", "square"),
+    ((40, 40, 40), (230, 60, 60), (60, 110, 230)),
+)
+
+
+def _synthetic_one(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    # background: greenish-grey with random stripes and noise
+    base = rng.uniform(70, 150, 3) * np.array([0.8, 1.0, 0.8])
+    ang, freq, phase = rng.uniform(0, np.pi), rng.uniform(0.15, 0.5), rng.uniform(0, 2 * np.pi)
+    stripes = np.sin(freq * (np.cos(ang) * xx + np.sin(ang) * yy) + phase)
+    img = base[None, None, :] + 25 * stripes[..., None] + rng.normal(0, 10, (size, size, 3))
+    labels = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(100):  # place a disc and a square that both stay well visible
+        r = rng.uniform(0.12, 0.22) * size
+        cx, cy = rng.uniform(r, size - r, 2)
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        half = rng.uniform(0.1, 0.2) * size
+        sx, sy = rng.uniform(half, size - half, 2)
+        square = (np.abs(xx - sx) <= half) & (np.abs(yy - sy) <= half)
+        if (disc & ~square).sum() >= 0.6 * disc.sum():
+            break
+    disc_col = np.array([rng.uniform(180, 255), rng.uniform(20, 110), rng.uniform(20, 90)])
+    square_col = np.array([rng.uniform(20, 90), rng.uniform(60, 160), rng.uniform(170, 255)])
+    img[disc] = disc_col + rng.normal(0, 12, (int(disc.sum()), 3))
+    labels[disc] = 1
+    img[square] = square_col + rng.normal(0, 12, (int(square.sum()), 3))
+    labels[square] = 2
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), labels
+
+
+def make_synthetic_dataset(out_dir: str | Path, n_images: int = 6, size: int = 64, seed: int = 0) -> LabelSet:
+    """Write ``shape_{i}.png`` images, ``shape_{i}.npy`` label maps and ``classes.csv``.
+
+    Three classes (background, disc, square): noisy striped backgrounds with a
+    warm disc and a cool square at random positions, sizes and shades.
+    Deterministic for a given ``seed``. Returns the label set.
+    """
+    if n_images < 1 or size < 16:
+        raise DdpmsegError(f"synthetic dataset needs n_images >= 1 and size >= 16, got {n_images} and {size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n_images):
+        img, labels = _synthetic_one(rng, size)
+        save_png_atomic(out / f"shape_{i}.png", img)
+        write_atomic(out / f"shape_{i}.npy", lambda tmp, a=labels: _np_save(tmp, a))
+    SYNTHETIC_LABELSET.to_csv(out / "classes.csv")
+    return SYNTHETIC_LABELSET
+
+
+def _np_save(tmp: Path, a: np.ndarray) -> None:
+    with open(tmp, "wb") as f:
+        np.save(f, a)
+
+
 def run_demo(directory: str | Path, echo: Callable[[str], None] = print, progress: bool = False) -> dict:
     """Run every step; returns the evaluation result."""
     from ddpmseg.pipeline import evaluate_model, extract_features, fit_model, kmeans_grid_image, predict_images
@@ -52,8 +114,8 @@ def run_demo(directory: str | Path, echo: Callable[[str], None] = print, progres
     d = Path(directory)
     ckpt, flags = make_tiny_checkpoint(d)
     train, test = d / "data" / "train", d / "data" / "test"
-    data.make_synthetic_dataset(train, n_images=6, size=64, seed=0)
-    data.make_synthetic_dataset(test, n_images=3, size=64, seed=1)
+    make_synthetic_dataset(train, n_images=6, size=64, seed=0)
+    make_synthetic_dataset(test, n_images=3, size=64, seed=1)
     echo(f"demo: tiny random-weight ADM -> {ckpt}; 6 train + 3 test synthetic images -> {d / 'data'}")
     echo("demo: NOTE random weights give no semantic quality; this only exercises the pipeline")
     cfg = ExtractConfig()

@@ -1,4 +1,4 @@
-"""The five steps of ddpmseg, one function each (the CLI calls exactly these).
+"""The steps of ddpmseg, one function each (the CLI calls exactly these).
 
 extract_features  images -> feature cache (HDF5)
 fit_model         feature cache + masks -> model folder
@@ -22,46 +22,26 @@ from tqdm.auto import tqdm
 
 from ddpmseg import data, viz
 from ddpmseg._io import check_writable
-from ddpmseg.backbones.adm import Backbone, create_backbone, precision_dtype, resolve_device
-from ddpmseg.backbones.checkpoint import file_sha256
-from ddpmseg.backbones.presets import AdmConfig
+from ddpmseg.backbones import Backbone, backbone_from_record, create_backbone, precision_dtype, resolve_device
 from ddpmseg.classify.ensemble import PixelEnsemble
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.cache import FeatureCache, FeatureWriter
-from ddpmseg.features.extractor import ExtractConfig, extract_block_maps, make_noise
+from ddpmseg.features.extractor import extract_block_maps, make_noise
 from ddpmseg.features.pixels import CachePixels
 from ddpmseg.metrics import evaluate_masks
-from ddpmseg.model import SegmentationModel, classify_block_maps, model_config
+from ddpmseg.model import SegmentationModel
+from ddpmseg.records import CacheRecord, ExtractConfig, FitConfig, ModelRecord
 
 log = logging.getLogger(__name__)
 
-
-# -- backbones ---------------------------------------------------------------------
-def load_backbone(
-    checkpoint: str | Path,
-    preset: str | None = None,
-    model_flags: str | Path | None = None,
-    device: str = "auto",
-) -> tuple[Backbone, dict[str, Any]]:
-    """The backbone for ``--ckpt`` and its provenance record (name, path, sha256).
-
-    A file is a guided-diffusion (ADM) checkpoint; a folder or a hub id is a
-    diffusers UNet2DModel (sha256 of its weights file).
-    """
-    from ddpmseg.backbones.registry import load_any
-
-    return load_any(checkpoint, preset, model_flags, device)
+MIN_PIXELS = 20  # the reference: a class covering fewer pixels of an image is ignored there
 
 
-def backbone_record(backbone: Backbone) -> dict[str, Any]:
-    return {"family": backbone.family, "preset": backbone.name, "config": backbone.config.to_dict()}
-
-
-def _checked_settings(backbone: Backbone, config: ExtractConfig) -> tuple[list[int], list[int]]:
-    """The validated steps and blocks of ``config`` for ``backbone``; its precision checked on the device."""
+def _checked_settings(backbone: Backbone, config: ExtractConfig) -> ExtractConfig:
+    """``config`` with its steps and blocks validated for ``backbone``; its precision checked on the device."""
     steps, blocks = backbone.check_steps(config.steps), backbone.check_blocks(config.blocks)
     precision_dtype(config.precision, backbone.device)
-    return steps, blocks
+    return dataclasses.replace(config, steps=tuple(steps), blocks=tuple(blocks))
 
 
 def _load_image(path: Path, size: int, mode: str) -> tuple[np.ndarray, torch.Tensor, data.Preprocess]:
@@ -100,13 +80,11 @@ def extract_features(
     if batch_size < 0:
         raise DdpmsegError(f"--batch-size must be 0 (all timesteps at once) or positive, got {batch_size}")
     paths = data.list_images(images)
-    backbone, ckpt = load_backbone(checkpoint, preset, model_flags, device)
-    steps, blocks = _checked_settings(backbone, config)
+    backbone = create_backbone(checkpoint, preset, model_flags, device)
+    config = _checked_settings(backbone, config)
     size = backbone.image_size
     noise = make_noise(config.seed, size)
-    cache_config = {"extract": dataclasses.asdict(config), "backbone": backbone_record(backbone), "checkpoint": ckpt}
-    cache_config["extract"].update(steps=steps, blocks=blocks)
-    writer = FeatureWriter(out, cache_config, noise)
+    writer = FeatureWriter(out, CacheRecord(config, backbone.spec, backbone.checkpoint), noise)
     done = writer.done_ids()
     todo = [p for p in paths if p.stem not in done]
     for p in todo:  # fail on a bad image before any forward pass
@@ -115,7 +93,7 @@ def extract_features(
     try:
         for p in tqdm(todo, desc="extract", unit="img", disable=not progress):
             _, x0, pre = _load_image(p, size, config.preprocess)
-            maps = extract_block_maps(backbone, x0, noise, steps, blocks, batch_size, config.precision)
+            maps = extract_block_maps(backbone, x0, noise, config.steps, config.blocks, batch_size, config.precision)
             writer.add(p.stem, maps, str(p), pre.to_dict())
     finally:
         writer.merge()
@@ -147,7 +125,11 @@ def _labelled_ids(cache: FeatureCache, masks: Path) -> list[tuple[str, Path]]:
 
 
 def _training_masks(
-    cache: FeatureCache, pairs: Sequence[tuple[str, Path]], labelset: data.LabelSet | None, ignore_index: int
+    cache: FeatureCache,
+    pairs: Sequence[tuple[str, Path]],
+    labelset: data.LabelSet | None,
+    ignore_index: int,
+    min_pixels: int,
 ) -> list[np.ndarray]:
     """Every mask loaded and checked (before any training), mapped onto the model grid."""
     out = []
@@ -156,7 +138,7 @@ def _training_masks(
         mask = data.load_mask(path, labelset, expected_size=pre.original_size)
         if labelset is not None:
             data.check_labels(mask, labelset.n_classes, ignore_index, path)
-        out.append(data.apply_min_pixels(data.prepare_mask(mask, pre), 20, ignore_index))
+        out.append(data.apply_min_pixels(data.prepare_mask(mask, pre), min_pixels, ignore_index))
     return out
 
 
@@ -170,7 +152,8 @@ def fit_model(
     ensemble: int = 10,
     seed: int = 0,
     max_epochs: int = 100,
-    ignore_index: int = 255,
+    ignore_index: int | None = None,
+    min_pixels: int = MIN_PIXELS,
     device: str = "auto",
     progress: bool = False,
     recipe: str = "reference",
@@ -178,11 +161,16 @@ def fit_model(
 ) -> FitSummary:
     """Train the pixel ensemble on the labelled images of a feature cache.
 
-    ``recipe``/``pixel_fraction``: see :class:`~ddpmseg.classify.PixelEnsemble`
-    ("reference" is the paper's recipe exactly, "fast" shares batches of 1024).
+    ``ignore_index``: the label neither trained nor scored (default: the label
+    set's, 255 without one; Bedroom-28's is 0). ``min_pixels``: a class
+    covering fewer pixels of an image is ignored in that image (the
+    reference's 20). ``recipe``/``pixel_fraction``: see
+    :class:`~ddpmseg.classify.PixelEnsemble`.
     """
     masks = Path(masks)
     check_writable(out, folder=True)  # before any training
+    if min_pixels < 0:
+        raise DdpmsegError(f"--min-pixels must be 0 or more, got {min_pixels}")
     with FeatureCache(features) as cache:
         pairs = _labelled_ids(cache, masks)
         if not pairs:
@@ -194,7 +182,9 @@ def fit_model(
                 raise DdpmsegError(f"--labels {labels} asked for, but {len(pairs)} labelled images exist; use 1..{len(pairs)}")
             pairs = pairs[:labels]
         labelset = data.load_label_set(classes) if classes else None
-        label_maps = _training_masks(cache, pairs, labelset, ignore_index)
+        if ignore_index is None:
+            ignore_index = labelset.ignore_index if labelset is not None else 255
+        label_maps = _training_masks(cache, pairs, labelset, ignore_index, min_pixels)
         if labelset is None:
             seen = [int(m[m != ignore_index].max()) for m in label_maps if (m != ignore_index).any()]
             labelset = data.LabelSet.default(max(seen, default=0) + 1)
@@ -204,9 +194,9 @@ def fit_model(
         if int((y != ignore_index).sum()) < 2:
             raise DdpmsegError(
                 f"the {len(ids)} masks used from {masks} label fewer than two pixels ({ignore_index} = ignore; "
-                "a class under 20 pixels of an image is ignored there); give masks that label the images"
+                f"a class under {min_pixels} pixels of an image is ignored there); give masks that label the images"
             )
-        cache_config = cache.config
+        cache_record = cache.record
         noise = torch.from_numpy(cache.noise)
     start = time.perf_counter()
     est = PixelEnsemble(
@@ -221,23 +211,25 @@ def fit_model(
         pixel_fraction=pixel_fraction,
     ).fit(source, y)
     seconds = time.perf_counter() - start
-    fit = {
-        "images": ids,
-        "masks": str(masks.resolve()),
-        "ensemble": ensemble,
-        "seed": seed,
-        "max_epochs": max_epochs,
-        "ignore_index": ignore_index,
-        "recipe": recipe,
-        "pixel_fraction": pixel_fraction,
-        "batch_size": est.batch_size_,
-        "lr": est.lr_,
-        "precision": est.precision_,
-        "n_pixels": int((y != ignore_index).sum()),
-        "n_iter": list(est.n_iter_),
-    }
-    SegmentationModel(model_config(cache_config, labelset, fit), est, noise).save(out)
-    return FitSummary(Path(out), ids, fit["n_pixels"], labelset.n_classes, seconds, fit["n_iter"])
+    fit = FitConfig(
+        images=tuple(ids),
+        masks=str(masks.resolve()),
+        ensemble=ensemble,
+        seed=seed,
+        max_epochs=max_epochs,
+        ignore_index=ignore_index,
+        min_pixels=min_pixels,
+        recipe=recipe,
+        pixel_fraction=pixel_fraction,
+        batch_size=est.batch_size_,
+        lr=est.lr_,
+        precision=est.precision_,
+        n_pixels=int((y != ignore_index).sum()),
+        n_iter=tuple(est.n_iter_),
+    )
+    record = ModelRecord(cache_record.backbone, cache_record.checkpoint, cache_record.extract, labelset, fit)
+    SegmentationModel(record, est, noise).save(out)
+    return FitSummary(Path(out), ids, fit.n_pixels, labelset.n_classes, seconds, list(fit.n_iter))
 
 
 # -- predict / evaluate --------------------------------------------------------------
@@ -247,38 +239,9 @@ class Segmenter:
     def __init__(self, model_dir: str | Path, checkpoint: str | Path | None = None, device: str = "auto") -> None:
         dev = resolve_device(device)
         self.model = SegmentationModel.load(model_dir, device=dev)
-        cfg = self.model.config
-        family = cfg["backbone"].get("family", "adm")
-        if family == "adm":
-            ckpt = Path(checkpoint or cfg["checkpoint"]["path"])
-            if not ckpt.is_file():
-                raise DdpmsegError(
-                    f"checkpoint {ckpt} recorded in {model_dir}/model.json is missing; pass --ckpt with the file "
-                    f"{cfg['checkpoint']['name']}"
-                )
-            if file_sha256(ckpt) != cfg["checkpoint"]["sha256"]:
-                raise DdpmsegError(
-                    f"checkpoint {ckpt} is not the one the model was fitted with ({cfg['checkpoint']['name']}, "
-                    "sha256 differs); pass --ckpt with that file"
-                )
-            bcfg = AdmConfig(**cfg["backbone"]["config"])
-            self.backbone = create_backbone(None, ckpt, config=bcfg, device=dev)
-        else:
-            from ddpmseg.backbones.registry import backbone_from_record, checkpoint_available, checkpoint_sha256
-
-            ckpt = checkpoint or cfg["checkpoint"]["path"]
-            if not checkpoint_available(ckpt, family):
-                raise DdpmsegError(
-                    f"checkpoint {ckpt} recorded in {model_dir}/model.json is missing; pass --ckpt with the "
-                    f"{family} model folder {cfg['checkpoint']['name']}"
-                )
-            if checkpoint_sha256(ckpt, family) != cfg["checkpoint"]["sha256"]:
-                raise DdpmsegError(
-                    f"checkpoint {ckpt} is not the one the model was fitted with ({cfg['checkpoint']['name']}, "
-                    "sha256 of the weights differs); pass --ckpt with that folder"
-                )
-            self.backbone = backbone_from_record(cfg["backbone"], ckpt, device=dev)
-        self.extract = ExtractConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["extract"].items()})
+        r = self.model.record
+        self.backbone = backbone_from_record(r.backbone, r.checkpoint, checkpoint, dev, where=f"{model_dir}/model.json")
+        self.extract = r.extract
 
     def segment(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """(rgb, labels, uncertainty) at the original size, and the extraction seconds."""
@@ -288,7 +251,7 @@ class Segmenter:
         e = self.extract
         maps = extract_block_maps(self.backbone, x0, self.model.noise, e.steps, e.blocks, precision=e.precision)
         seconds = time.perf_counter() - t0
-        seg = classify_block_maps(self.model.ensemble, maps, self.model.keys, size)
+        seg = self.model.ensemble.predict_block_maps(maps, self.model.keys, size)
         labels = data.restore_labels(seg.labels, pre, fill=255)
         unc = data.restore_map(seg.uncertainty, pre, fill=0.0)
         return rgb, labels, unc, seconds
@@ -338,7 +301,11 @@ def evaluate_model(
     device: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Per-class IoU and mIoU over every image with a mask, as the reference computes them."""
+    """Per-class IoU and mIoU over every image with a mask, as the reference's ``compute_iou``.
+
+    Every class index except the model's ignore label is scored (Bedroom-28:
+    its 28 classes 1..28, background 0 being the ignore label).
+    """
     masks = Path(masks)
     if not masks.is_dir():
         raise DdpmsegError(f"--masks {masks} is not a folder; give the folder holding the label maps")
@@ -348,7 +315,7 @@ def evaluate_model(
         raise DdpmsegError(f"no image of {', '.join(map(str, images))} has a mask in {masks}")
     segmenter = Segmenter(model_dir, checkpoint, device)
     labelset = segmenter.model.labelset
-    ignore = segmenter.model.config["fit"]["ignore_index"]
+    ignore = labelset.ignore_index
     truths = []
     for p, m in pairs:  # read every mask before the first forward pass
         size = data.load_rgb(p).shape[1::-1]
@@ -384,15 +351,16 @@ def kmeans_grid_image(
 ) -> Path:
     """The paper's Figure-4 grid: rows blocks, columns timesteps, k clusters per cell."""
     image, out = Path(image), check_writable(out, folder=False, example="grid.png")
-    backbone, _ = load_backbone(checkpoint, preset, model_flags, device)
-    steps, blocks = _checked_settings(backbone, config)
+    backbone = create_backbone(checkpoint, preset, model_flags, device)
+    config = _checked_settings(backbone, config)
     size = backbone.image_size
     rgb, x0, pre = _load_image(image, size, config.preprocess)
-    maps = extract_block_maps(backbone, x0, make_noise(config.seed, size), steps, blocks, precision=config.precision)
+    noise = make_noise(config.seed, size)
+    maps = extract_block_maps(backbone, x0, noise, config.steps, config.blocks, precision=config.precision)
     cells = {}
-    for b, t in tqdm([(b, t) for b in blocks for t in steps], desc="k-means", disable=not progress):
+    for b, t in tqdm([(b, t) for b in config.blocks for t in config.steps], desc="k-means", disable=not progress):
         cells[(b, t)] = viz.cluster_features(maps[(t, b)], k, random_state=config.seed)
     model_rgb = ((x0[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    grid = viz.kmeans_grid(model_rgb, cells, blocks, steps, k)
+    grid = viz.kmeans_grid(model_rgb, cells, config.blocks, config.steps, k)
     viz.save_png_atomic(out, grid)
     return out

@@ -1,4 +1,4 @@
-"""Pictures: colour-coded label maps, overlays, uncertainty maps and the k-means grid.
+"""Pictures: palettes, colour-coded label maps, overlays, uncertainty maps and the k-means grid.
 
 Every PNG is written atomically (temp file in the same folder, then
 ``os.replace``), so an interrupted run never leaves a half-written image.
@@ -6,6 +6,7 @@ Every PNG is written atomically (temp file in the same folder, then
 
 from __future__ import annotations
 
+import colorsys
 import logging
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ddpmseg.data import _save_image_atomic, distinct_colors
+from ddpmseg._io import write_atomic
 from ddpmseg.errors import DdpmsegError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,31 @@ __all__ = [
     "save_png_atomic",
     "uncertainty_image",
 ]
+
+
+def distinct_colors(n: int) -> np.ndarray:
+    """``n`` deterministic, visually distinct, non-black RGB colours as an (n, 3) uint8 array.
+
+    Hues follow the golden angle; saturation and brightness cycle through a few
+    levels so that neighbouring indices differ strongly even for large ``n``.
+    """
+    if n < 0:
+        raise DdpmsegError(f"distinct_colors needs n >= 0, got {n}")
+    out: list[tuple[int, int, int]] = []
+    seen: set[tuple[int, int, int]] = set()
+    sats, vals = (0.85, 0.55, 1.0), (0.95, 0.7, 0.5)
+    i = 0
+    while len(out) < n:
+        h = (i * 0.618033988749895) % 1.0
+        s = sats[(i // 3) % len(sats)]
+        v = vals[i % len(vals)]
+        c = tuple(int(round(255 * x)) for x in colorsys.hsv_to_rgb(h, s, v))
+        if c not in seen and c != (0, 0, 0):
+            seen.add(c)  # type: ignore[arg-type]
+            out.append(c)  # type: ignore[arg-type]
+        i += 1
+    return np.asarray(out, dtype=np.uint8).reshape(n, 3)
+
 
 GRID_LEFT = 72
 """k-means grid: width of the left margin holding the row labels ("block 5")."""
@@ -81,7 +107,7 @@ def save_png_atomic(path: str | Path, image: Image.Image | np.ndarray) -> None:
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise DdpmsegError(f"save_png_atomic needs a uint8 (H, W[, 3|4]) array, got {image.shape} {image.dtype}")
         image = Image.fromarray(np.ascontiguousarray(image))
-    _save_image_atomic(Path(path), image, "PNG")
+    write_atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_label_png(path: str | Path, labels: np.ndarray, palette: np.ndarray) -> None:

@@ -1,15 +1,16 @@
-"""Shared fixtures: tiny random-weight ADM checkpoints and the shared data sets."""
+"""Shared fixtures: tiny random-weight ADM checkpoints, the shared data sets, and one labelled world."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from ddpmseg.backbones import AdmConfig
 from ddpmseg.backbones.adm import random_unet
-from ddpmseg.backbones.presets import AdmConfig
 from ddpmseg.demo import TINY_FLAGS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -70,3 +71,33 @@ def eyes8() -> Path:
     if not EYES8.is_dir():
         pytest.skip(f"shared data not found at {EYES8}")
     return EYES8
+
+
+@pytest.fixture(scope="session")
+def eyes_world(tmp_path_factory, tiny_ckpt, eyes8) -> tuple[Path, Path]:
+    """(folder, images): three labelled eyes (images and masks in ``images``), their cache
+    ``folder/feats.h5`` and a model ``folder/model`` fitted on them (2 members, 1 epoch), made
+    through the CLI with one torch thread (tests compare refits with it bit for bit)."""
+    from click.testing import CliRunner
+
+    from ddpmseg.cli.main import main
+
+    d = tmp_path_factory.mktemp("eyes_world")
+    ckpt, flags = tiny_ckpt
+    imgs = d / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        shutil.copy(eyes8 / f"image_{i}.jpg", imgs)
+        shutil.copy(eyes8 / f"image_mask{i}.npy", imgs)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for args in (
+            ["extract", "--ckpt", ckpt, "--model-flags", flags, "--images", imgs, "--out", d / "feats.h5"],
+            ["fit", "--features", d / "feats.h5", "--masks", imgs, "--ensemble", 2, "--max-epochs", 1, "--out", d / "model"],
+        ):
+            r = CliRunner().invoke(main, ["-q", *map(str, args)])
+            assert r.exit_code == 0, r.output
+    finally:
+        torch.set_num_threads(before)
+    return d, imgs

@@ -25,25 +25,6 @@ def fails(*args, match: str) -> str:
     return err
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_ckpt, eyes8):
-    """A cache of three eyes and a model fitted on them."""
-    d = tmp_path_factory.mktemp("bad")
-    ckpt, flags = tiny_ckpt
-    imgs = d / "imgs"
-    imgs.mkdir()
-    for i in range(3):
-        shutil.copy(eyes8 / f"image_{i}.jpg", imgs)
-        shutil.copy(eyes8 / f"image_mask{i}.npy", imgs)
-    r = CliRunner().invoke(main, ["-q", "extract", "--ckpt", str(ckpt), "--model-flags", str(flags),
-                                  "--images", str(imgs), "--out", str(d / "feats.h5")])
-    assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["-q", "fit", "--features", str(d / "feats.h5"), "--masks", str(imgs),
-                                  "--ensemble", "2", "--max-epochs", "1", "--out", str(d / "model")])
-    assert r.exit_code == 0, r.output
-    return d, imgs
-
-
 def extract_args(tiny_ckpt, images, out):
     ckpt, flags = tiny_ckpt
     return ["extract", "--ckpt", ckpt, "--model-flags", flags, "--images", images, "--out", out]
@@ -82,15 +63,15 @@ def test_steps_and_blocks_out_of_range(tmp_path, tiny_ckpt, eyes8, opt, value, m
     assert not (tmp_path / "f.h5").exists()
 
 
-def test_other_settings_into_existing_cache_is_refused(setup, tiny_ckpt):
-    d, imgs = setup
+def test_other_settings_into_existing_cache_is_refused(eyes_world, tiny_ckpt):
+    d, imgs = eyes_world
     before = (d / "feats.h5").read_bytes()
     fails(*extract_args(tiny_ckpt, imgs, d / "feats.h5"), "--steps", "10,20", match="other settings")
     assert (d / "feats.h5").read_bytes() == before
 
 
-def test_mask_of_wrong_size(setup, tmp_path):
-    d, imgs = setup
+def test_mask_of_wrong_size(eyes_world, tmp_path):
+    d, imgs = eyes_world
     masks = tmp_path / "masks"
     masks.mkdir()
     for i in range(3):
@@ -99,8 +80,8 @@ def test_mask_of_wrong_size(setup, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_labels_beyond_the_classes(setup, tmp_path):
-    d, imgs = setup
+def test_labels_beyond_the_classes(eyes_world, tmp_path):
+    d, imgs = eyes_world
     masks = tmp_path / "masks"
     masks.mkdir()
     for i in range(3):
@@ -112,22 +93,22 @@ def test_labels_beyond_the_classes(setup, tmp_path):
     fails("fit", "--features", d / "feats.h5", "--masks", masks, "--classes", csv, "--out", tmp_path / "m", match="7")
 
 
-def test_more_labels_than_labelled_images(setup, tmp_path):
-    d, imgs = setup
+def test_more_labels_than_labelled_images(eyes_world, tmp_path):
+    d, imgs = eyes_world
     fails("fit", "--features", d / "feats.h5", "--masks", imgs, "--labels", 20, "--out", tmp_path / "m",
           match="--labels 20")
 
 
-def test_predict_with_another_checkpoint(setup, tmp_path, tiny_config):
-    d, imgs = setup
+def test_predict_with_another_checkpoint(eyes_world, tmp_path, tiny_config):
+    d, imgs = eyes_world
     other = tmp_path / "other.pt"
     torch.save(random_unet(tiny_config, seed=1).state_dict(), other)
     fails("predict", imgs / "image_0.jpg", "--model", d / "model", "--ckpt", other, "--out", tmp_path / "p",
           match="sha256")
 
 
-def test_model_folder_with_a_file_missing(setup, tmp_path):
-    d, imgs = setup
+def test_model_folder_with_a_file_missing(eyes_world, tmp_path):
+    d, imgs = eyes_world
     broken = tmp_path / "model"
     shutil.copytree(d / "model", broken)
     (broken / "tensors.pt").unlink()

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ddpmseg.backbones.adm import random_unet
-from ddpmseg.backbones.presets import AdmConfig
+from ddpmseg.backbones import AdmConfig
 from ddpmseg.classify.ensemble import PixelEnsemble
 from ddpmseg.cli.main import main
 from ddpmseg.features.cache import FeatureCache, parts_dir
@@ -69,18 +69,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_ckpt, eyes8):
-    """Three labelled eyes, their cache and a model fitted on them."""
-    d = tmp_path_factory.mktemp("catalogue")
-    ckpt, flags = tiny_ckpt
-    imgs = d / "imgs"
-    imgs.mkdir()
-    for i in range(3):
-        shutil.copy(eyes8 / f"image_{i}.jpg", imgs)
-        shutil.copy(eyes8 / f"image_mask{i}.npy", imgs)
-    ok("extract", "--ckpt", ckpt, "--model-flags", flags, "--images", imgs, "--out", d / "feats.h5")
-    ok("fit", "--features", d / "feats.h5", "--masks", imgs, *FIT, "--out", d / "model")
-    return d, imgs
+def world(eyes_world):
+    """Three labelled eyes, their cache and a model fitted on them (conftest's eyes_world)."""
+    return eyes_world
 
 
 def extract_args(tiny_ckpt, images, out, ckpt=None):
@@ -157,18 +148,15 @@ def _odd_images(folder: Path, eyes8: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def odd(world, tiny_ckpt, eyes8, tmp_path_factory):
-    """The odd images extracted into a cache and predicted with the world's model (timed)."""
+    """The odd images extracted into a cache and predicted with the world's model."""
     d = tmp_path_factory.mktemp("odd")
     images = d / "images"
     images.mkdir()
     sizes = _odd_images(images, eyes8)
-    t0 = time.perf_counter()
     out = ok(*extract_args(tiny_ckpt, images, d / "feats.h5"))
-    t1 = time.perf_counter()
     ok("predict", images, "--model", world[0] / "model", "--out", d / "preds")
-    t2 = time.perf_counter()
     assert f"{len(sizes)} new, 0 already cached" in out
-    return d, sizes, (t1 - t0, t2 - t1)
+    return d, sizes
 
 
 ODD_IDS = ["rgba", "grey", "palette", "sixteen_bit", "tiny_8x8", "huge_6000x4000", "jpeg_named"]
@@ -176,17 +164,12 @@ ODD_IDS = ["rgba", "grey", "palette", "sixteen_bit", "tiny_8x8", "huge_6000x4000
 
 @pytest.mark.parametrize("image_id", ODD_IDS)
 def test_odd_image_is_extracted_and_predicted_at_original_size(odd, image_id):
-    d, sizes, _ = odd
+    d, sizes = odd
     with FeatureCache(d / "feats.h5") as cache:
         assert cache.preprocess(image_id)["original_size"] == list(sizes[image_id])
         assert torch.isfinite(cache.pixel_features(image_id)).all()
     for kind in ("labels", "overlay", "uncertainty"):
         assert Image.open(d / "preds" / f"{image_id}_{kind}.png").size == sizes[image_id]
-
-
-def test_huge_image_takes_no_excessive_time(odd):
-    extract_s, predict_s = odd[2]  # 7 images each; the 24-Mpixel one dominates
-    assert extract_s < 60 and predict_s < 90, (extract_s, predict_s)
 
 
 # -- masks given to fit ---------------------------------------------------------------

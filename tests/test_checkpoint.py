@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpmseg.backbones import checkpoint as ck
-from ddpmseg.backbones.adm import build_unet, create_backbone
-from ddpmseg.backbones.presets import AdmConfig, list_presets
+from ddpmseg.backbones import _checkpoint as ck
+from ddpmseg.backbones import create_backbone
+from ddpmseg.backbones.adm import build_unet
+from ddpmseg.backbones import AdmConfig, list_presets
 from ddpmseg.errors import DdpmsegError
 
 TINY = AdmConfig(
@@ -185,8 +186,8 @@ def test_check_state_dict_suggests_the_matching_preset():
 def test_create_backbone_loads_tiny_checkpoint_with_inferred_architecture(tmp_path, tiny_state, caplog):
     path = tmp_path / "tiny.pt"
     torch.save(tiny_state, path)
-    with caplog.at_level(logging.WARNING, logger="ddpmseg.backbones.checkpoint"):
-        backbone = create_backbone(checkpoint=path)
+    with caplog.at_level(logging.WARNING, logger="ddpmseg.backbones._checkpoint"):
+        backbone = create_backbone(path)
     assert backbone.config.num_channels == 32 and backbone.config.channel_mult == "1,2"
     assert_same(backbone.model.state_dict(), tiny_state)
     assert any("image_size assumed 256" in r.getMessage() for r in caplog.records)
@@ -211,14 +212,14 @@ def test_matching_presets_empty_for_tiny(tiny_state):
 
 
 def test_resolve_config_uses_preset_architecture(caplog):
-    with caplog.at_level(logging.INFO, logger="ddpmseg.backbones.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="ddpmseg.backbones._checkpoint"):
         name, config = ck.resolve_config(meta_state(AdmConfig()), source="ffhq.pt")
-    assert name is None and config == AdmConfig()
+    assert name == "ffhq_256" and config == AdmConfig()  # recorded under the first matching preset's name
     assert "ffhq_256" in caplog.text
 
 
 def test_resolve_config_infers_unknown_architecture(tiny_state, caplog):
-    with caplog.at_level(logging.WARNING, logger="ddpmseg.backbones.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="ddpmseg.backbones._checkpoint"):
         name, config = ck.resolve_config(tiny_state, source="tiny.pt", image_size=32)
     assert name is None
     assert ck.config_signature(config) == ck.state_signature(tiny_state)

@@ -121,3 +121,24 @@ def test_demo_runs_offline(tmp_path):
     assert "random weights give no semantic quality" in out
     assert "mIoU" in out
     assert (tmp_path / "demo" / "kmeans.png").is_file()
+
+
+def test_bedroom_28_trains_without_background_and_scores_28_classes(workflow, eyes8, tmp_path):
+    """Bedroom-28 as the reference runs it: 29 label indices, 0 (background) the ignore label
+    (number_class 29, ignore_label 0); eyes masks stand in for bedroom masks (labels 0..3)."""
+    d, test = workflow
+    out = run("fit", "--features", d / "feats.h5", "--masks", eyes8, "--labels", 2, "--ensemble", 2,
+              "--max-epochs", 1, "--classes", "bedroom_28", "--out", tmp_path / "bedroom", "--device", "cpu")
+    assert "29 classes" in out
+    fit = json.loads((tmp_path / "bedroom" / "model.json").read_text())["fit"]
+    grids = [np.load(eyes8 / f"image_mask{i}.npy")[2::4, 2::4] for i in (0, 1)]  # nearest to the 64x64 model grid
+    assert fit["ignore_index"] == 0 and fit["min_pixels"] == 20
+    kept = [np.isin(g, [c for c in np.unique(g) if c != 0 and (g == c).sum() >= 20]) for g in grids]
+    assert fit["n_pixels"] == sum(int(k.sum()) for k in kept)  # background never trained on
+    r = json.loads(run("evaluate", "--model", tmp_path / "bedroom", "--images", test, "--masks", test, "--json"))
+    assert len(r["per_class"]) == 28 and "background" not in r["per_class"] and "table staff" in r["per_class"]
+    # --ignore-index overrides the label set's: background trained and scored, as class 0
+    run("fit", "--features", d / "feats.h5", "--masks", eyes8, "--labels", 2, "--ensemble", 2, "--max-epochs", 1,
+        "--classes", "bedroom_28", "--ignore-index", 255, "--min-pixels", 0, "--out", tmp_path / "all", "--device", "cpu")
+    fit = json.loads((tmp_path / "all" / "model.json").read_text())["fit"]
+    assert (fit["ignore_index"], fit["min_pixels"], fit["n_pixels"]) == (255, 0, 2 * 64 * 64)

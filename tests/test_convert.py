@@ -14,14 +14,12 @@ from click.testing import CliRunner
 
 diffusers = pytest.importorskip("diffusers")
 
-from ddpmseg import data  # noqa: E402
+from ddpmseg.backbones import AdmConfig, create_backbone  # noqa: E402
 from ddpmseg.backbones import convert as convert_mod  # noqa: E402
-from ddpmseg.backbones.adm import create_backbone, random_unet  # noqa: E402
+from ddpmseg.backbones.adm import build_unet, random_unet  # noqa: E402
 from ddpmseg.backbones.convert import convert_adm_to_diffusers  # noqa: E402
-from ddpmseg.backbones.diffusers_unet import create_diffusers_backbone  # noqa: E402
-from ddpmseg.backbones.presets import AdmConfig  # noqa: E402
 from ddpmseg.cli.main import main  # noqa: E402
-from ddpmseg.demo import TINY_FLAGS  # noqa: E402
+from ddpmseg.demo import TINY_FLAGS, make_synthetic_dataset  # noqa: E402
 from ddpmseg.errors import DdpmsegError  # noqa: E402
 from ddpmseg.features.cache import FeatureCache  # noqa: E402
 from recipe_helpers import rel_err
@@ -62,7 +60,7 @@ def converted(request, tmp_path_factory):
     result = convert_adm_to_diffusers(ckpt, d / "converted", model_flags=flag_file)
     assert result.max_rel_err <= TOL
     config = AdmConfig.from_flags(flags)
-    return create_backbone(None, ckpt, config=config), create_diffusers_backbone(result.out), config
+    return create_backbone(ckpt, flags=config, device="cpu"), create_backbone(result.out, device="cpu"), config
 
 
 def _steps(config: AdmConfig) -> torch.Tensor:
@@ -96,7 +94,7 @@ def test_every_decoder_block_matches(converted):
     t = _steps(config)
     x = _input(config, len(t), seed=2)
     blocks = list(range(config.num_output_blocks))
-    want, got = adm.forward_blocks(x, t, blocks), dif.forward_blocks(x, t, blocks)
+    want, got = adm.forward_intermediates(x, t, blocks), dif.forward_intermediates(x, t, blocks)
     errs = {b: rel_err(got[b], want[b]) for b in blocks}
     print(f"\nper-block max relative error: { {b: f'{e:.1e}' for b, e in errs.items()} }")
     assert max(errs.values()) <= TOL
@@ -112,6 +110,18 @@ def test_scheduler_noises_like_the_adm(converted):
     err = rel_err(dif.q_sample(x0, t, noise), adm.q_sample(x0, t, noise))
     print(f"\nq_sample max relative error: {err:.1e}")
     assert err <= TOL
+
+
+def test_a_freshly_initialised_adm_converts(tmp_path):
+    """guided-diffusion zero-initialises the output conv: the final outputs are both exactly 0,
+    and the check must not divide 0 by 0 (0.1.0 refused such a model as "differs by nan")."""
+    torch.manual_seed(0)
+    model = build_unet(AdmConfig.from_flags(SMALL_FLAGS))
+    assert not model.out[2].weight.any()
+    torch.save(model.state_dict(), tmp_path / "fresh.pt")
+    (tmp_path / "fresh.json").write_text(json.dumps(SMALL_FLAGS))
+    result = convert_adm_to_diffusers(tmp_path / "fresh.pt", tmp_path / "out", model_flags=tmp_path / "fresh.json")
+    assert 0 <= result.max_rel_err <= TOL  # the decoder blocks (not zero) are compared too
 
 
 # --------------------------------------------------------------------------- refusals
@@ -172,7 +182,7 @@ def test_a_plain_qkv_split_is_caught_by_the_self_check(tmp_path, monkeypatch):
 def test_cli_convert_then_extract_gives_the_adm_features(tmp_path):
     ckpt, flag_file = _save_adm(tmp_path, SMALL_FLAGS)
     imgs = tmp_path / "imgs"
-    data.make_synthetic_dataset(imgs, n_images=2, size=32, seed=0)
+    make_synthetic_dataset(imgs, n_images=2, size=32, seed=0)
     runner = CliRunner()
     out = tmp_path / "converted"
     res = runner.invoke(main, ["-q", "convert", str(ckpt), "--model-flags", str(flag_file), "--out", str(out)])
@@ -188,7 +198,7 @@ def test_cli_convert_then_extract_gives_the_adm_features(tmp_path):
                                    "--steps", "10,500", "--blocks", "2,4,8", "--storage", "float32", "--device", "cpu"])
         assert res.exit_code == 0, res.output
     with FeatureCache(caches["adm"]) as a, FeatureCache(caches["dif"]) as b:
-        assert b.config["backbone"]["family"] == "diffusers" and a.image_ids == b.image_ids == ["shape_0", "shape_1"]
+        assert b.record.backbone.family == "diffusers" and a.image_ids == b.image_ids == ["shape_0", "shape_1"]
         for image_id in a.image_ids:
             want, got = a.block_maps(image_id), b.block_maps(image_id)
             assert want.keys() == got.keys()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpmseg import data
+from ddpmseg import data, viz
+from ddpmseg.demo import make_synthetic_dataset
 from ddpmseg.errors import DdpmsegError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -375,6 +376,7 @@ def test_min_pixels(count: int, kept: bool) -> None:
 
 
 # -- label sets -----------------------------------------------------------------------------
+SHARED_LABELSETS = Path(__file__).resolve().parents[2] / "shared" / "labelsets"
 SHIPPED = ["ffhq_34", "bedroom_28", "cat_15", "horse_21", "celeba_19", "ade_bedroom_30"]
 
 
@@ -382,16 +384,26 @@ SHIPPED = ["ffhq_34", "bedroom_28", "cat_15", "horse_21", "celeba_19", "ade_bedr
 def test_shipped_label_sets(name: str) -> None:
     assert name in data.list_label_sets()
     ls = data.load_label_set(name)
-    k = int(name.rsplit("_", 1)[1])
-    assert ls.n_classes == k and len(ls.names) == k and ls.palette().shape == (k, 3)
+    k = int(name.rsplit("_", 1)[1])  # the number of scored classes, as the paper counts them
+    ignore = 0 if name == "bedroom_28" else 255  # the reference: number_class 29, ignore_label 0 for bedroom
+    assert ls.ignore_index == ignore and ls.n_scored == k
+    n = k + (ignore == 0)
+    assert ls.n_classes == n and len(ls.names) == n and ls.palette().shape == (n, 3)
     assert ls.palette().dtype == np.uint8 and ls.name == name
     assert data.load_label_set(f"{name}.csv") == ls
+    shared = SHARED_LABELSETS / f"{name}.csv"  # the project's source of the paper's label sets
+    if shared.is_file():
+        rows = [line.split(",") for line in shared.read_text().splitlines()[1:] if line.strip()]
+        assert [r[1] for r in rows] == list(ls.names)
+        assert [tuple(int(v) for v in r[2:]) for r in rows] == list(ls.colors)
 
 
-def test_label_set_csv_round_trip(tmp_path: Path) -> None:
-    ls = data.LabelSet("mine", ("bg", "a, with comma", "b"), ((0, 0, 0), (1, 2, 3), (255, 255, 255)))
+@pytest.mark.parametrize("ignore", [255, 0])
+def test_label_set_csv_round_trip(tmp_path: Path, ignore: int) -> None:
+    ls = data.LabelSet("mine", ("bg", "a, with comma", "b"), ((0, 0, 0), (1, 2, 3), (255, 255, 255)), ignore)
     ls.to_csv(tmp_path / "mine.csv")
-    assert (tmp_path / "mine.csv").read_text().startswith("index,name,r,g,b\n")
+    text = (tmp_path / "mine.csv").read_text()
+    assert text.startswith("index,name,r,g,b\n" if ignore == 255 else "# ignore_index=0\nindex,name,r,g,b\n")
     assert data.load_label_set(str(tmp_path / "mine.csv")) == ls
     d = data.LabelSet.default(5)
     assert d.names[4] == "class_4" and len(set(d.colors)) == 5
@@ -422,19 +434,11 @@ def test_unknown_label_set() -> None:
         data.load_label_set("no_such_set")
 
 
-def test_distinct_colors() -> None:
-    c = data.distinct_colors(300)
-    assert c.shape == (300, 3) and c.dtype == np.uint8
-    assert len({tuple(x) for x in c}) == 300 and not (c == 0).all(1).any()
-    assert np.array_equal(c[:10], data.distinct_colors(10))
-    assert data.distinct_colors(0).shape == (0, 3)
-
-
 # -- synthetic dataset ----------------------------------------------------------------------
 def test_synthetic_dataset(tmp_path: Path) -> None:
-    ls = data.make_synthetic_dataset(tmp_path / "a", n_images=3, size=48, seed=3)
-    data.make_synthetic_dataset(tmp_path / "b", n_images=3, size=48, seed=3)
-    data.make_synthetic_dataset(tmp_path / "c", n_images=3, size=48, seed=4)
+    ls = make_synthetic_dataset(tmp_path / "a", n_images=3, size=48, seed=3)
+    make_synthetic_dataset(tmp_path / "b", n_images=3, size=48, seed=3)
+    make_synthetic_dataset(tmp_path / "c", n_images=3, size=48, seed=4)
     assert ls.names == ("background", "disc", "square")
     assert data.load_label_set(str(tmp_path / "a" / "classes.csv")).colors == ls.colors
     images = data.list_images([tmp_path / "a"])

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpmseg.backbones import presets
+from ddpmseg.backbones import _registry, register_preset
 from ddpmseg.backbones.adm import build_unet
 from ddpmseg.backbones.download import download, download_preset
-from ddpmseg.backbones.presets import AdmConfig, Preset
+from ddpmseg.backbones import AdmConfig, Preset
 from ddpmseg.errors import DdpmsegError
 
 TINY = AdmConfig(
@@ -112,11 +112,11 @@ def tiny_bytes() -> bytes:
 @pytest.fixture()
 def tiny_preset():
     """A preset with the tiny architecture, registered only for the test."""
-    preset = presets.register_preset(
+    preset = register_preset(
         Preset("tiny_test", TINY, "tiny.pt", ("https://example.invalid/models/tiny.pt",), "tiny test model")
     )
     yield preset
-    presets._PRESETS.pop(preset.name, None)
+    _registry._PRESETS.pop(preset.name, None)
 
 
 # --------------------------------------------------------------------------- download()
@@ -218,14 +218,14 @@ def test_download_preset_via_mirror_env(server, tmp_path, tiny_bytes, tiny_prese
 
 def test_download_preset_tries_urls_in_order(server, tmp_path, tiny_bytes, monkeypatch):
     server.files["/b/tiny2.pt"] = tiny_bytes
-    preset = presets.register_preset(
+    preset = register_preset(
         Preset("tiny_two", TINY, "tiny2.pt", (server.url("/a/tiny2.pt"), server.url("/b/tiny2.pt")), "two mirrors")
     )
     try:
         monkeypatch.delenv("DDPMSEG_DOWNLOAD_BASE", raising=False)
         path = download_preset(preset.name, tmp_path, progress=False)
     finally:
-        presets._PRESETS.pop(preset.name, None)
+        _registry._PRESETS.pop(preset.name, None)
     assert path.read_bytes() == tiny_bytes
     assert [(e["path"], e["status"]) for e in server.log] == [("/a/tiny2.pt", 404), ("/b/tiny2.pt", 200)]
 

@@ -80,29 +80,33 @@ def test_evaluate_masks_sums_over_images_before_dividing():
     np.testing.assert_array_equal(out["confusion"], [[3, 2], [0, 3]])
 
 
-def test_matches_the_reference_counting():
+@pytest.mark.parametrize("k, ignore", [(6, 255), (29, 0)])  # ffhq-like, and Bedroom-28 (29 indices, 0 = ignore)
+def test_matches_the_reference_counting(k, ignore):
     rng = np.random.default_rng(0)
-    k = 6
-    preds = [rng.integers(0, k - 1, (16, 16)) for _ in range(3)]  # class 5 never predicted
+    preds = [rng.integers(0, k - 1, (16, 16)) for _ in range(3)]  # class k-1 never predicted
     truths = [rng.integers(0, k - 1, (16, 16)) for _ in range(3)]  # nor present: counts 0
     for t in truths:
-        t[rng.random(t.shape) < 0.1] = 255  # ignore pixels, scored as the reference does
+        t[rng.random(t.shape) < 0.1] = ignore  # ignore pixels, scored as the reference does
+    scored = [c for c in range(k) if c != ignore]  # the reference's compute_iou: range(number_class) but ignore_label
     inter, union = np.zeros(k), np.zeros(k)
     for p, t in zip(preds, truths):
-        for c in range(k):  # the reference's compute_iou
+        for c in scored:
             inter[c] += np.sum((p == c) & (t == c))
             union[c] += np.sum((p == c) | (t == c))
-    expected = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-    out = evaluate_masks(iter(preds), iter(truths), k)
-    np.testing.assert_allclose(out["per_class"], expected)
-    assert out["per_class"][5] == 0.0
+    expected = np.where(union > 0, inter / np.maximum(union, 1), 0.0)[scored]
+    out = evaluate_masks(iter(preds), iter(truths), k, ignore_index=ignore)
+    np.testing.assert_allclose(np.asarray(out["per_class"])[scored], expected)
+    assert len(scored) == (28 if k == 29 else 6) and out["per_class"][k - 1] == 0.0
     assert out["miou"] == pytest.approx(expected.mean())
 
 
 def test_segmentation_score_accumulates():
     score = SegmentationScore(3).update(PRED, TRUTH).update(PRED, TRUTH)
-    np.testing.assert_array_equal(score.confusion, 2 * confusion_matrix(PRED, TRUTH, 3))
-    assert score.result()["miou"] == pytest.approx(mean_iou(confusion_matrix(PRED, TRUTH, 3)))
+    # (truth, pred) pairs of one image: (0,0) (1,1) (2,1) (2,2) (2,2) (1,0), counted twice
+    np.testing.assert_array_equal(score.confusion, [[2, 0, 0], [2, 2, 0], [0, 2, 4]])
+    # class 0: 2 / (2 + 4 - 2) ; class 1: 2 / (4 + 4 - 2) ; class 2: 4 / (6 + 4 - 4)
+    assert score.result()["per_class"] == pytest.approx([1 / 2, 1 / 3, 2 / 3])
+    assert score.result()["miou"] == pytest.approx(1 / 2) and score.result()["n_images"] == 2
 
 
 @pytest.mark.parametrize(

@@ -139,5 +139,9 @@ def test_kmeans_grid_errors() -> None:
         viz.kmeans_grid(image, {(5, 50): np.full((4, 4), 3)}, [5], [50], 3)
 
 
-def test_distinct_colors_reexported() -> None:
-    assert viz.distinct_colors is data.distinct_colors
+def test_distinct_colors() -> None:
+    c = viz.distinct_colors(300)
+    assert c.shape == (300, 3) and c.dtype == np.uint8
+    assert len({tuple(x) for x in c}) == 300 and not (c == 0).all(1).any()
+    assert np.array_equal(c[:10], viz.distinct_colors(10))
+    assert viz.distinct_colors(0).shape == (0, 3)

@@ -1,5 +1,37 @@
-"""Diffusion U-Net backbones: preset registry, checkpoint loading, block taps."""
+"""Diffusion U-Net backbones: one builder over a preset registry, for two families.
 
-from ddpmseg.backbones.presets import AdmConfig, Preset, get_preset, list_presets, register_preset
+    from ddpmseg.backbones import create_backbone, list_presets
+    backbone = create_backbone("ffhq.pt")             # or a diffusers folder / hub id; see create_backbone
+    backbone.blocks()                                  # the decoder blocks (feature info)
+    backbone.forward_intermediates(x_t, t, [5, 12])    # their outputs, stopping after block 12
 
-__all__ = ["AdmConfig", "Preset", "get_preset", "list_presets", "register_preset"]
+Layout: ``_base`` (the Backbone contract), ``configs`` (architecture and
+checkpoint records), ``_registry`` (presets), ``_builder`` (create_backbone),
+``_checkpoint`` (reading and recognising ADM state dicts), the families
+``adm`` and ``diffusers_unet``, and ``convert`` / ``download``.
+"""
+
+from ddpmseg.backbones._base import PRECISIONS, Backbone, BlockInfo, precision_dtype, resolve_device
+from ddpmseg.backbones._builder import backbone_from_record, checkpoint_ref, create_backbone, is_diffusers_source
+from ddpmseg.backbones._registry import Preset, get_preset, list_presets, register_preset
+from ddpmseg.backbones.configs import AdmConfig, BackboneSpec, CheckpointRef, DiffusersConfig
+
+__all__ = [
+    "PRECISIONS",
+    "AdmConfig",
+    "Backbone",
+    "BackboneSpec",
+    "BlockInfo",
+    "CheckpointRef",
+    "DiffusersConfig",
+    "Preset",
+    "backbone_from_record",
+    "checkpoint_ref",
+    "create_backbone",
+    "get_preset",
+    "is_diffusers_source",
+    "list_presets",
+    "precision_dtype",
+    "register_preset",
+    "resolve_device",
+]

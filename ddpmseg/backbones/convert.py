@@ -28,17 +28,14 @@ What the mapping has to get right (stock diffusers has no ADM converter):
   head width.
 
 Architectures diffusers cannot express are refused with a one-line reason;
-the written model is checked against the ADM on a small input before the
-folder appears.
+the written model is checked against the ADM on a small input (every decoder
+block's output and the final output) before the folder appears.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,7 +43,14 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ddpmseg.backbones.presets import AdmConfig, get_preset
+from ddpmseg._io import atomic_folder, check_new_folder
+from ddpmseg._optional import diffusers as import_diffusers
+from ddpmseg.backbones._builder import adm_architecture
+from ddpmseg.backbones._checkpoint import read_state_dict
+from ddpmseg.backbones._registry import get_preset
+from ddpmseg.backbones.adm import AdmBackbone, build_diffusion, build_unet
+from ddpmseg.backbones.configs import AdmConfig, DiffusersConfig
+from ddpmseg.backbones.diffusers_unet import DiffusersBackbone
 from ddpmseg.errors import DdpmsegError
 
 log = logging.getLogger(__name__)
@@ -278,54 +282,30 @@ def convert_state_dict(
 # --------------------------------------------------------------------------- entry point
 
 
-def _adm_config(state: Mapping[str, torch.Tensor], source: str, preset: str | None, model_flags: str | Path | None) -> AdmConfig:
-    from ddpmseg.backbones.checkpoint import check_signature, config_signature, resolve_config
-
-    if preset and model_flags:
-        raise DdpmsegError("give either --preset or --model-flags, not both")
-    if preset:
-        p = get_preset(preset)
-        if p.family != "adm":
-            raise DdpmsegError(f"--preset {preset} is already a diffusers model; convert takes guided-diffusion presets")
-        config = p.config
-    elif model_flags:
-        config = AdmConfig.from_json(model_flags)
-    else:
-        _, config = resolve_config(state, source=source)
-    check_signature(config_signature(config), state, preset or "the given flags", source)
-    return config
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, 0 when both are zero (a fresh ADM's output conv is zero)."""
+    scale = float(want.abs().max())
+    diff = float((got - want).abs().max())
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        what = "a file" if not out.is_dir() else "a non-empty folder"
-        raise DdpmsegError(f"--out {out} exists and is {what}; pass a new folder (or remove it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise DdpmsegError(f"cannot write {out}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise DdpmsegError(f"cannot write {out}: folder {parent} is not writable; choose another --out")
-
-
-def _verify(adm: torch.nn.Module, unet: torch.nn.Module, config: AdmConfig, steps: tuple[int, ...]) -> float:
-    """Largest relative error of the converted output against the ADM on a small random input."""
-    side = max(16, 2 ** (len(config.mults) - 1))  # small, and every level can halve it
+def _verify(adm: AdmBackbone, unet: DiffusersBackbone, steps: tuple[int, ...]) -> float:
+    """Largest relative error of every decoder block's output and of the final output on a small random input."""
+    side = max(16, 2 ** (len(adm.config.mults) - 1))  # small, and every level can halve it
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(len(steps), 3, side, side, generator=gen)
     t = torch.tensor(steps)
+    blocks = list(range(adm.config.num_output_blocks))
+    want = adm.forward_intermediates(x, t, blocks)
+    got = unet.forward_intermediates(x, t, blocks)
     with torch.inference_mode():
-        want = adm(x, t)
-        got = unet(x, t).sample
-    return float((got - want).abs().max() / want.abs().max())
+        want[-1], got[-1] = adm.model(x, t), unet.model(x, t).sample
+    return max(_rel_err(got[k], want[k]) for k in want)
 
 
 def _check_schedule(config: AdmConfig, sched_config: Mapping[str, Any]) -> None:
     """The DDPMScheduler's q_sample coefficients must equal guided-diffusion's to float32 precision."""
-    import diffusers
-
-    from ddpmseg.backbones.adm import build_diffusion
-
-    mine = diffusers.DDPMScheduler.from_config(dict(sched_config)).alphas_cumprod.double().numpy()
+    mine = import_diffusers().DDPMScheduler.from_config(dict(sched_config)).alphas_cumprod.double().numpy()
     theirs = build_diffusion(config).alphas_cumprod
     # DDPMScheduler keeps alphas_cumprod in float32: sqrt(1 - abar) near t=0 differs by ~1e-6
     err = max(float(np.max(np.abs(f(mine) - f(theirs)))) for f in (np.sqrt, lambda a: np.sqrt(1 - a)))
@@ -346,15 +326,10 @@ def convert_adm_to_diffusers(
     next to ``out`` and renamed into place once the converted model has been
     checked against the ADM; an existing non-empty ``out`` is refused.
     """
-    from ddpmseg.backbones.adm import build_unet
-    from ddpmseg.backbones.checkpoint import read_state_dict
-    from ddpmseg.backbones.diffusers_unet import _import_diffusers
-
-    out = Path(out)
-    _check_out(out)
-    diffusers = _import_diffusers()
+    out = check_new_folder(out)
+    diffusers = import_diffusers()
     state = read_state_dict(checkpoint)
-    config = _adm_config(state, str(checkpoint), preset, model_flags)
+    _, config = adm_architecture(state, str(checkpoint), get_preset(preset) if preset else None, model_flags)
     unet_config = diffusers_unet_config(config)
     sched_config = diffusers_scheduler_config(config)
     _check_schedule(config, sched_config)
@@ -373,24 +348,15 @@ def convert_adm_to_diffusers(
         adm = build_unet(config)
     adm.load_state_dict(dict(state), strict=True, assign=True)
     steps = (config.diffusion_steps // 10, config.diffusion_steps - 1)
-    err = _verify(adm.eval(), unet, config, steps)
+    err = _verify(AdmBackbone(config, adm.eval()), DiffusersBackbone(DiffusersConfig(unet_config, sched_config), unet), steps)
     if not err <= VERIFY_TOLERANCE:
         raise _refuse(f"the converted model differs from the ADM by {err:.1e} (relative); report this as a bug")
 
     scheduler = diffusers.DDPMScheduler(**sched_config)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
-    try:
+    with atomic_folder(out) as tmp:
         diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / "ddpmseg_conversion.json").write_text(
-            json.dumps({"source": str(Path(checkpoint).resolve()), "adm_config": config.to_dict(),
-                        "max_rel_err": err}, indent=2) + "\n"
-        )
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        record = {"source": str(Path(checkpoint).resolve()), "adm_config": config.to_dict(), "max_rel_err": err}
+        (tmp / "ddpmseg_conversion.json").write_text(json.dumps(record, indent=2) + "\n")
     return Conversion(
         out=out,
         unet_config=unet_config,

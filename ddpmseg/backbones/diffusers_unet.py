@@ -1,7 +1,9 @@
 """A diffusers ``UNet2DModel`` as a frozen feature backbone (the second family).
 
 Needs the optional extra: ``pip install "ddpmseg[diffusers]"``. diffusers and
-huggingface_hub are imported only inside the functions of this module.
+huggingface_hub are imported only inside the functions of this module (through
+``ddpmseg._optional``). Locating a folder or hub id and loading it is here;
+``create_backbone`` (the builder) decides which family a source is.
 
 Block numbering is guided-diffusion's ``output_blocks`` numbering. With
 ``L = layers_per_block``, every diffusers up block holds ``L + 1`` resnets
@@ -27,30 +29,27 @@ import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from ddpmseg.backbones.adm import Backbone, BlockInfo, resolve_device
-from ddpmseg.backbones.presets import DiffusersConfig
+from ddpmseg._optional import diffusers as import_diffusers
+from ddpmseg._optional import guided_diffusion, optional_import
+from ddpmseg.backbones._base import Backbone, BlockInfo, fill_zero_weights_
+from ddpmseg.backbones.configs import CheckpointRef, DiffusersConfig
 from ddpmseg.errors import DdpmsegError
 
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 SUPPORTED_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
-_INSTALL_HINT = 'install the extra: pip install "ddpmseg[diffusers]"'
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".pkl", ".npz", ".h5")
-
-
-def _import_diffusers():
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        raise DdpmsegError(f"diffusers backbones need the diffusers package; {_INSTALL_HINT}") from None
-    return diffusers
+# huggingface_hub's errors (offline, not cached, no such repository, bad id) are OSErrors or ValueErrors
+_HUB_ERRORS = (OSError, ValueError)
 
 
 # --------------------------------------------------------------------------- locating
@@ -69,27 +68,24 @@ def is_diffusers_source(checkpoint: str | Path) -> bool:
     return Path(checkpoint).is_dir() or looks_like_hub_id(checkpoint)
 
 
+def _snapshot(repo_id: str, purpose: str, **kwargs: Any) -> Path:
+    hub = optional_import("huggingface_hub", purpose)
+    return Path(hub.snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, **kwargs))
+
+
 def resolve_hub_id(repo_id: str) -> Path:
     """The local snapshot folder of a hub model: from the cache, else downloaded (configs + weights)."""
-    try:
-        import huggingface_hub
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise DdpmsegError(f"{repo_id} looks like a Hugging Face hub id, which needs huggingface_hub; {_INSTALL_HINT}") from None
-    offline = bool(getattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)) or os.environ.get(
-        "HF_HUB_OFFLINE", ""
-    ).upper() in ("1", "ON", "YES", "TRUE")
-    patterns = ["*.json", "*.safetensors", "*.bin", "*.txt"]
+    purpose = f"{repo_id} looks like a Hugging Face hub id, which"
     fix = f"download it where there is network (hf download {repo_id} --local-dir DIR) and pass --ckpt DIR"
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
-    if offline:
+        return _snapshot(repo_id, purpose, local_files_only=True)
+    except _HUB_ERRORS:
+        pass  # not in the cache: download it below, unless offline
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise DdpmsegError(f"{repo_id} is not a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set; {fix}")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:
+        return _snapshot(repo_id, purpose)
+    except _HUB_ERRORS as e:
         raise DdpmsegError(
             f"cannot download {repo_id} from the Hugging Face hub (no network, or no such repository: "
             f"{type(e).__name__}); {fix}"
@@ -99,12 +95,8 @@ def resolve_hub_id(repo_id: str) -> Path:
 def download_hub(repo_id: str, dest: Path) -> Path:
     """Fetch a hub model's configs and weights into the folder ``dest`` (huggingface_hub resumes)."""
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise DdpmsegError(f"downloading {repo_id} needs huggingface_hub; {_INSTALL_HINT}") from None
-    try:
-        snapshot_download(repo_id, local_dir=str(dest), allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"])
-    except Exception as e:
+        _snapshot(repo_id, f"downloading {repo_id}", local_dir=str(dest))
+    except _HUB_ERRORS as e:
         raise DdpmsegError(
             f"download of {repo_id} into {dest} failed (no network, HF_HUB_OFFLINE set, or no such repository: "
             f"{type(e).__name__}); run the same command again, or download it elsewhere "
@@ -152,11 +144,11 @@ def locate(checkpoint: str | Path) -> tuple[Path, Path | None, str]:
     return unet, sched, name
 
 
-def weights_file(checkpoint: str | Path) -> Path:
-    """The weights file of a diffusers folder / hub id (what its sha256 is taken of)."""
-    unet, _, _ = locate(checkpoint)
-    path = _weights_file(unet)
-    assert path is not None
+def weights_file(unet_dir: Path) -> Path:
+    """The weights file of a located unet folder (what the recorded sha256 is taken of)."""
+    path = _weights_file(unet_dir)
+    if path is None:  # pragma: no cover - locate() refuses such folders
+        raise DdpmsegError(f"diffusers model folder {unet_dir} has no weights ({' or '.join(WEIGHT_FILES)})")
     return path
 
 
@@ -177,33 +169,37 @@ def build_scheduler(config: DiffusersConfig):
     """The diffusers scheduler of ``config`` (None: guided-diffusion's linear schedule is used)."""
     if config.scheduler is None:
         return None
-    diffusers = _import_diffusers()
+    diffusers = import_diffusers()
     cls_name = dict(config.scheduler).get("_class_name", "DDPMScheduler")
     cls = getattr(diffusers, str(cls_name), None)
     if cls is None or not hasattr(cls, "add_noise"):
         cls = diffusers.DDPMScheduler
     try:
         return cls.from_config(dict(config.scheduler))
-    except Exception as e:
-        raise DdpmsegError(f"cannot build the scheduler from its config ({type(e).__name__}: {e}); remove or fix scheduler_config.json") from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise DdpmsegError(
+            f"cannot build the scheduler from its config ({type(e).__name__}: {e}); remove or fix scheduler_config.json"
+        ) from None
 
 
 class DiffusersBackbone(Backbone):
     """A frozen diffusers UNet2DModel plus the noise schedule of its pipeline."""
 
-    family = "diffusers"
-
-    def __init__(self, config: DiffusersConfig, model: torch.nn.Module, name: str = "custom") -> None:
+    def __init__(
+        self,
+        config: DiffusersConfig,
+        model: torch.nn.Module,
+        preset: str | None = None,
+        checkpoint: CheckpointRef | None = None,
+    ) -> None:
         self.config = config
         self.model = model.eval().requires_grad_(False)
-        self.name = name
+        self.preset = preset
+        self.checkpoint = checkpoint
         self._check_structure()
         self.scheduler = build_scheduler(config)
         if self.scheduler is None:
-            from ddpmseg.backbones.adm import _import_guided_diffusion
-
-            script_util, _, _ = _import_guided_diffusion()
-            self.diffusion = script_util.create_gaussian_diffusion(
+            self.diffusion = guided_diffusion("script_util").create_gaussian_diffusion(
                 steps=config.diffusion_steps, noise_schedule="linear", timestep_respacing=""
             )
 
@@ -248,11 +244,12 @@ class DiffusersBackbone(Backbone):
         return self.diffusion.q_sample(x0, t, noise=noise)
 
     @torch.inference_mode()
-    def forward_blocks(self, x: torch.Tensor, t: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Outputs of the requested decoder units, mirroring ``UNet2DModel.forward`` (diffusers 0.30-0.42)
-        and the up blocks' own forwards; returns right after the last requested unit."""
+    def _forward_intermediates(
+        self, x: torch.Tensor, t: torch.Tensor, indices: list[int], stop_early: bool
+    ) -> dict[int, torch.Tensor]:
+        """Mirrors ``UNet2DModel.forward`` (diffusers 0.30-0.42) and the up blocks' own forwards."""
         m = self.model
-        wanted = set(int(b) for b in blocks)
+        wanted = set(indices)
         last = max(wanted)
         L = self.config.layers_per_block
         sample = x
@@ -298,7 +295,7 @@ class DiffusersBackbone(Backbone):
                 k = level * (L + 1) + j
                 if k in wanted:
                     out[k] = sample
-                if k == last:
+                if k == last and stop_early:
                     return out
             if up.upsamplers is not None:
                 for upsampler in up.upsamplers:
@@ -314,68 +311,44 @@ class DiffusersBackbone(Backbone):
             k = level * (L + 1) + L
             if k in wanted:
                 out[k] = sample
-            if k == last:
+            if k == last and stop_early:
                 return out
+        m.conv_out(m.conv_act(m.conv_norm_out(sample)))  # the output head (stop_early=False)
         return out
 
 
-def load_unet(unet_dir: Path, device: str | torch.device = "cpu"):
-    diffusers = _import_diffusers()
+# what from_pretrained raises on a folder whose files do not belong together or are broken
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
+
+
+def load_unet(unet_dir: Path) -> torch.nn.Module:
+    """The ``UNet2DModel`` of a located unet folder, on the CPU."""
+    diffusers = import_diffusers()
     config = _read_json(unet_dir / "config.json", "UNet config")
     cls_name = config.get("_class_name", "UNet2DModel")
     if cls_name != "UNet2DModel":
         raise DdpmsegError(f"{unet_dir}/config.json describes a {cls_name}; ddpmseg supports diffusers UNet2DModel only")
-    import warnings
-
+    safetensors_error = getattr(optional_import("safetensors", "reading diffusers weights"), "SafetensorError", OSError)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, low_cpu_mem_usage=False)
-    except DdpmsegError:
-        raise
-    except Exception as e:
+            return diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, low_cpu_mem_usage=False)
+    except _LOAD_ERRORS + (safetensors_error,) as e:
         reason = " ".join(str(e).split())
         reason = reason if len(reason) <= 200 else reason[:197] + "..."
         raise DdpmsegError(
             f"cannot load the UNet2DModel in {unet_dir} ({type(e).__name__}: {reason}); "
             "check that config.json and the weights belong together"
         ) from None
-    dev = resolve_device(device) if isinstance(device, str) else device
-    return model.to(dev)
 
 
-def create_diffusers_backbone(
-    checkpoint: str | Path, name: str | None = None, device: str | torch.device = "cpu"
-) -> DiffusersBackbone:
-    """Load a diffusers folder (model or pipeline with unet/ and scheduler/) or hub id."""
-    unet_dir, sched_file, display = locate(checkpoint)
-    model = load_unet(unet_dir, device)
-    sched = _read_json(sched_file, "scheduler config") if sched_file is not None else None
-    if sched is None:
-        log.info("%s: no scheduler config found; noising with guided-diffusion's linear schedule", display)
-    config = DiffusersConfig(unet=dict(model.config), scheduler=sched)
-    return DiffusersBackbone(config, model, name=name or "custom")
+def read_scheduler_config(sched_file: Path | None) -> dict[str, Any] | None:
+    return _read_json(sched_file, "scheduler config") if sched_file is not None else None
 
 
-def random_unet2d(unet_config: dict[str, Any], seed: int = 0):
-    """A deterministic random UNet2DModel whose zero-initialised weights get small Gaussian values."""
-    diffusers = _import_diffusers()
+def random_unet2d(unet_config: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    """A deterministic random UNet2DModel whose every block does something (tests, benchmarks)."""
+    diffusers = import_diffusers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = diffusers.UNet2DModel(**unet_config)
-        with torch.no_grad():
-            for p in model.parameters():
-                if not p.any():
-                    p.normal_(0.0, 0.02)
-    return model.eval()
-
-
-__all__ = [
-    "DiffusersBackbone",
-    "create_diffusers_backbone",
-    "is_diffusers_source",
-    "looks_like_hub_id",
-    "locate",
-    "weights_file",
-    "random_unet2d",
-]
+        return fill_zero_weights_(diffusers.UNet2DModel(**unet_config)).eval()

@@ -13,6 +13,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ddpmseg._version import __version__
+from ddpmseg.backbones._checkpoint import check_signature, config_signature, read_state_dict
+from ddpmseg.backbones._registry import Preset, get_preset
+from ddpmseg.backbones.diffusers_unet import download_hub
 from ddpmseg.errors import DdpmsegError
 
 log = logging.getLogger(__name__)
@@ -22,10 +26,6 @@ _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, socket.time
 
 
 def _user_agent() -> str:
-    try:
-        from ddpmseg._version import __version__
-    except ImportError:  # pragma: no cover
-        __version__ = "0"
     return f"ddpmseg/{__version__}"
 
 
@@ -141,9 +141,7 @@ def _mirror(url: str) -> str:
     return base.rstrip("/") + "/" + url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _verify(path: Path, preset) -> None:
-    from ddpmseg.backbones.checkpoint import check_signature, config_signature, read_state_dict
-
+def _verify(path: Path, preset: Preset) -> None:
     state = read_state_dict(path)
     check_signature(config_signature(preset.config), state, f"preset {preset.name}", str(path))
 
@@ -163,14 +161,10 @@ def download_preset(
     An existing file is only verified. A downloaded file that does not load or
     does not fit the preset is renamed to ``*.bad`` and an error is raised.
     """
-    from ddpmseg.backbones.presets import get_preset
-
     preset = get_preset(name)
     directory = Path(directory)
     dest = directory / preset.filename
     if preset.family == "diffusers":
-        from ddpmseg.backbones.diffusers_unet import download_hub
-
         return download_hub(url or preset.urls[0].removeprefix("hf://"), dest)
     if dest.exists():
         try:
@@ -204,5 +198,4 @@ def download_preset(
             log.warning("%s", error)
             continue
         return dest
-    assert error is not None
     raise error

@@ -1,5 +1,12 @@
-"""The pixel classifier: an ensemble of MLPs on per-pixel diffusion features."""
+"""The pixel classifier: an ensemble of MLPs on per-pixel diffusion features.
 
-from ddpmseg.classify.ensemble import ArrayPixels, PixelEnsemble
+    members    the reference MLP and M members stacked into one module
+    training   the recipes (reference, fast) and the one training loop
+    ensemble   PixelEnsemble, the scikit-learn-style estimator (fit, predict, predict_block_maps)
+"""
 
-__all__ = ["PixelEnsemble", "ArrayPixels"]
+from ddpmseg.classify.ensemble import NotFittedError, PixelEnsemble, Segmentation
+from ddpmseg.classify.training import RECIPES, Recipe
+from ddpmseg.features.pixels import ArrayPixels, PixelSource
+
+__all__ = ["ArrayPixels", "NotFittedError", "PixelEnsemble", "PixelSource", "RECIPES", "Recipe", "Segmentation"]

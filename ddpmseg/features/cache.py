@@ -1,25 +1,24 @@
 """The HDF5 feature cache: native-resolution block maps per image.
 
 Layout of ``feats.h5`` (README "Cache file format"):
-    /                 attrs: format="ddpmseg-features", format_version, ddpmseg_version,
-                             config (JSON: extraction config + backbone + checkpoint)
+    /                 attrs: the CacheRecord (format, format_version, ddpmseg_version,
+                             config = JSON of the extraction config + backbone + checkpoint)
     /noise            float32 (1, 3, S, S): the shared noise
-    /images/<id>      group per image (id = file stem); attrs: source, preprocess (JSON)
+    /images/<id>      group per image (id = file stem); attrs: source, preprocess (JSON), complete
     /images/<id>/t{t}_b{b}   (C, h, w) float16 (or float32) decoder block output
 
 Crash safety: the main file is never modified in place. Each finished image
-is written to its own small file in ``feats.h5.parts/`` (temp file + rename);
-at the end of a run the parts are merged into a copy of the main file that
-replaces it atomically. A killed run therefore leaves the old main file
-intact plus every finished image in the parts folder; the next run (or any
-reader) picks them up without recomputing.
+is written to its own small file in ``feats.h5.parts/`` (atomically); at the
+end of a run the parts are merged into a copy of the main file that replaces
+it atomically. A killed run therefore leaves the old main file intact plus
+every finished image in the parts folder; the next run (or any reader) picks
+them up without recomputing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,16 +27,13 @@ import h5py
 import numpy as np
 import torch
 
-from ddpmseg._io import check_writable
-from ddpmseg._version import __version__
+from ddpmseg._io import check_writable, is_temp_file, write_atomic
 from ddpmseg.data import natural_key
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.extractor import BlockMaps, upsample_concat
+from ddpmseg.records import CacheRecord
 
 log = logging.getLogger(__name__)
-
-FORMAT = "ddpmseg-features"
-FORMAT_VERSION = 1
 
 
 def dataset_name(t: int, block: int) -> str:
@@ -48,20 +44,18 @@ def parts_dir(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
 
 
-def _write_header(f: h5py.File, config: dict[str, Any], noise: np.ndarray) -> None:
-    f.attrs["format"] = FORMAT
-    f.attrs["format_version"] = FORMAT_VERSION
-    f.attrs["ddpmseg_version"] = __version__
-    f.attrs["config"] = json.dumps(config, sort_keys=True)
+def _write_header(f: h5py.File, record: CacheRecord, noise: np.ndarray) -> None:
+    f.attrs.update(record.to_attrs())
     f.create_dataset("noise", data=np.asarray(noise, dtype=np.float32))
     f.require_group("images")
 
 
-def _open_h5(path: Path, mode: str = "r") -> h5py.File:
+def _open_h5(path: Path) -> tuple[h5py.File, CacheRecord]:
+    """An open cache file (read-only) and its record, or a one-line error."""
     if path.is_dir():
         raise DdpmsegError(f"feature file {path} is a folder; give the HDF5 file written by `ddpmseg extract`")
     try:
-        f = h5py.File(path, mode)
+        f = h5py.File(path, "r")
     except FileNotFoundError:
         raise DdpmsegError(f"feature file {path} does not exist; create it with `ddpmseg extract`") from None
     except OSError as e:
@@ -70,64 +64,61 @@ def _open_h5(path: Path, mode: str = "r") -> h5py.File:
             f"cannot open feature file {path} ({reason}); it is not a readable HDF5 file: "
             "give a file written by `ddpmseg extract` (or a new file name for --out)"
         ) from None
-    if f.attrs.get("format") != FORMAT:
+    try:
+        return f, CacheRecord.from_attrs(f.attrs, str(path))
+    except BaseException:
         f.close()
-        raise DdpmsegError(f"{path} is an HDF5 file but not a ddpmseg feature cache; create one with `ddpmseg extract`")
-    if int(f.attrs.get("format_version", -1)) > FORMAT_VERSION:
-        f.close()
-        raise DdpmsegError(f"{path} was written by a newer ddpmseg (format {f.attrs['format_version']}); upgrade ddpmseg")
-    return f
+        raise
 
 
 def _complete_parts(path: Path) -> list[Path]:
     d = parts_dir(path)
-    return sorted(d.glob("*.h5")) if d.is_dir() else []
+    return sorted(p for p in d.glob("*.h5") if not is_temp_file(p)) if d.is_dir() else []
 
 
 class FeatureWriter:
     """Adds images to a cache file, crash-safely (see module docstring)."""
 
-    def __init__(self, path: str | Path, config: dict[str, Any], noise: torch.Tensor) -> None:
+    def __init__(self, path: str | Path, record: CacheRecord, noise: torch.Tensor) -> None:
         self.path = Path(path)
-        self.config = config
+        self.record = record
         self.noise = noise.detach().cpu().numpy().astype(np.float32)
         check_writable(self.path, folder=False)  # before any image is extracted
-        if self.path.exists():
-            with _open_h5(self.path) as f:
-                self._check_same(json.loads(f.attrs["config"]), np.asarray(f["noise"]))
-        for part in _complete_parts(self.path):
-            with _open_h5(part) as f:
-                self._check_same(json.loads(f.attrs["config"]), np.asarray(f["noise"]))
+        for src in ([self.path] if self.path.exists() else []) + _complete_parts(self.path):
+            f, old = _open_h5(src)
+            with f:
+                self._check_same(old, np.asarray(f["noise"]))
 
-    def _check_same(self, old: dict[str, Any], noise: np.ndarray) -> None:
-        old, new = _identity(old), _identity(self.config)
-        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    def _check_same(self, old: CacheRecord, noise: np.ndarray) -> None:
+        diffs = old.differences(self.record)
         if diffs or not np.array_equal(noise, self.noise):
-            what = ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in diffs[:3]) or "noise"
+            what = "; ".join(diffs[:3]) or "the noise"
             raise DdpmsegError(
-                f"{self.path} holds features made with other settings ({what}); "
+                f"{self.path} holds features made with other settings ({what}: cache vs this run); "
                 "use a new --out file or the same settings"
             )
 
     def done_ids(self) -> set[str]:
         ids: set[str] = set()
         if self.path.exists():
-            with _open_h5(self.path) as f:
+            f, _ = _open_h5(self.path)
+            with f:
                 ids.update(k for k, g in f["images"].items() if g.attrs.get("complete", False))
         ids.update(p.stem for p in _complete_parts(self.path))
         return ids
 
     def add(self, image_id: str, maps: BlockMaps, source: str, preprocess: dict[str, Any]) -> None:
-        """Write one finished image to its own part file (atomic)."""
+        """Write one finished image to its own part file (atomically)."""
         d = parts_dir(self.path)
         d.mkdir(exist_ok=True)
-        final = d / f"{image_id}.h5"
-        tmp = d / f"{image_id}.h5.tmp"
-        dtype = np.dtype(self.config["extract"]["storage_dtype"])
-        with h5py.File(tmp, "w") as f:
-            _write_header(f, self.config, self.noise)
-            _write_image(f, image_id, {k: v.numpy().astype(dtype) for k, v in maps.items()}, source, preprocess)
-        os.replace(tmp, final)
+        dtype = np.dtype(self.record.extract.storage_dtype)
+
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w") as f:
+                _write_header(f, self.record, self.noise)
+                _write_image(f, image_id, {k: v.numpy().astype(dtype) for k, v in maps.items()}, source, preprocess)
+
+        write_atomic(d / f"{image_id}.h5", write)
 
     def merge(self) -> int:
         """Fold every part into the main file; returns the number of images merged."""
@@ -135,22 +126,26 @@ class FeatureWriter:
         if not parts:  # nothing finished: never leave an empty cache behind
             self._remove_parts_dir()
             return 0
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        if self.path.exists():
-            shutil.copyfile(self.path, tmp)
-            f = h5py.File(tmp, "a")
-        else:
-            f = h5py.File(tmp, "w")
-            _write_header(f, self.config, self.noise)
-        with f:
-            images = f["images"]
-            for part in parts:
-                with h5py.File(part, "r") as p:
-                    for image_id, g in p["images"].items():
-                        if image_id in images:
-                            del images[image_id]
-                        p.copy(g, images, name=image_id)
-        os.replace(tmp, self.path)
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # of a merge killed earlier
+            stale.unlink(missing_ok=True)
+
+        def write(tmp: Path) -> None:
+            if self.path.exists():
+                shutil.copyfile(self.path, tmp)
+                f = h5py.File(tmp, "a")
+            else:
+                f = h5py.File(tmp, "w")
+                _write_header(f, self.record, self.noise)
+            with f:
+                images = f["images"]
+                for part in parts:
+                    with h5py.File(part, "r") as p:
+                        for image_id, g in p["images"].items():
+                            if image_id in images:
+                                del images[image_id]
+                            p.copy(g, images, name=image_id)
+
+        write_atomic(self.path, write)
         for part in parts:
             part.unlink()
         self._remove_parts_dir()
@@ -159,20 +154,12 @@ class FeatureWriter:
     def _remove_parts_dir(self) -> None:
         """Remove the parts folder with any temp file of an image interrupted mid-write."""
         d = parts_dir(self.path)
-        for tmp in d.glob("*.h5.tmp") if d.is_dir() else []:
+        if not d.is_dir():
+            return
+        for tmp in d.glob("*.tmp"):  # this release's temp files and 0.1.0's (ID.h5.tmp)
             tmp.unlink(missing_ok=True)
-        try:
+        if not any(d.iterdir()):
             d.rmdir()
-        except OSError:
-            pass
-
-
-def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a cache config that fixes the features (a moved checkpoint is the same)."""
-    out = dict(config)
-    out["extract"] = {"precision": "fp32", **config.get("extract", {})}  # caches from before --precision
-    out["checkpoint"] = {k: v for k, v in config.get("checkpoint", {}).items() if k != "path"}
-    return out
 
 
 def _write_image(f: h5py.File, image_id: str, maps: dict, source: str, preprocess: dict[str, Any]) -> None:
@@ -187,46 +174,50 @@ def _write_image(f: h5py.File, image_id: str, maps: dict, source: str, preproces
 class FeatureCache:
     """Read access to a feature file (plus finished parts of an interrupted run).
 
-    ``image_ids`` are the image files' stems (natural order), ``noise`` the
-    shared (1, 3, S, S) noise, ``pixel_features(id)`` the exact upsampled
-    (C, S, S) float32 pixel features in the reference order.
+    ``record`` is the file's :class:`~ddpmseg.records.CacheRecord`,
+    ``image_ids`` the image files' stems (natural order), ``noise`` the shared
+    (1, 3, S, S) noise, ``pixel_features(id)`` the exact upsampled (C, S, S)
+    float32 pixel features in the reference order.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._files: list[h5py.File] = []
         self._where: dict[str, h5py.Group] = {}
-        sources = ([self.path] if self.path.exists() or not _complete_parts(self.path) else []) + _complete_parts(
-            self.path
-        )
-        for src in sources:
-            f = _open_h5(src)
-            self._files.append(f)
-            for image_id, g in f["images"].items():
-                if g.attrs.get("complete", False):
-                    self._where[image_id] = g
-        head = self._files[0]
-        self.config: dict[str, Any] = json.loads(head.attrs["config"])
-        self.noise: np.ndarray = np.asarray(head["noise"])
-        self.ddpmseg_version: str = str(head.attrs["ddpmseg_version"])
+        parts = _complete_parts(self.path)
+        sources = ([self.path] if self.path.exists() or not parts else []) + parts
+        records = []
+        try:
+            for src in sources:
+                f, record = _open_h5(src)
+                self._files.append(f)
+                records.append(record)
+                for image_id, g in f["images"].items():
+                    if g.attrs.get("complete", False):
+                        self._where[image_id] = g
+        except BaseException:
+            self.close()
+            raise
+        self.record: CacheRecord = records[0]
+        self.noise: np.ndarray = np.asarray(self._files[0]["noise"])
         self.image_ids: list[str] = sorted(self._where, key=natural_key)
 
     # -- configuration -------------------------------------------------------------
     @property
     def steps(self) -> list[int]:
-        return list(self.config["extract"]["steps"])
+        return list(self.record.extract.steps)
 
     @property
     def blocks(self) -> list[int]:
-        return list(self.config["extract"]["blocks"])
+        return list(self.record.extract.blocks)
 
     @property
     def keys(self) -> list[tuple[int, int]]:
-        return [(t, b) for t in self.steps for b in self.blocks]
+        return self.record.extract.keys
 
     @property
     def image_size(self) -> int:
-        return int(self.config["backbone"]["config"]["image_size"])
+        return int(self.record.backbone.config.image_size)
 
     @property
     def n_features(self) -> int:

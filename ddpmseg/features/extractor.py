@@ -10,46 +10,15 @@ timestep-major then block order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ddpmseg.backbones.adm import PRECISIONS, Backbone
+from ddpmseg.backbones import Backbone
 from ddpmseg.errors import DdpmsegError
 
-DEFAULT_STEPS = (50, 150, 250)
-DEFAULT_BLOCKS = (5, 6, 7, 8, 12)
-
 BlockMaps = Mapping[tuple[int, int], torch.Tensor]  # (t, block) -> (C, h, w)
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Everything that fixes the features of an image, besides the weights."""
-
-    steps: tuple[int, ...] = DEFAULT_STEPS
-    blocks: tuple[int, ...] = DEFAULT_BLOCKS
-    seed: int = 0
-    preprocess: str = "resize"
-    storage_dtype: str = "float16"
-    precision: str = "fp32"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "steps", tuple(int(t) for t in self.steps))
-        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
-        if self.preprocess not in ("resize", "crop"):
-            raise DdpmsegError(f"preprocess must be 'resize' or 'crop', got {self.preprocess!r}")
-        if self.storage_dtype not in ("float16", "float32"):
-            raise DdpmsegError(f"storage dtype must be float16 or float32, got {self.storage_dtype!r}")
-        if self.precision not in PRECISIONS:
-            raise DdpmsegError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-
-    @property
-    def keys(self) -> list[tuple[int, int]]:
-        """(t, block) pairs in the reference's concatenation order."""
-        return [(t, b) for t in self.steps for b in self.blocks]
 
 
 def make_noise(seed: int, size: int) -> torch.Tensor:
@@ -74,7 +43,7 @@ def extract_block_maps(
     runs at ``precision`` (see ``Backbone.precision``).
     """
     if x0.ndim != 4 or x0.shape[0] != 1:
-        raise ValueError(f"x0 must have shape (1, 3, S, S), got {tuple(x0.shape)}")
+        raise DdpmsegError(f"an image tensor must have shape (1, 3, S, S), got {tuple(x0.shape)}")
     if batch_size < 0:
         raise DdpmsegError(f"--batch-size must be 0 (all timesteps at once) or positive, got {batch_size}")
     device = backbone.device
@@ -89,7 +58,7 @@ def extract_block_maps(
         n = len(chunk)
         x_t = backbone.q_sample(x0.expand(n, -1, -1, -1), t, noise.expand(n, -1, -1, -1))
         with backbone.precision(precision):
-            maps = backbone.forward_blocks(x_t, t, blocks)
+            maps = backbone.forward_intermediates(x_t, t, blocks)
         for j, step in enumerate(chunk):
             for b in blocks:
                 out[(step, b)] = maps[b][j].float().cpu()

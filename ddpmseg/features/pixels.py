@@ -1,6 +1,8 @@
-"""Pixel features on demand, without materialising the upsampled tensors.
+"""Pixel sources: feature rows of pixels by index, without materialising the upsampled tensors.
 
-The paper's pixel feature at (y, x) is, for each block map, the bilinear
+A :class:`PixelSource` is what the classifier trains and predicts on:
+``ArrayPixels`` over an in-memory (N, D) array, ``CachePixels`` over cached
+native-resolution block maps. The paper's pixel feature at (y, x) is, for each block map, the bilinear
 (align_corners=False) blend of four native-resolution neighbours. ``CachePixels``
 keeps only the native maps in RAM (channel-last, float16: ~50 MB per 256x256
 image for the paper's setting instead of 2.2 GB) and builds the feature rows
@@ -9,10 +11,54 @@ of any batch of pixels exactly as ``F.interpolate`` would.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
+
+from ddpmseg.errors import DdpmsegError
+
+
+@runtime_checkable
+class PixelSource(Protocol):
+    """Anything that hands out float32 feature rows of pixels by index."""
+
+    n_features: int
+
+    def __len__(self) -> int: ...
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor: ...
+
+
+class ArrayPixels:
+    """A :class:`PixelSource` over an in-memory (N, D) array or tensor (kept as is, no copy)."""
+
+    def __init__(self, array: np.ndarray | torch.Tensor) -> None:
+        data = array.detach().cpu() if isinstance(array, torch.Tensor) else torch.as_tensor(np.asarray(array))
+        if data.ndim != 2:
+            raise DdpmsegError(
+                f"pixel features must be a 2-D (n_pixels, n_features) array, got shape {tuple(data.shape)}; reshape them"
+            )
+        if data.dtype == torch.bool or data.is_complex():
+            raise DdpmsegError(f"pixel features must be real numbers, got dtype {data.dtype}; pass a float array")
+        self._data = data
+        self.n_features = int(data.shape[1])
+
+    def __len__(self) -> int:
+        return int(self._data.shape[0])
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Float32 rows (B, D) of the pixels ``index`` (int64, B)."""
+        return self._data[torch.as_tensor(index, dtype=torch.long)].to(torch.float32)
+
+
+def as_pixel_source(X: Any) -> PixelSource:
+    """``X`` itself if it implements the PixelSource protocol, else ``ArrayPixels(X)``."""
+    if isinstance(X, (np.ndarray, torch.Tensor, list, tuple)):
+        return ArrayPixels(X)
+    if hasattr(X, "gather") and hasattr(X, "n_features") and hasattr(X, "__len__"):
+        return X
+    return ArrayPixels(X)
 
 
 def bilinear_taps(dst: torch.Tensor, in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,6 +1,8 @@
 """Reading, checking and recognising guided-diffusion (ADM) checkpoints.
 
-A checkpoint is ``torch.save(UNetModel.state_dict())``. It is loaded with
+A checkpoint is ``torch.save(UNetModel.state_dict())``; ``filter_state_dict``
+is the one place where foreign layouts (wrapper dicts, ``module.`` prefixes)
+are mapped onto the U-Net's own keys. It is loaded with
 ``weights_only=True``: ddpmseg never unpickles code. Architectures are compared
 by their *signature* (parameter name -> shape), computed from a model built on
 the ``meta`` device, so no weights are allocated even for the 552 M-parameter
@@ -23,7 +25,9 @@ from typing import Any, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from ddpmseg.backbones.presets import AdmConfig, get_preset, list_presets
+from ddpmseg.backbones._registry import get_preset, list_presets
+from ddpmseg.backbones.adm import build_unet
+from ddpmseg.backbones.configs import AdmConfig
 from ddpmseg.errors import DdpmsegError
 
 log = logging.getLogger(__name__)
@@ -45,8 +49,6 @@ _LOAD_ERRORS = (
     KeyError,
     ValueError,
     IndexError,
-    TypeError,
-    AttributeError,
     UnicodeDecodeError,
     struct.error,
 )
@@ -160,9 +162,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise _not_torch_error(path, e) from None
     except _LOAD_ERRORS as e:
         raise _not_torch_error(path, e) from None
-    state = _strip_prefixes(_unwrap(obj, str(path)))
+    state = filter_state_dict(obj, str(path))
     log.debug("read %d tensors from %s", len(state), path)
     return state
+
+
+def filter_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """The U-Net state dict inside a loaded checkpoint object: unwrapped and with shared prefixes removed."""
+    return _strip_prefixes(_unwrap(obj, source))
 
 
 def _not_torch_error(path: Path, e: BaseException) -> DdpmsegError:
@@ -200,8 +207,6 @@ def state_signature(state: Mapping[str, Any]) -> Signature:
 
 @functools.lru_cache(maxsize=32)
 def _config_signature(config: AdmConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    from ddpmseg.backbones.adm import build_unet
-
     with torch.device("meta"):
         model = build_unet(config)
     return tuple(state_signature(model.state_dict()).items())
@@ -260,7 +265,7 @@ def matching_presets(state: Mapping[str, Any]) -> list[str]:
     names = []
     for name in list_presets():
         preset = get_preset(name)
-        if getattr(preset, "family", "adm") != "adm":
+        if preset.family != "adm":
             continue
         try:
             sig = _config_signature(preset.config)
@@ -413,17 +418,14 @@ def infer_config(
 def resolve_config(
     state: Mapping[str, Any], source: str, image_size: int | None = None
 ) -> tuple[str | None, AdmConfig]:
-    """The architecture of a checkpoint given without flags: a preset's, else inferred.
-
-    Returns ``(None, config)``; which presets match, or what inference had to
-    assume, is logged (assumptions at WARNING).
-    """
+    """The architecture of a checkpoint given without flags: ``(preset name, config)`` of the first
+    matching preset, else ``(None, inferred config)``; what inference had to assume is logged (WARNING)."""
     presets = matching_presets(state)
     if presets:
         config = get_preset(presets[0]).config
         if image_size is None or image_size == config.image_size:
             log.info("%s has the architecture of presets %s", source, ", ".join(presets))
-            return None, config
+            return presets[0], config
     config, notes = infer_config(state, image_size=image_size, source=source)
     for note in notes:
         log.warning("%s: %s", source, note)
@@ -437,6 +439,7 @@ def _sha256_cache_clear() -> None:
 
 __all__ = [
     "read_state_dict",
+    "filter_state_dict",
     "file_sha256",
     "check_state_dict",
     "check_signature",

@@ -9,7 +9,6 @@ import torch
 
 from ddpmseg.classify.ensemble import PixelEnsemble
 from ddpmseg.features.extractor import upsample_concat
-from ddpmseg.model import classify_block_maps
 
 SHAPES = {5: (24, 4), 6: (16, 4), 8: (12, 8), 12: (8, 16)}  # block -> (channels, native size); S = 16
 
@@ -24,7 +23,7 @@ def test_native_resolution_prediction_equals_upsampled_features(n_classes, steps
     X = feats.reshape(feats.shape[0], -1).T  # (256, D)
     y = torch.randint(0, n_classes, (len(X),), generator=g)
     est = PixelEnsemble(n_classes=n_classes, n_members=3, max_epochs=2, random_state=0).fit(X, y)
-    seg = classify_block_maps(est, maps, keys, 16, chunk=100)
+    seg = est.predict_block_maps(maps, keys, 16, chunk=100)
     expect_labels = est.predict(X).reshape(16, 16)
     expect_unc = est.uncertainty(X).reshape(16, 16)
     # the two paths sum in another order; no pixel of these seeds is a near-tie between labels

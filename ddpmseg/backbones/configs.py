@@ -1,14 +1,15 @@
-"""Named backbone architectures, registered as frozen dataclasses.
+"""The records that describe a backbone: its architecture config and its checkpoint.
 
-Two families: ADM (guided-diffusion; ``AdmConfig``) and diffusers
-``UNet2DModel`` (``DiffusersConfig``; the google DDPM checkpoints on the
-Hugging Face hub). This module never imports diffusers.
+Two families, told apart by the config's type: ``AdmConfig`` (guided-diffusion's
+``create_model_and_diffusion`` flags) and ``DiffusersConfig`` (a diffusers
+``UNet2DModel`` config.json plus the scheduler used for noising).
+``BackboneSpec`` (family, preset name, config) and ``CheckpointRef`` (name,
+path, sha256) are what feature caches and model folders store. Pure data: this
+module imports neither torch nor diffusers.
 
-A preset fixes the U-Net flags and the noise schedule of a published
-checkpoint. ``AdmConfig`` holds exactly the guided-diffusion
-``create_model_and_diffusion`` arguments that change the network or the
-schedule; training-only flags (dropout, use_fp16, ...) are accepted from flag
-files and ignored.
+``AdmConfig`` holds exactly the flags that change the network or the schedule;
+training-only flags (dropout, use_fp16, ...) are accepted from flag files and
+ignored.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping, Union
 
 from ddpmseg.errors import DdpmsegError
 
@@ -47,6 +48,9 @@ IGNORED_FLAGS = frozenset(
 @dataclass(frozen=True)
 class AdmConfig:
     """guided-diffusion U-Net + diffusion flags (their names and meanings)."""
+
+    family: ClassVar[str] = "adm"
+    SCHEDULE_FLAGS: ClassVar[tuple[str, ...]] = ("diffusion_steps", "noise_schedule", "rescale_timesteps")
 
     image_size: int = 256
     num_channels: int = 256
@@ -184,6 +188,8 @@ class DiffusersConfig:
     ``num_train_timesteps`` (1000) steps.
     """
 
+    family: ClassVar[str] = "diffusers"
+
     unet: Mapping[str, Any]
     scheduler: Mapping[str, Any] | None = None
 
@@ -252,118 +258,48 @@ class DiffusersConfig:
         return cls(unet=d["unet"], scheduler=d.get("scheduler"))
 
 
+BackboneConfig = Union[AdmConfig, DiffusersConfig]
+CONFIG_TYPES: dict[str, type] = {"adm": AdmConfig, "diffusers": DiffusersConfig}
+
+
 @dataclass(frozen=True)
-class Preset:
-    """A published checkpoint: its architecture and where users download it."""
+class BackboneSpec:
+    """Which architecture: the family (from the config's type), the preset it matches (or None), the config."""
+
+    config: BackboneConfig
+    preset: str | None = None
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "preset": self.preset or "custom", "config": self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BackboneSpec":
+        family = d.get("family", "adm")  # records from before the diffusers family have none
+        if family not in CONFIG_TYPES:
+            raise DdpmsegError(
+                f"unknown backbone family {family!r} in the record; expected one of {', '.join(CONFIG_TYPES)} "
+                "(written by a newer ddpmseg? upgrade it)"
+            )
+        config = AdmConfig(**d["config"]) if family == "adm" else DiffusersConfig.from_dict(d["config"])
+        preset = d.get("preset")
+        return cls(config, None if preset in (None, "custom") else str(preset))
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """Where the weights came from: file or folder name, absolute path (or hub id), sha256 of the weights file."""
 
     name: str
-    config: AdmConfig | DiffusersConfig
-    filename: str
-    urls: tuple[str, ...]
-    description: str
-    family: str = "adm"
+    path: str
+    sha256: str
 
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
 
-_YANDEX = "https://storage.yandexcloud.net/yandex-research/ddpm-segmentation/models/ddpm_checkpoints/"
-_OPENAI = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
-_ADM_256 = AdmConfig()  # all five presets share the paper's flags
-
-_PRESETS: dict[str, Preset] = {}
-
-
-def register_preset(preset: Preset) -> Preset:
-    if preset.name in _PRESETS:
-        raise ValueError(f"preset {preset.name!r} is already registered")
-    _PRESETS[preset.name] = preset
-    return preset
-
-
-for _name, _file, _urls, _desc in [
-    ("ffhq_256", "ffhq.pt", (_YANDEX + "ffhq.pt",), "FFHQ faces, 256x256 (the paper's FFHQ-34 / CelebA-19)"),
-    (
-        "lsun_bedroom_256",
-        "lsun_bedroom.pt",
-        (_YANDEX + "lsun_bedroom.pt", _OPENAI + "lsun_bedroom.pt"),
-        "LSUN bedrooms, 256x256 (Bedroom-28, ADE-Bedroom-30)",
-    ),
-    ("lsun_cat_256", "lsun_cat.pt", (_YANDEX + "lsun_cat.pt",), "LSUN cats, 256x256 (Cat-15)"),
-    ("lsun_horse_256", "lsun_horse.pt", (_YANDEX + "lsun_horse.pt",), "LSUN horses, 256x256 (Horse-21)"),
-    (
-        "imagenet_256_uncond",
-        "256x256_diffusion_uncond.pt",
-        (_OPENAI + "256x256_diffusion_uncond.pt",),
-        "ImageNet, unconditional, 256x256",
-    ),
-]:
-    register_preset(Preset(_name, _ADM_256, _file, _urls, _desc))
-
-
-# The google DDPM checkpoints (Ho et al. 2020) as diffusers converted them.
-# Checked against the hub's files: the config.json of google/ddpm-celebahq-256,
-# -bedroom-256, -church-256, -cat-256 and -cifar10-32 (as copied by fine-tunes
-# naming those snapshots) and the scheduler_config.json of -cat-256, -church-256
-# (fixed_small) and -cifar10-32 (fixed_large). ddpm-ema-celebahq-256 is assumed
-# to equal ddpm-celebahq-256 (same training run, EMA weights).
-_GOOGLE_DDPM_COMMON = dict(
-    in_channels=3,
-    out_channels=3,
-    layers_per_block=2,
-    act_fn="silu",
-    attention_head_dim=None,
-    center_input_sample=False,
-    downsample_padding=0,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    mid_block_scale_factor=1,
-    norm_eps=1e-6,
-    norm_num_groups=32,
-    time_embedding_type="positional",
-)
-_GOOGLE_DDPM_256 = DiffusersConfig(
-    unet=dict(
-        _GOOGLE_DDPM_COMMON,
-        sample_size=256,
-        block_out_channels=[128, 128, 256, 256, 512, 512],
-        down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
-    ),
-    scheduler=dict(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
-        variance_type="fixed_small", clip_sample=True,
-    ),
-)
-_GOOGLE_DDPM_32 = DiffusersConfig(
-    unet=dict(
-        _GOOGLE_DDPM_COMMON,
-        sample_size=32,
-        block_out_channels=[128, 256, 256, 256],
-        down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    ),
-    scheduler=dict(_GOOGLE_DDPM_256.scheduler, variance_type="fixed_large"),
-)
-
-for _name, _hub, _config, _desc in [
-    ("ddpm_celebahq_256", "google/ddpm-celebahq-256", _GOOGLE_DDPM_256, "DDPM CelebA-HQ faces, 256x256 (diffusers)"),
-    ("ddpm_ema_celebahq_256", "google/ddpm-ema-celebahq-256", _GOOGLE_DDPM_256, "DDPM CelebA-HQ faces, EMA weights, 256x256 (diffusers)"),
-    ("ddpm_bedroom_256", "google/ddpm-bedroom-256", _GOOGLE_DDPM_256, "DDPM LSUN bedrooms, 256x256 (diffusers)"),
-    ("ddpm_cat_256", "google/ddpm-cat-256", _GOOGLE_DDPM_256, "DDPM LSUN cats, 256x256 (diffusers)"),
-    ("ddpm_church_256", "google/ddpm-church-256", _GOOGLE_DDPM_256, "DDPM LSUN churches, 256x256 (diffusers)"),
-    ("ddpm_cifar10_32", "google/ddpm-cifar10-32", _GOOGLE_DDPM_32, "DDPM CIFAR-10, 32x32 (diffusers)"),
-]:
-    register_preset(Preset(_name, _config, _hub.split("/")[1], ("hf://" + _hub,), _desc, family="diffusers"))
-
-
-def list_presets() -> list[str]:
-    """Names of all registered presets, sorted."""
-    return sorted(_PRESETS)
-
-
-def get_preset(name: str) -> Preset:
-    try:
-        return _PRESETS[name]
-    except KeyError:
-        raise DdpmsegError(
-            f"unknown preset {name!r}; choose one of {', '.join(list_presets())} "
-            "or pass --model-flags FILE"
-        ) from None
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CheckpointRef":
+        return cls(str(d["name"]), str(d["path"]), str(d["sha256"]))

@@ -1,0 +1,191 @@
+"""The model's view of an image: resize or crop to S x S, and the inverse map back to the original size.
+
+A :class:`Preprocess` record (stored per image in the cache) says how an
+original image was mapped onto the model's S x S grid; label maps are mapped
+the same way (``prepare_mask``) and predictions mapped back (``restore_labels``,
+``restore_map``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddpmseg.errors import DdpmsegError
+
+MODES: tuple[str, ...] = ("resize", "crop")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an original image maps onto the model's S x S input (and back).
+
+    ``mode`` "resize": plain resize to S x S (aspect not kept, every pixel covered).
+    ``mode`` "crop": resize the short side to S, then centre-crop S x S (the
+    paper's recipe for square images; for non-square images the ends of the
+    long side are not seen by the model).
+    Sizes are (width, height); ``crop_box`` is (left, top, right, bottom) in the
+    resized image's coordinates.
+    """
+
+    mode: str
+    size: int
+    original_size: tuple[int, int]
+    crop_box: tuple[int, int, int, int]
+    resized_size: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (lists, ints, strings)."""
+        return {
+            "mode": self.mode,
+            "size": int(self.size),
+            "original_size": [int(v) for v in self.original_size],
+            "crop_box": [int(v) for v in self.crop_box],
+            "resized_size": [int(v) for v in self.resized_size],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocess":
+        """Inverse of :meth:`to_dict` (accepts lists, tuples or numpy arrays)."""
+        try:
+            pre = cls(
+                mode=str(d["mode"]),
+                size=int(d["size"]),
+                original_size=tuple(int(v) for v in d["original_size"]),  # type: ignore[arg-type]
+                crop_box=tuple(int(v) for v in d["crop_box"]),  # type: ignore[arg-type]
+                resized_size=tuple(int(v) for v in d["resized_size"]),  # type: ignore[arg-type]
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DdpmsegError(
+                f"preprocessing record {dict(d)!r} is invalid ({type(e).__name__}: {e}); re-extract the features"
+            ) from None
+        if (
+            pre.mode not in MODES
+            or len(pre.original_size) != 2
+            or len(pre.crop_box) != 4
+            or len(pre.resized_size) != 2
+        ):
+            raise DdpmsegError(f"preprocessing record {dict(d)!r} is invalid; re-extract the features")
+        return pre
+
+    @classmethod
+    def plan(cls, original_size: tuple[int, int], size: int, mode: str = "resize") -> "Preprocess":
+        """The record for an image of ``original_size`` (W, H) and model size ``size``."""
+        if mode not in MODES:
+            raise DdpmsegError(f"preprocess mode {mode!r} is unknown; use 'resize' or 'crop'")
+        if int(size) < 1:
+            raise DdpmsegError(f"model input size must be positive, got {size}")
+        w, h = int(original_size[0]), int(original_size[1])
+        if w < 1 or h < 1:
+            raise DdpmsegError(f"image size {w}x{h} is empty; give a non-empty image")
+        s = int(size)
+        if mode == "resize" or w == h:
+            return cls(mode, s, (w, h), (0, 0, s, s), (s, s))
+        if w < h:
+            rw, rh = s, max(s, int(round(h * s / w)))
+        else:
+            rw, rh = max(s, int(round(w * s / h))), s
+        left, top = (rw - s) // 2, (rh - s) // 2
+        return cls(mode, s, (w, h), (left, top, left + s, top + s), (rw, rh))
+
+
+def preprocess_image(rgb: np.ndarray, size: int, mode: str = "resize") -> tuple[torch.Tensor, Preprocess]:
+    """The model input (1, 3, S, S) float32 in [-1, 1] and its :class:`Preprocess` record.
+
+    Uses PIL bilinear resampling then ``x / 127.5 - 1``; for a square image both
+    modes equal the reference ``img.resize((S, S), Image.BILINEAR)``.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise DdpmsegError(f"preprocess_image needs an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
+    pre = Preprocess.plan((rgb.shape[1], rgb.shape[0]), size, mode)
+    img = Image.fromarray(rgb, "RGB").resize(pre.resized_size, Image.BILINEAR)
+    if pre.crop_box != (0, 0, *pre.resized_size):
+        img = img.crop(pre.crop_box)
+    x = np.asarray(img, dtype=np.float64) / 127.5 - 1.0
+    t = torch.from_numpy(np.ascontiguousarray(x.astype(np.float32).transpose(2, 0, 1)))[None]
+    return t, pre
+
+
+def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
+    """Source index of each output pixel for a nearest resize n_in -> n_out (pixel centres)."""
+    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
+
+
+def prepare_mask(mask: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """Map an (H, W) label map onto the model grid exactly as the image was mapped (nearest)."""
+    mask = np.asarray(mask)
+    w, h = pre.original_size
+    if mask.ndim != 2 or mask.shape != (h, w):
+        raise DdpmsegError(
+            f"label map is {mask.shape[1] if mask.ndim > 1 else '?'}x{mask.shape[0]} (WxH) but its image is {w}x{h}; "
+            "give a mask the size of its image"
+        )
+    rw, rh = pre.resized_size
+    left, top, right, bottom = pre.crop_box
+    rows = _nearest_index(rh, h)[top:bottom]
+    cols = _nearest_index(rw, w)[left:right]
+    return mask.astype(np.int64, copy=False)[np.ix_(rows, cols)]
+
+
+def _back_coords(n_orig: int, n_resized: int, offset: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous coordinate, in the S-grid, of each original pixel centre, and whether it is inside."""
+    c = (np.arange(n_orig) + 0.5) * (n_resized / n_orig) - offset
+    return c, (c >= 0) & (c < s)
+
+
+def _inverse_grid(pre: Preprocess) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """S-grid row and column coordinates of the original pixel centres, and the (H, W) inside-crop mask."""
+    w, h = pre.original_size
+    rw, rh = pre.resized_size
+    left, top = pre.crop_box[:2]
+    cy, vy = _back_coords(h, rh, top, pre.size)
+    cx, vx = _back_coords(w, rw, left, pre.size)
+    return cy, cx, vy[:, None] & vx[None, :]
+
+
+def restore_labels(labels: np.ndarray, pre: Preprocess, fill: int = 255) -> np.ndarray:
+    """Map an (S, S) label map back to the original (H, W) size (nearest).
+
+    In crop mode, original pixels outside the crop get ``fill``.
+    """
+    labels = np.asarray(labels)
+    s = pre.size
+    if labels.shape != (s, s):
+        raise DdpmsegError(f"label map is {labels.shape}, expected ({s}, {s}) for this preprocessing record")
+    cy, cx, inside = _inverse_grid(pre)
+    iy = np.clip(np.floor(cy).astype(np.int64), 0, s - 1)
+    ix = np.clip(np.floor(cx).astype(np.int64), 0, s - 1)
+    out = labels.astype(np.int64, copy=False)[np.ix_(iy, ix)].copy()
+    out[~inside] = fill
+    return out
+
+
+def restore_map(values: np.ndarray, pre: Preprocess, fill: float = 0.0) -> np.ndarray:
+    """Map an (S, S) (or (C, S, S)) float map back to the original size (bilinear, float32).
+
+    In crop mode, original pixels outside the crop get ``fill``.
+    """
+    v = np.asarray(values, dtype=np.float32)
+    s = pre.size
+    if v.ndim not in (2, 3) or v.shape[-2:] != (s, s):
+        raise DdpmsegError(f"map is {v.shape}, expected ({s}, {s}) or (C, {s}, {s}) for this preprocessing record")
+    cy, cx, inside = _inverse_grid(pre)
+
+    def taps(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        c = np.clip(c - 0.5, 0, s - 1)
+        i0 = np.floor(c).astype(np.int64)
+        i1 = np.minimum(i0 + 1, s - 1)
+        return i0, i1, (c - i0).astype(np.float32)
+
+    y0, y1, fy = taps(cy)
+    x0, x1, fx = taps(cx)
+    fy, fx = fy[:, None], fx[None, :]
+    top_row = v[..., y0, :][..., x0] * (1 - fx) + v[..., y0, :][..., x1] * fx
+    bot_row = v[..., y1, :][..., x0] * (1 - fx) + v[..., y1, :][..., x1] * fx
+    out = (top_row * (1 - fy) + bot_row * fy).astype(np.float32)
+    out[..., ~inside] = fill
+    return out

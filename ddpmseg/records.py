@@ -1,0 +1,235 @@
+"""Typed, versioned records: exactly what ``feats.h5`` and ``model.json`` store.
+
+    CacheRecord   feats.h5 root attributes: format, format_version, ddpmseg_version and
+                  config = {"extract": ExtractConfig, "backbone": BackboneSpec, "checkpoint": CheckpointRef}
+    ModelRecord   model.json: format, format_version, ddpmseg_version, backbone, checkpoint,
+                  extract, classes (name, names, colours), fit (FitConfig)
+
+Every record has ``to_dict`` / ``from_dict`` (JSON-ready values, tuples as
+lists) and reads the files of earlier releases: missing fields take the
+value those releases used. A file from a newer format is refused with a
+message to upgrade.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ddpmseg._version import __version__
+from ddpmseg.backbones._base import PRECISIONS
+from ddpmseg.backbones.configs import BackboneSpec, CheckpointRef
+from ddpmseg.data.labelsets import LabelSet
+from ddpmseg.errors import DdpmsegError
+
+DEFAULT_STEPS = (50, 150, 250)
+DEFAULT_BLOCKS = (5, 6, 7, 8, 12)
+PREPROCESS_MODES = ("resize", "crop")
+STORAGE_DTYPES = ("float16", "float32")
+
+CACHE_FORMAT, CACHE_VERSION = "ddpmseg-features", 1
+MODEL_FORMAT, MODEL_VERSION = "ddpmseg-model", 2  # 1: 0.1.0's model.json (no format_version field)
+
+
+def _check_version(found: int, supported: int, what: str) -> None:
+    if found > supported:
+        raise DdpmsegError(f"{what} was written by a newer ddpmseg (format {found}, this one reads <= {supported}); upgrade ddpmseg")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that fixes the features of an image, besides the weights."""
+
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    blocks: tuple[int, ...] = DEFAULT_BLOCKS
+    seed: int = 0
+    preprocess: str = "resize"
+    storage_dtype: str = "float16"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(int(t) for t in self.steps))
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        if self.preprocess not in PREPROCESS_MODES:
+            raise DdpmsegError(f"preprocess must be 'resize' or 'crop', got {self.preprocess!r}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise DdpmsegError(f"storage dtype must be float16 or float32, got {self.storage_dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise DdpmsegError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        """(t, block) pairs in the reference's concatenation order."""
+        return [(t, b) for t in self.steps for b in self.blocks]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {**d, "steps": list(self.steps), "blocks": list(self.blocks)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ExtractConfig":
+        # caches and models from before --precision were made in fp32
+        return cls(**{"precision": "fp32", **{k: v for k, v in d.items() if k in _field_names(cls)}})
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class CacheRecord:
+    """The identity of a feature cache: extraction settings, architecture and weights."""
+
+    extract: ExtractConfig
+    backbone: BackboneSpec
+    checkpoint: CheckpointRef
+    format_version: int = CACHE_VERSION
+    ddpmseg_version: str = __version__
+
+    def config_dict(self) -> dict[str, Any]:
+        """The ``config`` attribute's JSON object."""
+        return {"extract": self.extract.to_dict(), "backbone": self.backbone.to_dict(), "checkpoint": self.checkpoint.to_dict()}
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The HDF5 root attributes of a cache file."""
+        return {
+            "format": CACHE_FORMAT,
+            "format_version": self.format_version,
+            "ddpmseg_version": self.ddpmseg_version,
+            "config": json.dumps(self.config_dict(), sort_keys=True),
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any], source: str) -> "CacheRecord":
+        if attrs.get("format") != CACHE_FORMAT:
+            raise DdpmsegError(f"{source} is an HDF5 file but not a ddpmseg feature cache; create one with `ddpmseg extract`")
+        version = int(attrs.get("format_version", 1))
+        _check_version(version, CACHE_VERSION, source)
+        try:
+            config = json.loads(attrs["config"])
+            return cls(
+                ExtractConfig.from_dict(config["extract"]),
+                BackboneSpec.from_dict(config["backbone"]),
+                CheckpointRef.from_dict(config["checkpoint"]),
+                version,
+                str(attrs.get("ddpmseg_version", "?")),
+            )
+        except KeyError as e:
+            raise DdpmsegError(f"{source}: its cache record lacks {e}; re-extract the features into a new file") from None
+        except json.JSONDecodeError as e:
+            raise DdpmsegError(f"{source}: its cache record is not JSON ({e}); re-extract the features into a new file") from None
+
+    def identity(self) -> dict[str, Any]:
+        """What fixes the features, flattened: a moved or renamed checkpoint with the same weights is the same."""
+        out = {f"extract.{k}": v for k, v in self.extract.to_dict().items()}
+        out["backbone.family"] = self.backbone.family
+        out.update({f"backbone.{k}": v for k, v in _flat(self.backbone.config.to_dict()).items()})
+        out["checkpoint.sha256"] = self.checkpoint.sha256
+        return out
+
+    def differences(self, other: "CacheRecord") -> list[str]:
+        """One phrase per setting that differs from ``other``'s (this record's value first)."""
+        a, b = self.identity(), other.identity()
+        diffs = []
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                if k == "checkpoint.sha256":
+                    diffs.append(f"checkpoint {self.checkpoint.name} vs {other.checkpoint.name} (other weights)")
+                else:
+                    diffs.append(f"{k} {a.get(k)!r} vs {b.get(k)!r}")
+        return diffs
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """model.json's ``fit`` section: the fit's settings and what they were applied to."""
+
+    images: tuple[str, ...]
+    masks: str
+    ensemble: int = 10
+    seed: int = 0
+    max_epochs: int = 100
+    ignore_index: int = 255
+    min_pixels: int = 20
+    recipe: str = "reference"
+    pixel_fraction: float = 1.0
+    batch_size: int = 64
+    lr: float = 1e-3
+    precision: str = "fp32"
+    n_pixels: int = 0
+    n_iter: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "images", tuple(str(i) for i in self.images))
+        object.__setattr__(self, "n_iter", tuple(int(i) for i in self.n_iter))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "images": list(self.images), "n_iter": list(self.n_iter)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FitConfig":
+        return cls(**{k: v for k, v in d.items() if k in _field_names(cls)})
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """model.json: how the features were made, the classes, and how the classifier was fitted."""
+
+    backbone: BackboneSpec
+    checkpoint: CheckpointRef
+    extract: ExtractConfig
+    classes: LabelSet
+    fit: FitConfig
+    format_version: int = MODEL_VERSION
+    ddpmseg_version: str = __version__
+
+    @property
+    def labelset(self) -> LabelSet:
+        """The classes, with the ignore label the fit used."""
+        return dataclasses.replace(self.classes, ignore_index=self.fit.ignore_index)
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.classes
+        return {
+            "format": MODEL_FORMAT,
+            "format_version": self.format_version,
+            "ddpmseg_version": self.ddpmseg_version,
+            "backbone": self.backbone.to_dict(),
+            "checkpoint": self.checkpoint.to_dict(),
+            "extract": self.extract.to_dict(),
+            "classes": {"name": c.name, "names": list(c.names), "colors": [list(x) for x in c.colors]},
+            "fit": self.fit.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "model.json") -> "ModelRecord":
+        if not isinstance(d, Mapping) or d.get("format") != MODEL_FORMAT:
+            raise DdpmsegError(f"{source} is not a ddpmseg model.json; rerun `ddpmseg fit` to write it")
+        version = int(d.get("format_version", 1))
+        _check_version(version, MODEL_VERSION, source)
+        try:
+            c = d["classes"]
+            fit = FitConfig.from_dict(d["fit"])
+            return cls(
+                BackboneSpec.from_dict(d["backbone"]),
+                CheckpointRef.from_dict(d["checkpoint"]),
+                ExtractConfig.from_dict(d["extract"]),
+                LabelSet(c["name"], tuple(c["names"]), tuple(tuple(x) for x in c["colors"]), fit.ignore_index),
+                fit,
+                version,
+                str(d.get("ddpmseg_version", "?")),
+            )
+        except KeyError as e:
+            raise DdpmsegError(f"{source} lacks the field {e}; rerun `ddpmseg fit` to rewrite it") from None
