@@ -1,20 +1,47 @@
 """``ddpmseg`` commands. Each only parses options, calls one library function and
-prints a summary line; errors become one line on stderr and a non-zero exit."""
+prints a summary line; errors become one line on stderr and a non-zero exit.
+
+This module imports neither torch nor the library at load time (``ddpmseg
+--help`` stays instant, and the OpenMP settings below apply before torch
+starts); each command imports what it calls.
+"""
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-import traceback
-from pathlib import Path
+import os
 
-import click
+# OpenMP threads that spin while waiting for work take the cores from any other busy process and
+# can make both run 10-50x slower (benchmarks/bench_threads.py); a passive wait costs nothing
+# measurable alone. Set before torch is imported, unless the user chose a policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ddpmseg.classify.training import RECIPES
-from ddpmseg.errors import DdpmsegError
-from ddpmseg.pipeline import MIN_PIXELS
-from ddpmseg.records import DEFAULT_BLOCKS, DEFAULT_STEPS, PREPROCESS_MODES, PRECISIONS, STORAGE_DTYPES, ExtractConfig
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
+
+from ddpmseg._text import few, plural  # noqa: E402
+from ddpmseg.errors import DdpmsegError  # noqa: E402
+from ddpmseg.options import (  # noqa: E402
+    DEFAULT_BLOCKS,
+    DEFAULT_STEPS,
+    MIN_PIXELS,
+    PRECISIONS,
+    PREPROCESS_MODES,
+    RECIPES,
+    STORAGE_DTYPES,
+)
+
+# What Ctrl-C leaves behind, by command (the message must say what is true).
+INTERRUPTED = {
+    "extract": "finished images are kept in the cache; run the same command again to extract the rest",
+    "fit": "no model was written (fit does not resume); run it again to start over",
+    "predict": "the PNGs of finished images are kept; rerun with --overwrite to redo them all",
+    "download": "the partial download is kept; run the same command again to resume",
+}
 
 
 def _ints(value: str, name: str) -> tuple[int, ...]:
@@ -29,6 +56,26 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+def _default_threads() -> int:
+    """The cores this process may use (its CPU affinity), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's intra-op threads: ``--threads``, else the usable cores (when torch has not started yet)."""
+    if threads is not None and threads < 1:
+        raise DdpmsegError(f"--threads {threads}: give at least 1")
+    if "torch" in sys.modules:  # already running (an in-process caller): change only what was asked
+        if threads is not None:
+            sys.modules["torch"].set_num_threads(threads)
+        return
+    if threads is not None or "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(threads or _default_threads())
+
+
 class _Group(click.Group):
     """Turns library errors into one line and an exit code, never a traceback."""
 
@@ -39,7 +86,8 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
-            click.echo("ddpmseg: interrupted; finished work is kept, run the same command again to resume", err=True)
+            name = ctx.invoked_subcommand or ""
+            click.echo(f"ddpmseg: interrupted; {INTERRUPTED.get(name, 'nothing was written')}", err=True)
             ctx.exit(130)
         except DdpmsegError as e:
             if debug:
@@ -63,16 +111,22 @@ _common_backbone = [
     click.option("--ckpt", "checkpoint", required=True, type=click.Path(path_type=Path), help="Checkpoint: a guided-diffusion state dict file, or a diffusers UNet2DModel folder / hub id."),
     click.option("--preset", default=None, help="Architecture preset (see `ddpmseg presets`); default: match or infer from the checkpoint."),
     click.option("--model-flags", type=click.Path(path_type=Path), default=None, help="JSON file of guided-diffusion flags for a custom architecture."),
+    click.option("--image-size", type=click.IntRange(1), default=None, help="Image size a custom ADM was trained at (the weights cannot show it)."),
+    click.option("--num-head-channels", type=click.IntRange(1), default=None, help="Channels per attention head of a custom ADM (the weights cannot show it)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
 ]
-_DEFAULT = ExtractConfig()
 _common_extract = [
     click.option("--steps", default=",".join(map(str, DEFAULT_STEPS)), show_default=True, help="Diffusion timesteps."),
     click.option("--blocks", default=",".join(map(str, DEFAULT_BLOCKS)), show_default=True, help="Decoder (output_blocks) indices."),
-    click.option("--seed", default=_DEFAULT.seed, show_default=True, help="Seed of the shared noise."),
-    click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=_DEFAULT.preprocess, show_default=True, help="resize: plain resize to the model size; crop: short side then centre crop."),
-    click.option("--precision", type=click.Choice(list(PRECISIONS)), default=_DEFAULT.precision, show_default=True, help="U-Net arithmetic: fp32 (the recipe), bf16 (~1.6x faster on CPUs with bf16 units, ~1.3% feature error), fp16 (CUDA only)."),
+    click.option("--seed", default=0, show_default=True, help="Seed of the shared noise."),
+    click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=PREPROCESS_MODES[0], show_default=True, help="resize: plain resize to the model size; crop: short side then centre crop."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True, help="U-Net arithmetic: fp32 (the recipe), bf16 (~1.6x faster on CPUs with bf16 units, ~1.3% feature error), fp16 (CUDA only)."),
 ]
+_images = [
+    click.argument("inputs", nargs=-1, metavar="[IMAGES]...", type=click.Path(path_type=Path)),
+    click.option("--images", multiple=True, type=click.Path(path_type=Path), help="Image folder or files (repeatable; also positional, so shell globs work)."),
+]
+_overwrite = click.option("--overwrite", is_flag=True, help="Replace outputs that exist already.")
 
 
 def _apply(options):
@@ -84,18 +138,37 @@ def _apply(options):
     return deco
 
 
-def _extract_config(steps: str, blocks: str, seed: int, preprocess: str, precision: str, storage: str = _DEFAULT.storage_dtype):
+def _image_inputs(inputs: tuple[Path, ...], images: tuple[Path, ...]) -> list[Path]:
+    found = [*images, *inputs]
+    if not found:
+        raise click.UsageError("give the images: as arguments (IMAGES...) or with --images DIR_OR_FILE")
+    return found
+
+
+def _backbone_args(preset, model_flags, image_size, num_head_channels) -> dict:
+    return dict(preset=preset, model_flags=model_flags, image_size=image_size, num_head_channels=num_head_channels)
+
+
+def _extract_config(steps: str, blocks: str, seed: int, preprocess: str, precision: str, storage: str = STORAGE_DTYPES[0]):
+    from ddpmseg.records import ExtractConfig
+
     return ExtractConfig(_ints(steps, "steps"), _ints(blocks, "blocks"), seed, preprocess, storage, precision)
+
+
+def _skipped(names: list[str], word: str, words: str) -> str:
+    return f"; skipped {plural(len(names), word, words)}: {few(names)}" if names else ""
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: the cores this process may use).")
 @click.version_option(package_name="ddpmseg")
 @click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def main(ctx: click.Context, debug: bool, quiet: bool, threads: int | None) -> None:
     """Label-efficient semantic segmentation on frozen diffusion-model features."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="ddpmseg: %(message)s")
+    _set_threads(threads)
     ctx.obj = {"progress": not quiet}
 
 
@@ -126,23 +199,28 @@ def download(obj, preset: str, directory: Path, url: str | None) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--preset", default=None, help="guided-diffusion preset of the checkpoint; default: match or infer.")
 @click.option("--model-flags", type=click.Path(path_type=Path), default=None, help="JSON file of guided-diffusion flags.")
+@click.option("--image-size", type=click.IntRange(1), default=None, help="Image size a custom ADM was trained at.")
+@click.option("--num-head-channels", type=click.IntRange(1), default=None, help="Channels per attention head of a custom ADM.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New folder for the diffusers pipeline (unet/ + scheduler/).")
-def convert(checkpoint: Path, preset, model_flags, out: Path) -> None:
+@_overwrite
+def convert(checkpoint: Path, preset, model_flags, image_size, num_head_channels, out: Path, overwrite: bool) -> None:
     """Convert a guided-diffusion (ADM) checkpoint into a diffusers UNet2DModel + DDPMScheduler folder."""
     from ddpmseg.backbones.convert import convert_adm_to_diffusers
 
-    r = convert_adm_to_diffusers(checkpoint, out, preset=preset, model_flags=model_flags)
+    r = convert_adm_to_diffusers(checkpoint, out, preset=preset, model_flags=model_flags, image_size=image_size,
+                                 num_head_channels=num_head_channels, overwrite=overwrite)
     click.echo(f"converted {checkpoint} -> {r.out} ({r.n_params / 1e6:.1f} M parameters, "
                f"max relative output error {r.max_rel_err:.1e}); use it with --ckpt {r.out}")
 
 
 @main.command()
 @_apply(_common_backbone)
-def blocks(checkpoint: Path, preset, model_flags, device) -> None:
+def blocks(checkpoint: Path, preset, model_flags, image_size, num_head_channels, device) -> None:
     """List the decoder blocks of a checkpoint: index, module, channels, resolution."""
     from ddpmseg.backbones import create_backbone
 
-    infos = create_backbone(checkpoint, preset, model_flags, device).blocks()
+    infos = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
+                            num_head_channels=num_head_channels).blocks()
     width = max([18] + [len(b.module) for b in infos])
     click.echo(f"{'index':>5}  {'module':{width}s} {'channels':>8}  resolution")
     for b in infos:
@@ -150,23 +228,26 @@ def blocks(checkpoint: Path, preset, model_flags, device) -> None:
 
 
 @main.command()
+@_apply(_images)
 @_apply(_common_backbone)
-@click.option("--images", required=True, multiple=True, type=click.Path(path_type=Path), help="Image folder or files (repeatable).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Feature file (HDF5), e.g. feats.h5.")
 @_apply(_common_extract)
 @click.option("--batch-size", default=0, show_default=True, help="Timesteps per forward pass (0 = all of an image's at once).")
-@click.option("--storage", type=click.Choice(STORAGE_DTYPES), default=_DEFAULT.storage_dtype, show_default=True, help="On-disk dtype of the block maps.")
+@click.option("--storage", type=click.Choice(STORAGE_DTYPES), default=STORAGE_DTYPES[0], show_default=True, help="On-disk dtype of the block maps.")
 @click.pass_obj
-def extract(obj, checkpoint, preset, model_flags, device, images, out, steps, blocks, seed, preprocess, precision, batch_size, storage) -> None:
-    """Extract decoder-block features of images into a cache file."""
+def extract(obj, inputs, images, checkpoint, preset, model_flags, image_size, num_head_channels, device, out, steps,
+            blocks, seed, preprocess, precision, batch_size, storage) -> None:
+    """Extract decoder-block features of IMAGES (files or folders) into a cache file."""
     from ddpmseg.pipeline import extract_features
 
     cfg = _extract_config(steps, blocks, seed, preprocess, precision, storage)
-    s = extract_features(checkpoint, images, out, config=cfg, preset=preset, model_flags=model_flags,
-                         device=device, batch_size=batch_size, progress=obj["progress"])
+    s = extract_features(checkpoint, _image_inputs(inputs, images), out, config=cfg, device=device,
+                         batch_size=batch_size, progress=obj["progress"],
+                         **_backbone_args(preset, model_flags, image_size, num_head_channels))
     per = s.seconds / s.new if s.new else 0.0
     click.echo(f"extract: {s.new} new, {s.skipped} already cached, {s.total} in {s.out} "
-               f"({per:.1f} s/image, {s.bytes_per_image / 2**20:.1f} MiB/image)")
+               f"({per:.1f} s/image, {s.bytes_per_image / 2**20:.1f} MiB/image)"
+               + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
 
 
 @main.command()
@@ -178,7 +259,7 @@ def extract(obj, checkpoint, preset, model_flags, device, images, out, steps, bl
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-epochs", default=100, show_default=True)
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default="reference", show_default=True,
-              help="; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()) + ".")
+              help="; ".join(f"{name}: {what}" for name, what in RECIPES.items()) + ".")
 @click.option("--ignore-index", default=None, type=int,
               help="Label neither trained nor scored (default: the label set's, else 255; bedroom_28: 0).")
 @click.option("--min-pixels", default=MIN_PIXELS, show_default=True, type=click.IntRange(0),
@@ -187,49 +268,57 @@ def extract(obj, checkpoint, preset, model_flags, device, images, out, steps, bl
               help="Fraction of the labelled pixels visited per epoch (a fresh random subset each epoch).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model folder to write.")
+@_overwrite
 @click.pass_obj
 def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, recipe, ignore_index, min_pixels,
-        pixel_fraction, device, out) -> None:
+        pixel_fraction, device, out, overwrite) -> None:
     """Train the pixel-classifier ensemble on cached features and masks."""
     from ddpmseg.pipeline import fit_model
 
     s = fit_model(features, masks, out, labels=labels, classes=classes, ensemble=ensemble, seed=seed,
                   max_epochs=max_epochs, ignore_index=ignore_index, min_pixels=min_pixels, device=device,
-                  progress=obj["progress"], recipe=recipe, pixel_fraction=pixel_fraction)
-    click.echo(f"fit: {len(s.image_ids)} images, {s.n_pixels} pixels, {s.n_classes} classes, "
-               f"{s.seconds:.1f} s, steps per member {min(s.n_iter)}-{max(s.n_iter)} -> {s.out}")
+                  progress=obj["progress"], recipe=recipe, pixel_fraction=pixel_fraction, overwrite=overwrite)
+    click.echo(f"fit: {plural(len(s.image_ids), 'image')}, {plural(s.n_pixels, 'pixel')}, "
+               f"{plural(s.n_classes, 'class', 'classes')}, {s.seconds:.1f} s, "
+               f"steps per member {min(s.n_iter)}-{max(s.n_iter)} -> {s.out}"
+               + _skipped(s.unlabelled, "cached image without a mask", "cached images without a mask"))
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_apply(_images)
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--ckpt", "checkpoint", default=None, type=click.Path(path_type=Path), help="Checkpoint, if moved since fit.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--legend/--no-legend", default=True, show_default=True,
+              help="A legend of the classes beside the overlay and a colour bar beside the uncertainty map.")
+@_overwrite
 @click.pass_obj
-def predict(obj, images, model_dir, out, checkpoint, device) -> None:
-    """Segment images: label, overlay and uncertainty PNGs at the original size."""
+def predict(obj, inputs, images, model_dir, out, checkpoint, device, legend, overwrite) -> None:
+    """Segment IMAGES (files or folders): label, overlay and uncertainty PNGs at the original size."""
     from ddpmseg.pipeline import predict_images
 
-    s = predict_images(images, model_dir, out, checkpoint=checkpoint, device=device, progress=obj["progress"])
+    s = predict_images(_image_inputs(inputs, images), model_dir, out, checkpoint=checkpoint, device=device,
+                       progress=obj["progress"], overwrite=overwrite, legend=legend)
     n = max(s.n_images, 1)
-    click.echo(f"predict: {s.n_images} images -> {s.out} ({s.seconds / n:.2f} s/image, "
-               f"{s.extract_seconds / n:.2f} s of it extraction)")
+    click.echo(f"predict: {plural(s.n_images, 'image')} -> {s.out} ({s.seconds / n:.2f} s/image, "
+               f"{s.extract_seconds / n:.2f} s of it extraction)"
+               + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
 
 
 @main.command()
+@_apply(_images)
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--images", required=True, multiple=True, type=click.Path(path_type=Path))
 @click.option("--masks", required=True, type=click.Path(path_type=Path))
 @click.option("--ckpt", "checkpoint", default=None, type=click.Path(path_type=Path), help="Checkpoint, if moved since fit.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
-def evaluate(obj, model_dir, images, masks, checkpoint, device, as_json) -> None:
-    """Per-class IoU and mIoU of a model on labelled images."""
+def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, as_json) -> None:
+    """Per-class IoU and mIoU of a model on labelled IMAGES (files or folders)."""
     from ddpmseg.pipeline import evaluate_model
 
-    r = evaluate_model(model_dir, images, masks, checkpoint=checkpoint, device=device,
+    r = evaluate_model(model_dir, _image_inputs(inputs, images), masks, checkpoint=checkpoint, device=device,
                        progress=obj["progress"] and not as_json)
     if as_json:
         click.echo(json.dumps(r))
@@ -237,7 +326,12 @@ def evaluate(obj, model_dir, images, masks, checkpoint, device, as_json) -> None
     width = max(len(n) for n in r["per_class"])
     for name, iou in r["per_class"].items():
         click.echo(f"{name:{width}s}  {100 * iou:5.1f}")
-    click.echo(f"evaluate: mIoU {100 * r['miou']:.1f} over {r['n_images']} images")
+    seen = r["training_images"]
+    if seen:
+        click.echo(f"evaluate: NOTE {len(seen)} of the {plural(r['n_images'], 'image')} trained this model "
+                   f"({few(seen)}): their score is not a held-out one")
+    click.echo(f"evaluate: mIoU {100 * r['miou']:.1f} over {plural(r['n_images'], 'image')}"
+               + _skipped(r["no_mask"], "image without a mask", "images without a mask"))
 
 
 @main.command()
@@ -246,22 +340,24 @@ def evaluate(obj, model_dir, images, masks, checkpoint, device, as_json) -> None
 @click.option("--k", default=5, show_default=True, help="Clusters per cell.")
 @_apply(_common_extract)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Grid PNG to write.")
+@_overwrite
 @click.pass_obj
-def kmeans(obj, image, checkpoint, preset, model_flags, device, k, steps, blocks, seed, preprocess, precision, out) -> None:
+def kmeans(obj, image, checkpoint, preset, model_flags, image_size, num_head_channels, device, k, steps, blocks, seed,
+           preprocess, precision, out, overwrite) -> None:
     """The paper's Figure-4 grid: k-means of each block's features per timestep."""
     from ddpmseg.pipeline import kmeans_grid_image
 
     cfg = _extract_config(steps, blocks, seed, preprocess, precision)
-    path = kmeans_grid_image(image, checkpoint, out, k=k, config=cfg, preset=preset, model_flags=model_flags,
-                             device=device, progress=obj["progress"])
-    click.echo(f"kmeans: {len(cfg.blocks)} blocks x {len(cfg.steps)} steps, k={k} -> {path}")
+    path = kmeans_grid_image(image, checkpoint, out, k=k, config=cfg, device=device, progress=obj["progress"],
+                             overwrite=overwrite, **_backbone_args(preset, model_flags, image_size, num_head_channels))
+    click.echo(f"kmeans: {plural(len(cfg.blocks), 'block')} x {plural(len(cfg.steps), 'step')}, k={k} -> {path}")
 
 
 @main.command()
 @click.option("--dir", "directory", default="ddpmseg-demo", show_default=True, type=click.Path(path_type=Path))
 @click.pass_obj
 def demo(obj, directory: Path) -> None:
-    """Offline end-to-end run on a tiny random-weight ADM and synthetic images."""
+    """Offline end-to-end run on a tiny random-weight ADM and synthetic images (rewrites DIR)."""
     from ddpmseg.demo import run_demo
 
     run_demo(directory, echo=click.echo, progress=obj["progress"])

@@ -1,15 +1,22 @@
-"""Output paths: checked before any work, written atomically (a temp beside the target, then one rename)."""
+"""Files: output paths checked before any work and written atomically (a temp beside the target,
+then one rename), and content digests (what caches and models identify inputs by)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from tqdm.auto import tqdm
+
 from ddpmseg.errors import DdpmsegError
+
+_HASH_CHUNK = 8 << 20
+_sha256_cache: dict[tuple[str, int, int], str] = {}
 
 
 def check_writable(path: str | Path, *, folder: bool, option: str = "--out", example: str = "feats.h5") -> Path:
@@ -38,18 +45,40 @@ def check_writable(path: str | Path, *, folder: bool, option: str = "--out", exa
     return path
 
 
-def check_new_folder(path: str | Path, option: str = "--out") -> Path:
-    """``check_writable`` for a folder that must not exist yet (or be empty)."""
+def check_not_there(paths: list[Path], overwrite: bool, what: str = "--out") -> None:
+    """Refuse outputs that exist already (one line naming the first few) unless ``overwrite``."""
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        names = ", ".join(str(p) for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise DdpmsegError(
+            f"{what} would replace {len(existing)} existing file{'s' if len(existing) > 1 else ''} ({names}); "
+            "pass --overwrite to replace them, or choose another output"
+        )
+
+
+def check_new_folder(path: str | Path, option: str = "--out", overwrite: bool = False) -> Path:
+    """``check_writable`` for a folder written whole by :func:`atomic_folder`: its parent must exist,
+    and it must not exist yet (or be empty) unless ``overwrite``."""
     path = check_writable(path, folder=True, option=option)
-    if path.is_dir() and any(path.iterdir()):
-        raise DdpmsegError(f"{option} {path} exists and is a non-empty folder; pass a new folder (or remove it)")
+    if not path.absolute().parent.is_dir():
+        raise DdpmsegError(f"folder {path.parent} for {option} {path} does not exist; create it first")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise DdpmsegError(f"{option} {path} exists and is a non-empty folder; pass a new folder (or --overwrite)")
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` for a temp file beside ``path``, then rename it onto ``path``.
 
-    Readers see either the old file or the complete new one, never a partial write.
+    Readers see either the old file or the complete new one, never a partial
+    write. The file gets the permissions of a plain ``open(path, "w")``
+    (0o666 less the umask), not the temp file's 0o600.
     """
     path = Path(path)
     try:
@@ -62,15 +91,17 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def is_temp_file(path: Path) -> bool:
-    """Whether ``path`` is a temp file of :func:`write_atomic` (left behind only by a killed process)."""
-    return path.name.startswith(".") and path.name.endswith(".tmp")
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temp files a killed :func:`write_atomic` of ``path`` left beside it."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -78,15 +109,45 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside ``out`` to fill; on success it is renamed onto ``out`` (missing or empty).
 
     On any error (or Ctrl-C) the temp folder is removed and ``out`` is untouched.
+    The folder gets the permissions of a plain ``mkdir`` (0o777 less the umask).
     """
     out = Path(out)
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
+    except OSError as e:
+        raise DdpmsegError(f"cannot write {out}: {e.strerror or e}; check that its folder exists and is writable") from None
+    old = None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        if out.exists():
-            out.rmdir()  # empty: checked by check_new_folder before the work
+        if out.is_dir() and any(out.iterdir()):  # --overwrite: move the old folder aside, then replace
+            old = out.with_name(f".{out.name}.{tmp.name}.old")
+            os.replace(out, old)
+        elif out.exists():
+            out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: str | Path, progress: bool = False) -> str:
+    """SHA-256 hex digest of a file, cached per (path, size, mtime) for this process."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _sha256_cache:
+        return _sha256_cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(
+        total=st.st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"sha256 {path.name}", disable=not progress
+    ) as bar:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    _sha256_cache[key] = digest.hexdigest()
+    return _sha256_cache[key]

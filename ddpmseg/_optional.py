@@ -33,7 +33,9 @@ def optional_import(module: str, purpose: str) -> ModuleType:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return importlib.import_module(module)
-    except ImportError:
+    except ImportError as e:
+        if e.name is not None and e.name.split(".")[0] != top:
+            raise  # the package is there but broken (a dependency of it is missing): not ours to rephrase
         hint = _INSTALL.get(top, f"pip install {top}")
         raise DdpmsegError(f"{purpose} needs the {top} package; install it: {hint}") from None
 

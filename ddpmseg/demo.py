@@ -121,14 +121,15 @@ def run_demo(directory: str | Path, echo: Callable[[str], None] = print, progres
     cfg = ExtractConfig()
     s = extract_features(ckpt, [train], d / "feats.h5", config=cfg, model_flags=flags, device="cpu", progress=progress)
     echo(f"extract: {s.new} images -> {s.out} ({s.seconds / max(s.new, 1):.2f} s/image)")
-    f = fit_model(d / "feats.h5", train, d / "model", classes=str(train / "classes.csv"), device="cpu", progress=progress)
+    f = fit_model(d / "feats.h5", train, d / "model", classes=str(train / "classes.csv"), device="cpu", progress=progress,
+                  overwrite=True)
     echo(f"fit: {f.n_pixels} pixels, {f.n_classes} classes, {f.seconds:.1f} s -> {f.out}")
-    p = predict_images([test], d / "model", d / "preds", device="cpu", progress=progress)
+    p = predict_images([test], d / "model", d / "preds", device="cpu", progress=progress, overwrite=True)
     echo(f"predict: {p.n_images} images -> {p.out}")
     r = evaluate_model(d / "model", [test], test, device="cpu")
     echo("evaluate: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in r["per_class"].items()) + f"; mIoU {100 * r['miou']:.1f}")
     g = kmeans_grid_image(next(iter(sorted(test.glob("*.png")))), ckpt, d / "kmeans.png", k=3, config=cfg,
-                          model_flags=flags, device="cpu")
+                          model_flags=flags, device="cpu", overwrite=True)
     echo(f"kmeans: -> {g}")
     echo(f"demo: done; outputs in {d}")
     return r

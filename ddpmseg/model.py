@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ddpmseg._io import write_atomic
+from ddpmseg._io import check_writable, write_atomic
 from ddpmseg.classify.ensemble import PixelEnsemble
 from ddpmseg.data import LabelSet
 from ddpmseg.errors import DdpmsegError
@@ -46,9 +46,7 @@ class SegmentationModel:
         return self.record.extract.keys
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        if directory.exists() and not directory.is_dir():
-            raise DdpmsegError(f"--out {directory} exists and is not a folder; choose a folder name")
+        directory = check_writable(directory, folder=True)
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -77,7 +75,8 @@ class SegmentationModel:
         try:
             tensors = torch.load(directory / "tensors.pt", map_location="cpu", weights_only=True)
         except _TENSOR_FILE_ERRORS as e:
-            raise DdpmsegError(f"{directory}/tensors.pt is damaged ({type(e).__name__}); rerun `ddpmseg fit`") from None
+            reason = " ".join(str(e).split())[:160]
+            raise DdpmsegError(f"{directory}/tensors.pt is damaged ({type(e).__name__}: {reason}); rerun `ddpmseg fit`") from None
         if not isinstance(tensors, dict) or not {"ensemble", "noise"} <= tensors.keys():
             raise DdpmsegError(f"{directory}/tensors.pt is not a ddpmseg model's tensors file; rerun `ddpmseg fit`")
         ensemble = PixelEnsemble.from_state_dict(tensors["ensemble"], device=device)

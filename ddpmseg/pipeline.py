@@ -10,7 +10,6 @@ kmeans_grid_image one image -> the paper's Figure-4 k-means grid
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpmseg import data, viz
-from ddpmseg._io import check_writable
+from ddpmseg._io import check_not_there, check_writable, file_sha256
+from ddpmseg.model import MODEL_FILES
 from ddpmseg.backbones import Backbone, backbone_from_record, create_backbone, precision_dtype, resolve_device
 from ddpmseg.classify.ensemble import PixelEnsemble
 from ddpmseg.errors import DdpmsegError
@@ -30,12 +30,8 @@ from ddpmseg.features.extractor import extract_block_maps, make_noise
 from ddpmseg.features.pixels import CachePixels
 from ddpmseg.metrics import evaluate_masks
 from ddpmseg.model import SegmentationModel
+from ddpmseg.options import MIN_PIXELS
 from ddpmseg.records import CacheRecord, ExtractConfig, FitConfig, ModelRecord
-
-log = logging.getLogger(__name__)
-
-MIN_PIXELS = 20  # the reference: a class covering fewer pixels of an image is ignored there
-
 
 def _checked_settings(backbone: Backbone, config: ExtractConfig) -> ExtractConfig:
     """``config`` with its steps and blocks validated for ``backbone``; its precision checked on the device."""
@@ -55,10 +51,21 @@ def _load_image(path: Path, size: int, mode: str) -> tuple[np.ndarray, torch.Ten
 class ExtractSummary:
     out: Path
     new: int
-    skipped: int
+    skipped: int  # already cached
     total: int
     seconds: float
     bytes_per_image: float
+    not_images: list[str] = field(default_factory=list)  # folder entries that are not images
+
+
+def _same_image(path: Path, digest: str, cached: tuple[str, str | None]) -> bool:
+    """Whether ``path`` (of file digest ``digest``) is the image cached under its id."""
+    source, sha = cached
+    if sha is not None:
+        return sha == digest
+    # a 0.1.0 cache stored no digest: the same file, or a readable copy with the same content
+    old = Path(source)
+    return old.resolve() == path.resolve() or (old.is_file() and file_sha256(old) == digest)
 
 
 def extract_features(
@@ -69,32 +76,48 @@ def extract_features(
     config: ExtractConfig = ExtractConfig(),
     preset: str | None = None,
     model_flags: str | Path | None = None,
+    image_size: int | None = None,
+    num_head_channels: int | None = None,
     device: str = "auto",
     batch_size: int = 0,
     progress: bool = False,
 ) -> ExtractSummary:
     """Extract the decoder-block maps of ``images`` into the cache ``out``.
 
-    Images already in ``out`` (or finished by an interrupted run) are skipped.
+    Images already in ``out`` (or finished by an interrupted run) are
+    skipped; an image with the id (file stem) of a cached image but other
+    content is refused. ``preset`` / ``model_flags`` / ``image_size`` /
+    ``num_head_channels``: see :func:`~ddpmseg.backbones.create_backbone`.
     """
     if batch_size < 0:
         raise DdpmsegError(f"--batch-size must be 0 (all timesteps at once) or positive, got {batch_size}")
-    paths = data.list_images(images)
-    backbone = create_backbone(checkpoint, preset, model_flags, device)
+    not_images: list[str] = []
+    paths = data.list_images(images, skipped=not_images)
+    backbone = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
+                               num_head_channels=num_head_channels)
     config = _checked_settings(backbone, config)
     size = backbone.image_size
     noise = make_noise(config.seed, size)
     writer = FeatureWriter(out, CacheRecord(config, backbone.spec, backbone.checkpoint), noise)
-    done = writer.done_ids()
-    todo = [p for p in paths if p.stem not in done]
-    for p in todo:  # fail on a bad image before any forward pass
+    done = writer.done()
+    todo: list[tuple[Path, str]] = []
+    for p in paths:
+        digest = file_sha256(p)
+        if p.stem not in done:
+            todo.append((p, digest))
+        elif not _same_image(p, digest, done[p.stem]):
+            raise DdpmsegError(
+                f"image {p} has the id {p.stem!r} of another image in {out} (cached from {done[p.stem][0]}, "
+                "other content); ids are file stems: rename one of them, or extract into another --out"
+            )
+    for p, _ in todo:  # fail on a bad image before any forward pass
         data.load_rgb(p)
     start = time.perf_counter()
     try:
-        for p in tqdm(todo, desc="extract", unit="img", disable=not progress):
+        for p, digest in tqdm(todo, desc="extract", unit="img", disable=not progress):
             _, x0, pre = _load_image(p, size, config.preprocess)
             maps = extract_block_maps(backbone, x0, noise, config.steps, config.blocks, batch_size, config.precision)
-            writer.add(p.stem, maps, str(p), pre.to_dict())
+            writer.add(p.stem, maps, str(p.resolve()), pre.to_dict(), digest)
     finally:
         writer.merge()
     seconds = time.perf_counter() - start
@@ -102,7 +125,7 @@ def extract_features(
     with FeatureCache(out) as cache:
         total = len(cache)
     return ExtractSummary(
-        out, len(todo), len(paths) - len(todo), total, seconds, out.stat().st_size / max(total, 1)
+        out, len(todo), len(paths) - len(todo), total, seconds, out.stat().st_size / max(total, 1), not_images
     )
 
 
@@ -115,13 +138,15 @@ class FitSummary:
     n_classes: int
     seconds: float
     n_iter: list[int] = field(default_factory=list)
+    unlabelled: list[str] = field(default_factory=list)  # cached images without a mask
 
 
-def _labelled_ids(cache: FeatureCache, masks: Path) -> list[tuple[str, Path]]:
+def _labelled_ids(cache: FeatureCache, masks: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(id, mask) of the cached images with a mask in ``masks``, and the ids of those without."""
     if not masks.is_dir():
         raise DdpmsegError(f"--masks {masks} is not a folder; give the folder holding the label maps")
     found = [(i, data.find_mask(i, masks, image_path=cache.source(i))) for i in cache.image_ids]
-    return [(i, m) for i, m in found if m is not None]
+    return [(i, m) for i, m in found if m is not None], [i for i, m in found if m is None]
 
 
 def _training_masks(
@@ -158,6 +183,7 @@ def fit_model(
     progress: bool = False,
     recipe: str = "reference",
     pixel_fraction: float = 1.0,
+    overwrite: bool = False,
 ) -> FitSummary:
     """Train the pixel ensemble on the labelled images of a feature cache.
 
@@ -169,10 +195,11 @@ def fit_model(
     """
     masks = Path(masks)
     check_writable(out, folder=True)  # before any training
+    check_not_there([Path(out) / f for f in MODEL_FILES], overwrite, "--out")
     if min_pixels < 0:
         raise DdpmsegError(f"--min-pixels must be 0 or more, got {min_pixels}")
     with FeatureCache(features) as cache:
-        pairs = _labelled_ids(cache, masks)
+        pairs, unlabelled = _labelled_ids(cache, masks)
         if not pairs:
             raise DdpmsegError(
                 f"no mask in {masks} matches an image of {features} (looked for ID.npy, ID.png, image_mask{{i}}.npy)"
@@ -189,6 +216,7 @@ def fit_model(
             seen = [int(m[m != ignore_index].max()) for m in label_maps if (m != ignore_index).any()]
             labelset = data.LabelSet.default(max(seen, default=0) + 1)
         ids = [i for i, _ in pairs]
+        digests = [cache.sha256(i) or "" for i in ids]
         source = CachePixels([cache.block_maps(i) for i in ids], cache.keys, cache.image_size)
         y = np.concatenate([m.reshape(-1) for m in label_maps])
         if int((y != ignore_index).sum()) < 2:
@@ -214,6 +242,7 @@ def fit_model(
     fit = FitConfig(
         images=tuple(ids),
         masks=str(masks.resolve()),
+        image_sha256=tuple(digests),
         ensemble=ensemble,
         seed=seed,
         max_epochs=max_epochs,
@@ -229,7 +258,7 @@ def fit_model(
     )
     record = ModelRecord(cache_record.backbone, cache_record.checkpoint, cache_record.extract, labelset, fit)
     SegmentationModel(record, est, noise).save(out)
-    return FitSummary(Path(out), ids, fit.n_pixels, labelset.n_classes, seconds, list(fit.n_iter))
+    return FitSummary(Path(out), ids, fit.n_pixels, labelset.n_classes, seconds, list(fit.n_iter), unlabelled)
 
 
 # -- predict / evaluate --------------------------------------------------------------
@@ -257,12 +286,16 @@ class Segmenter:
         return rgb, labels, unc, seconds
 
 
+OUTPUT_KINDS = ("labels", "overlay", "uncertainty")
+
+
 @dataclass
 class PredictSummary:
     out: Path
     n_images: int
     seconds: float
     extract_seconds: float
+    not_images: list[str] = field(default_factory=list)
 
 
 def predict_images(
@@ -273,23 +306,37 @@ def predict_images(
     checkpoint: str | Path | None = None,
     device: str = "auto",
     progress: bool = False,
+    overwrite: bool = False,
+    legend: bool = True,
 ) -> PredictSummary:
-    """Write NAME_labels.png, NAME_overlay.png and NAME_uncertainty.png per image."""
-    paths = data.list_images(images)
+    """Write per image, at its original size: ``NAME_labels.png`` (palette PNG, pixel = label),
+    ``NAME_overlay.png`` (class colours over the image, with a legend of the classes present) and
+    ``NAME_uncertainty.png`` (the ensemble's uncertainty in viridis, with a colour bar). With
+    ``legend=False`` the last two have no panel (exactly the image's size)."""
+    not_images: list[str] = []
+    paths = data.list_images(images, skipped=not_images)
     out = check_writable(out, folder=True)
+    check_not_there([out / f"{p.stem}_{kind}.png" for p in paths for kind in OUTPUT_KINDS], overwrite)
     segmenter = Segmenter(model_dir, checkpoint, device)
     for p in paths:  # fail on a bad image before any output is written
         data.load_rgb(p)
     out.mkdir(parents=True, exist_ok=True)
-    palette = segmenter.model.labelset.palette()
+    labelset = segmenter.model.labelset
+    palette = labelset.palette()
     start, ext = time.perf_counter(), 0.0
     for p in tqdm(paths, desc="predict", unit="img", disable=not progress):
         rgb, labels, unc, sec = segmenter.segment(p)
         ext += sec
         viz.save_label_png(out / f"{p.stem}_labels.png", labels, palette)
-        viz.save_png_atomic(out / f"{p.stem}_overlay.png", viz.overlay(rgb, labels, palette))
-        viz.save_png_atomic(out / f"{p.stem}_uncertainty.png", viz.uncertainty_image(unc))
-    return PredictSummary(out, len(paths), time.perf_counter() - start, ext)
+        overlay = viz.overlay(rgb, labels, palette)
+        heat, top = viz.heatmap(unc)
+        if legend:
+            present = [c for c in range(labelset.n_classes) if (labels == c).any()]
+            overlay = viz.with_legend(overlay, [labelset.names[c] for c in present], palette[present])
+            heat = viz.with_colorbar(heat, top, "uncertainty")
+        viz.save_png_atomic(out / f"{p.stem}_overlay.png", overlay)
+        viz.save_png_atomic(out / f"{p.stem}_uncertainty.png", heat)
+    return PredictSummary(out, len(paths), time.perf_counter() - start, ext, not_images)
 
 
 def evaluate_model(
@@ -304,13 +351,16 @@ def evaluate_model(
     """Per-class IoU and mIoU over every image with a mask, as the reference's ``compute_iou``.
 
     Every class index except the model's ignore label is scored (Bedroom-28:
-    its 28 classes 1..28, background 0 being the ignore label).
+    its 28 classes 1..28, background 0 being the ignore label). The result
+    names the evaluated images the model was trained on (``training_images``:
+    the same file content, or id for models fitted on 0.1.0 caches): a score
+    over them is not held out. ``no_mask`` lists the images without a mask.
     """
     masks = Path(masks)
     if not masks.is_dir():
         raise DdpmsegError(f"--masks {masks} is not a folder; give the folder holding the label maps")
-    pairs = [(p, data.find_mask(p.stem, masks, image_path=p)) for p in data.list_images(images)]
-    pairs = [(p, m) for p, m in pairs if m is not None]
+    found = [(p, data.find_mask(p.stem, masks, image_path=p)) for p in data.list_images(images)]
+    pairs = [(p, m) for p, m in found if m is not None]
     if not pairs:
         raise DdpmsegError(f"no image of {', '.join(map(str, images))} has a mask in {masks}")
     segmenter = Segmenter(model_dir, checkpoint, device)
@@ -326,13 +376,16 @@ def evaluate_model(
     for p, _ in tqdm(pairs, desc="evaluate", unit="img", disable=not progress):
         preds.append(segmenter.segment(p)[1])
     result = evaluate_masks(preds, truths, labelset.n_classes, ignore_index=ignore)
+    ids = [p.stem for p, _ in pairs]
     return {
         "miou": float(result["miou"]),
         "per_class": {  # the ignore label, when it is a class index (bedroom_28: 0), is not scored
             name: float(v) for c, (name, v) in enumerate(zip(labelset.names, result["per_class"])) if c != ignore
         },
         "n_images": len(pairs),
-        "images": [p.stem for p, _ in pairs],
+        "images": ids,
+        "training_images": segmenter.model.record.fit.training_images(ids, [file_sha256(p) for p, _ in pairs]),
+        "no_mask": [p.stem for p, m in found if m is None],
     }
 
 
@@ -346,21 +399,41 @@ def kmeans_grid_image(
     config: ExtractConfig = ExtractConfig(),
     preset: str | None = None,
     model_flags: str | Path | None = None,
+    image_size: int | None = None,
+    num_head_channels: int | None = None,
     device: str = "auto",
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Path:
-    """The paper's Figure-4 grid: rows blocks, columns timesteps, k clusters per cell."""
+    """The paper's Figure-4 grid: rows blocks, columns timesteps, k clusters per cell.
+
+    Cells keep the input image's aspect ratio: each block's cluster map is
+    mapped back through the preprocessing (resize or crop; pixels the model
+    did not see are grey), like predictions are.
+    """
     image, out = Path(image), check_writable(out, folder=False, example="grid.png")
-    backbone = create_backbone(checkpoint, preset, model_flags, device)
+    check_not_there([out], overwrite)
+    if k < 2:
+        raise DdpmsegError(f"--k {k}: k-means needs at least 2 clusters; choose another k")
+    backbone = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
+                               num_head_channels=num_head_channels)
     config = _checked_settings(backbone, config)
+    smallest = min(backbone.blocks()[b].resolution for b in config.blocks) ** 2
+    if not 2 <= k <= smallest:
+        raise DdpmsegError(f"--k {k}: k-means needs 2 <= k <= {smallest} (the pixels of the smallest block map); "
+                           "choose another k")
     size = backbone.image_size
     rgb, x0, pre = _load_image(image, size, config.preprocess)
     noise = make_noise(config.seed, size)
     maps = extract_block_maps(backbone, x0, noise, config.steps, config.blocks, precision=config.precision)
+    h, w = rgb.shape[:2]
+    scale = min(1.0, 256 / max(h, w))  # the cells are small: map back at most 256 pixels on the long side
+    shown = data.Preprocess.plan((max(1, round(w * scale)), max(1, round(h * scale))), size, pre.mode)
     cells = {}
     for b, t in tqdm([(b, t) for b in config.blocks for t in config.steps], desc="k-means", disable=not progress):
-        cells[(b, t)] = viz.cluster_features(maps[(t, b)], k, random_state=config.seed)
-    model_rgb = ((x0[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    grid = viz.kmeans_grid(model_rgb, cells, config.blocks, config.steps, k)
+        ids = viz.cluster_features(maps[(t, b)], k, random_state=config.seed)
+        on_grid = np.repeat(np.repeat(ids, size // ids.shape[0], axis=0), size // ids.shape[1], axis=1)
+        cells[(b, t)] = data.restore_labels(on_grid, shown, fill=-1)
+    grid = viz.kmeans_grid(rgb, cells, config.blocks, config.steps, k)
     viz.save_png_atomic(out, grid)
     return out

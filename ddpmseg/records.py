@@ -19,15 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ddpmseg._version import __version__
-from ddpmseg.backbones._base import PRECISIONS
 from ddpmseg.backbones.configs import BackboneSpec, CheckpointRef
 from ddpmseg.data.labelsets import LabelSet
 from ddpmseg.errors import DdpmsegError
-
-DEFAULT_STEPS = (50, 150, 250)
-DEFAULT_BLOCKS = (5, 6, 7, 8, 12)
-PREPROCESS_MODES = ("resize", "crop")
-STORAGE_DTYPES = ("float16", "float32")
+from ddpmseg.options import DEFAULT_BLOCKS, DEFAULT_STEPS, IGNORE_INDEX, MIN_PIXELS, PRECISIONS, PREPROCESS_MODES, STORAGE_DTYPES
 
 CACHE_FORMAT, CACHE_VERSION = "ddpmseg-features", 1
 MODEL_FORMAT, MODEL_VERSION = "ddpmseg-model", 2  # 1: 0.1.0's model.json (no format_version field)
@@ -158,11 +153,12 @@ class FitConfig:
 
     images: tuple[str, ...]
     masks: str
+    image_sha256: tuple[str, ...] = ()  # of each training image's file ("" if its cache had none: 0.1.0)
     ensemble: int = 10
     seed: int = 0
     max_epochs: int = 100
-    ignore_index: int = 255
-    min_pixels: int = 20
+    ignore_index: int = IGNORE_INDEX
+    min_pixels: int = MIN_PIXELS
     recipe: str = "reference"
     pixel_fraction: float = 1.0
     batch_size: int = 64
@@ -173,13 +169,25 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "images", tuple(str(i) for i in self.images))
+        object.__setattr__(self, "image_sha256", tuple(str(h) for h in self.image_sha256))
         object.__setattr__(self, "n_iter", tuple(int(i) for i in self.n_iter))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "images": list(self.images), "n_iter": list(self.n_iter)}
+        d = dataclasses.asdict(self)
+        return {**d, "images": list(self.images), "image_sha256": list(self.image_sha256), "n_iter": list(self.n_iter)}
+
+    def training_images(self, ids: list[str], sha256s: list[str]) -> list[str]:
+        """Which of the images ``ids`` (with file digests ``sha256s``) this model was trained on:
+        by content, or by id for training images whose digest is unknown (0.1.0's caches)."""
+        known = {h for h in self.image_sha256 if h}
+        by_id = {i for i, h in zip(self.images, self.image_sha256 or ("",) * len(self.images)) if not h}
+        return [i for i, h in zip(ids, sha256s) if h in known or i in by_id]
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FitConfig":
+        for key in ("images", "masks"):
+            if key not in d:
+                raise KeyError(f"fit.{key}")
         return cls(**{k: v for k, v in d.items() if k in _field_names(cls)})
 
 
@@ -195,10 +203,14 @@ class ModelRecord:
     format_version: int = MODEL_VERSION
     ddpmseg_version: str = __version__
 
+    def __post_init__(self) -> None:  # one ignore label: the one the fit used (model.json stores it there)
+        if self.classes.ignore_index != self.fit.ignore_index:
+            object.__setattr__(self, "classes", dataclasses.replace(self.classes, ignore_index=self.fit.ignore_index))
+
     @property
     def labelset(self) -> LabelSet:
         """The classes, with the ignore label the fit used."""
-        return dataclasses.replace(self.classes, ignore_index=self.fit.ignore_index)
+        return self.classes
 
     def to_dict(self) -> dict[str, Any]:
         c = self.classes

@@ -1,4 +1,5 @@
-"""Pictures: palettes, colour-coded label maps, overlays, uncertainty maps and the k-means grid.
+"""Pictures: palettes, colour-coded label maps, overlays with a legend, heat maps with a colour bar,
+and the k-means grid.
 
 Every PNG is written atomically (temp file in the same folder, then
 ``os.replace``), so an interrupted run never leaves a half-written image.
@@ -26,12 +27,15 @@ __all__ = [
     "GRID_TOP",
     "cluster_features",
     "colorize",
+    "colormap",
     "distinct_colors",
+    "heatmap",
     "kmeans_grid",
     "overlay",
     "save_label_png",
     "save_png_atomic",
-    "uncertainty_image",
+    "with_colorbar",
+    "with_legend",
 ]
 
 
@@ -147,24 +151,6 @@ def overlay(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: flo
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def uncertainty_image(u: np.ndarray, vmax: float | None = None) -> np.ndarray:
-    """(H, W) float uncertainty -> (H, W) uint8 greyscale (white = most uncertain).
-
-    Values are divided by ``vmax`` (default: the map's own maximum, so every
-    map uses the full range; pass e.g. ``log(K)`` for comparable images),
-    clipped to 0..1 and scaled to 0..255. NaN and negative values count as 0;
-    an all-zero map gives a black image.
-    """
-    a = np.nan_to_num(np.asarray(u, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    if a.ndim != 2:
-        raise DdpmsegError(f"an uncertainty map must be 2-D, got shape {a.shape}")
-    a = np.maximum(a, 0.0)
-    top = float(a.max(initial=0.0)) if vmax is None else float(vmax)
-    if top <= 0:
-        return np.zeros(a.shape, dtype=np.uint8)
-    return np.rint(np.clip(a / top, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def cluster_features(features: Any, k: int, random_state: int = 0, n_init: int = 4) -> np.ndarray:
     """k-means over the pixels of one feature map (C, h, w) -> (h, w) int64 cluster ids.
 
@@ -201,11 +187,96 @@ def cluster_features(features: Any, k: int, random_state: int = 0, n_init: int =
     return remap[raw].reshape(h, w)
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
-        return ImageFont.load_default(size=12)
-    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
         return ImageFont.load_default()
+
+
+# viridis at five stops (perceptually uniform, readable in greyscale and by colour-blind readers)
+_VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in 0..1 (clipped) -> (..., 3) uint8 viridis colours."""
+    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    lo = np.minimum(np.floor(v).astype(np.int64), len(_VIRIDIS) - 2)
+    frac = (v - lo)[..., None]
+    return np.rint(_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac).astype(np.uint8)
+
+
+def heatmap(u: np.ndarray, vmax: float | None = None) -> tuple[np.ndarray, float]:
+    """(H, W) non-negative map -> ((H, W, 3) uint8 viridis image, the value drawn brightest).
+
+    Values are divided by ``vmax`` (default: the map's maximum); NaN and
+    negative values count as 0.
+    """
+    a = np.maximum(np.nan_to_num(np.asarray(u, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0), 0.0)
+    if a.ndim != 2:
+        raise DdpmsegError(f"a heat map needs a 2-D map, got shape {a.shape}")
+    top = float(a.max(initial=0.0)) if vmax is None else float(vmax)
+    return colormap(a / top if top > 0 else a * 0.0), top
+
+
+def _panel_font(height: int) -> Any:
+    return _font(max(12, min(40, height // 28)))
+
+
+def _beside(image: np.ndarray, panel_width: int, panel_height: int) -> tuple[Image.Image, int]:
+    """A white canvas with ``image`` at the top left and room for a panel on its right; the panel's x."""
+    h, w = image.shape[:2]
+    canvas = Image.new("RGB", (w + panel_width, max(h, panel_height)), (255, 255, 255))
+    canvas.paste(Image.fromarray(np.ascontiguousarray(image), "RGB"), (0, 0))
+    return canvas, w
+
+
+def with_legend(image: np.ndarray, names: Sequence[str], colours: np.ndarray) -> Image.Image:
+    """``image`` (H, W, 3) with a legend on its right: a colour swatch and the name of each class given.
+
+    The image keeps its pixels at the top left; the legend grows the canvas
+    to the right (and down, when the classes need more rows than ``H``).
+    """
+    img = np.asarray(image)
+    font = _panel_font(img.shape[0])
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = max(_text_size(probe, "Ag", font)[1], 8) + 6
+    pad, swatch = line // 2, line - 4
+    text_w = max([_text_size(probe, str(n), font)[0] for n in names] + [_text_size(probe, "classes", font)[0]])
+    canvas, x0 = _beside(img, 3 * pad + swatch + text_w, 2 * pad + line * (len(names) + 1))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((x0 + pad, pad), "classes", fill=(0, 0, 0), font=font)
+    for i, (name, colour) in enumerate(zip(names, np.asarray(colours, dtype=np.uint8))):
+        y = pad + line * (i + 1)
+        draw.rectangle([x0 + pad, y + 2, x0 + pad + swatch, y + 2 + swatch], fill=tuple(int(c) for c in colour),
+                       outline=(0, 0, 0))
+        draw.text((x0 + 2 * pad + swatch, y), str(name), fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def with_colorbar(image: np.ndarray, vmax: float, title: str) -> Image.Image:
+    """``image`` (H, W, 3), drawn with :func:`colormap` over 0..``vmax``, with a labelled colour bar on its right."""
+    img = np.asarray(image)
+    h = img.shape[0]
+    font = _panel_font(h)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = max(_text_size(probe, "Ag", font)[1], 8) + 6
+    pad, bar_w = line // 2, line
+    bar_h = max(4 * line, h - 3 * pad - line)
+    ticks = [(f"{vmax * f:.3g}", f) for f in (1.0, 0.5, 0.0)]
+    text_w = max([_text_size(probe, t, font)[0] for t, _ in ticks] + [_text_size(probe, title, font)[0] - bar_w - pad])
+    canvas, x0 = _beside(img, 3 * pad + bar_w + text_w, 3 * pad + line + bar_h)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((x0 + pad, pad), title, fill=(0, 0, 0), font=font)
+    top = 2 * pad + line
+    gradient = colormap(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(gradient), "RGB"), (x0 + pad, top))
+    draw.rectangle([x0 + pad, top, x0 + pad + bar_w - 1, top + bar_h - 1], outline=(0, 0, 0))
+    for text, f in ticks:
+        y = top + round((1 - f) * (bar_h - 1))
+        th = _text_size(probe, text, font)[1]
+        draw.text((x0 + 2 * pad + bar_w, min(max(top, y - th // 2), top + bar_h - th)), text, fill=(0, 0, 0), font=font)
+    return canvas
 
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
@@ -224,10 +295,12 @@ def kmeans_grid(
     """The paper's Figure-4 grid of k-means cluster maps.
 
     Rows are decoder ``blocks``, columns are ``steps`` (t); ``cells[(block, t)]``
-    is an (h, w) map of cluster ids 0..k-1 drawn in :func:`distinct_colors` (k)
-    and nearest-upsampled to ``cell_size``. The first column holds the input
-    image in the top row. Size: ``GRID_LEFT + (1 + len(steps)) * (cell_size + GRID_PAD)``
-    by ``GRID_TOP + len(blocks) * (cell_size + GRID_PAD)``; white background.
+    is an (h, w) map of cluster ids 0..k-1 (or -1 where the model saw no
+    pixel: drawn light grey) in :func:`distinct_colors` (k), nearest-resized
+    to the cell. Cells have the input image's aspect ratio, ``cell_size`` on
+    their long side; the first column holds the input image in the top row.
+    Size: ``GRID_LEFT + (1 + len(steps)) * (cell_w + GRID_PAD)`` by
+    ``GRID_TOP + len(blocks) * (cell_h + GRID_PAD)``; white background.
     """
     blocks, steps = list(blocks), list(steps)
     if not blocks or not steps:
@@ -238,36 +311,37 @@ def kmeans_grid(
         raise DdpmsegError(f"k must be positive, got {k}")
     img = np.asarray(image_rgb)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise DdpmsegError(f"the k-means grid needs an (S, S, 3) uint8 image, got {img.shape} {img.dtype}")
-    colours = distinct_colors(k)
-    step_px = cell_size + GRID_PAD
-    width = GRID_LEFT + (1 + len(steps)) * step_px
-    height = GRID_TOP + len(blocks) * step_px
+        raise DdpmsegError(f"the k-means grid needs an (H, W, 3) uint8 image, got {img.shape} {img.dtype}")
+    h, w = img.shape[:2]
+    cell_w, cell_h = (cell_size, max(1, round(cell_size * h / w))) if w >= h else (max(1, round(cell_size * w / h)), cell_size)
+    colours = np.concatenate([distinct_colors(k), np.array([[225, 225, 225]], np.uint8)])  # [-1]: not seen
+    width = GRID_LEFT + (1 + len(steps)) * (cell_w + GRID_PAD)
+    height = GRID_TOP + len(blocks) * (cell_h + GRID_PAD)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = _font()
 
     def col_x(j: int) -> int:
-        return GRID_LEFT + j * step_px
+        return GRID_LEFT + j * (cell_w + GRID_PAD)
 
     def row_y(i: int) -> int:
-        return GRID_TOP + i * step_px
+        return GRID_TOP + i * (cell_h + GRID_PAD)
 
-    canvas.paste(Image.fromarray(img, "RGB").resize((cell_size, cell_size), Image.BILINEAR), (col_x(0), row_y(0)))
+    canvas.paste(Image.fromarray(img, "RGB").resize((cell_w, cell_h), Image.BILINEAR), (col_x(0), row_y(0)))
     headers = ["input"] + [f"t={t}" for t in steps]
     for j, text in enumerate(headers):
         tw, th = _text_size(draw, text, font)
-        draw.text((col_x(j) + (cell_size - tw) // 2, max(0, (GRID_TOP - th) // 2 - 2)), text, fill=(0, 0, 0), font=font)
+        draw.text((col_x(j) + (cell_w - tw) // 2, max(0, (GRID_TOP - th) // 2 - 2)), text, fill=(0, 0, 0), font=font)
     for i, b in enumerate(blocks):
         text = f"block {b}"
         tw, th = _text_size(draw, text, font)
-        draw.text((max(2, GRID_LEFT - GRID_PAD - tw - 4), row_y(i) + (cell_size - th) // 2), text, fill=(0, 0, 0), font=font)
+        draw.text((max(2, GRID_LEFT - GRID_PAD - tw - 4), row_y(i) + (cell_h - th) // 2), text, fill=(0, 0, 0), font=font)
         for j, t in enumerate(steps):
             if (b, t) not in cells:
                 raise DdpmsegError(f"the k-means grid has no cluster map for block {b} at t={t}")
             lab = _labels_array(cells[(b, t)])
-            if lab.size == 0 or lab.min() < 0 or lab.max() >= k:
+            if lab.size == 0 or lab.min() < -1 or lab.max() >= k:
                 raise DdpmsegError(f"cluster map for block {b}, t={t} holds ids outside 0..{k - 1}")
-            cell = Image.fromarray(colours[lab], "RGB").resize((cell_size, cell_size), Image.NEAREST)
+            cell = Image.fromarray(colours[lab], "RGB").resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(cell, (col_x(j + 1), row_y(i)))
     return canvas

@@ -168,8 +168,11 @@ def test_odd_image_is_extracted_and_predicted_at_original_size(odd, image_id):
     with FeatureCache(d / "feats.h5") as cache:
         assert cache.preprocess(image_id)["original_size"] == list(sizes[image_id])
         assert torch.isfinite(cache.pixel_features(image_id)).all()
-    for kind in ("labels", "overlay", "uncertainty"):
-        assert Image.open(d / "preds" / f"{image_id}_{kind}.png").size == sizes[image_id]
+    w, h = sizes[image_id]
+    assert Image.open(d / "preds" / f"{image_id}_labels.png").size == (w, h)
+    for kind in ("overlay", "uncertainty"):  # the picture at the original size, its legend / colour bar beside it
+        pw, ph = Image.open(d / "preds" / f"{image_id}_{kind}.png").size
+        assert w < pw <= w + max(120, w // 2) and ph >= h
 
 
 # -- masks given to fit ---------------------------------------------------------------

@@ -131,19 +131,21 @@ def test_pickled_object_is_never_constructed(tmp_path, monkeypatch):
 def test_file_sha256_matches_hashlib_and_is_cached(tmp_path, monkeypatch):
     import hashlib
 
+    from ddpmseg import _io
+
     path = tmp_path / "blob.bin"
     data = bytes(range(256)) * 50_000  # > one 8 MiB chunk
     path.write_bytes(data)
-    ck._sha256_cache_clear()
-    assert ck.file_sha256(path) == hashlib.sha256(data).hexdigest()
+    _io._sha256_cache.clear()
+    assert _io.file_sha256(path) == hashlib.sha256(data).hexdigest()
     opened = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
-    assert ck.file_sha256(str(path)) == hashlib.sha256(data).hexdigest()
+    assert _io.file_sha256(str(path)) == hashlib.sha256(data).hexdigest()
     assert opened == []  # served from the cache
     monkeypatch.undo()
     path.write_bytes(data[:-1])  # a changed file is hashed again
-    assert ck.file_sha256(path) == hashlib.sha256(data[:-1]).hexdigest()
+    assert _io.file_sha256(path) == hashlib.sha256(data[:-1]).hexdigest()
 
 
 # --------------------------------------------------------------------------- check_state_dict
@@ -183,14 +185,44 @@ def test_check_state_dict_suggests_the_matching_preset():
         ck.check_signature(ck.config_signature(TINY), state, "tiny", "ffhq.pt")
 
 
-def test_create_backbone_loads_tiny_checkpoint_with_inferred_architecture(tmp_path, tiny_state, caplog):
+def test_create_backbone_refuses_to_guess_what_the_weights_cannot_show(tmp_path, tiny_state):
     path = tmp_path / "tiny.pt"
     torch.save(tiny_state, path)
-    with caplog.at_level(logging.WARNING, logger="ddpmseg.backbones._checkpoint"):
-        backbone = create_backbone(path)
-    assert backbone.config.num_channels == 32 and backbone.config.channel_mult == "1,2"
+    with pytest.raises(DdpmsegError) as info:  # 0.1.0 assumed 256 px and 4 heads, and ran on the wrong model
+        create_backbone(path, device="cpu")
+    msg = str(info.value)
+    assert "tiny.pt matches no preset" in msg and "image size" in msg and "channels per attention head" in msg
+    assert "--image-size S --num-head-channels N" in msg and "--model-flags" in msg
+    with pytest.raises(DdpmsegError, match="channels per attention head") as info:
+        create_backbone(path, device="cpu", image_size=32)
+    assert "image size" not in str(info.value)
+    with pytest.raises(DdpmsegError, match="--num-head-channels 48 does not divide the attention width 64"):
+        create_backbone(path, device="cpu", image_size=32, num_head_channels=48)
+    backbone = create_backbone(path, device="cpu", image_size=32, num_head_channels=32)
+    assert backbone.config == TINY and backbone.preset is None
     assert_same(backbone.model.state_dict(), tiny_state)
-    assert any("image_size assumed 256" in r.getMessage() for r in caplog.records)
+    assert [b.resolution for b in backbone.blocks()] == [16, 32, 32, 32]  # 0.1.0 listed 128, 256, 256, 256
+
+
+def test_the_given_values_give_the_features_of_the_true_flags(tmp_path, tiny_state):
+    """--num-head-channels changes the features; the value it was trained with gives the flags' features."""
+    path = tmp_path / "tiny.pt"
+    with torch.no_grad():
+        state = {k: v + 0.05 * torch.randn_like(v) if v.ndim > 1 else v for k, v in tiny_state.items()}  # live attention
+    torch.save(state, path)
+    x, t = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([100])
+    true = create_backbone(path, flags=TINY, device="cpu").forward_intermediates(x, t, [3])[3]
+    given = create_backbone(path, device="cpu", image_size=32, num_head_channels=32).forward_intermediates(x, t, [3])[3]
+    other = create_backbone(path, device="cpu", image_size=32, num_head_channels=16).forward_intermediates(x, t, [3])[3]
+    assert torch.equal(given, true)
+    assert (other - true).abs().max() > 1e-3  # another head layout is another model
+
+
+def test_the_values_are_refused_where_the_flags_fix_them(tmp_path, tiny_state):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_state, path)
+    with pytest.raises(DdpmsegError, match="--image-size apply to an architecture read from the weights"):
+        create_backbone(path, flags=TINY, image_size=64, device="cpu")
 
 
 # --------------------------------------------------------------------------- presets and inference
@@ -219,22 +251,20 @@ def test_resolve_config_uses_preset_architecture(caplog):
 
 
 def test_resolve_config_infers_unknown_architecture(tiny_state, caplog):
-    with caplog.at_level(logging.WARNING, logger="ddpmseg.backbones._checkpoint"):
-        name, config = ck.resolve_config(tiny_state, source="tiny.pt", image_size=32)
-    assert name is None
+    with caplog.at_level(logging.INFO, logger="ddpmseg.backbones._checkpoint"):
+        name, config = ck.resolve_config(tiny_state, source="tiny.pt", image_size=32, num_head_channels=32)
+    assert name is None and config == TINY
     assert ck.config_signature(config) == ck.state_signature(tiny_state)
     assert config.image_size == 32 and config.attention_resolutions == "16"
-    assert "heads" in caplog.text
+    assert "noise schedule" in caplog.text  # the defaults taken are said
 
 
-def _heads_like_inference(config: AdmConfig) -> AdmConfig:
-    """The head flags infer_config assumes (the weights cannot tell them)."""
-    mults = [int(m) for m in config.mults]
-    ds = [config.image_size // int(r) for r in config.attention_resolutions.split(",")]
-    widths = {config.num_channels * m for j, m in enumerate(mults) if 2**j in ds} | {config.num_channels * mults[-1]}
-    if all(w % 64 == 0 for w in widths):
-        return dataclasses.replace(config, num_heads=4, num_head_channels=64)
-    return dataclasses.replace(config, num_heads=4, num_head_channels=-1)
+def test_resolve_config_of_preset_weights_at_another_size():
+    """The weights are ffhq_256's; at 128 px the same structure has its attention at 16, 8, 4."""
+    name, config = ck.resolve_config(meta_state(AdmConfig()), source="ffhq.pt", image_size=128)
+    assert name is None and config.image_size == 128 and config.attention_resolutions == "16,8,4"
+    assert config.num_head_channels == 64  # the preset's, not a guess
+    assert ck.config_signature(config) == ck.config_signature(AdmConfig())
 
 
 @pytest.mark.parametrize(
@@ -254,18 +284,10 @@ def _heads_like_inference(config: AdmConfig) -> AdmConfig:
     ids=["base", "no-updown", "no-scale-shift", "fixed-sigma", "class-cond", "3-levels", "64px", "wide", "1-level", "mid-attention-only"],
 )
 def test_infer_config_recovers_tiny_configs(flags):
-    config = _heads_like_inference(dataclasses.replace(TINY, **flags))
-    inferred, notes = ck.infer_config(meta_state(config), image_size=config.image_size)
-    assert inferred == config
-    assert not any("image_size" in n for n in notes)
-    assert any("heads" in n for n in notes)
-
-
-def test_infer_config_notes_assumed_image_size():
-    config, notes = ck.infer_config(meta_state(AdmConfig()))
-    assert config.image_size == 256 and config.num_channels == 256 and config.channel_mult == "1,1,2,2,4,4"
-    assert ck.config_signature(config) == ck.config_signature(AdmConfig())
-    assert any(n.startswith("image_size assumed 256 (weights do not fix it") for n in notes)
+    config = dataclasses.replace(TINY, **flags)
+    inferred, notes = ck.infer_config(meta_state(config), image_size=config.image_size, num_head_channels=32)
+    assert inferred == dataclasses.replace(config, num_heads=4)  # num_heads is unused when channels are given
+    assert any("noise schedule" in n for n in notes)
 
 
 @pytest.mark.parametrize(
@@ -281,5 +303,5 @@ def test_infer_config_fails_clearly(mutate, pattern):
     state = meta_state(TINY)
     mutate(state)
     with pytest.raises(DdpmsegError, match=pattern) as info:
-        ck.infer_config(state, source="odd.pt")
+        ck.infer_config(state, image_size=32, num_head_channels=32, source="odd.pt")
     assert "--model-flags" in str(info.value) and "odd.pt" in str(info.value)

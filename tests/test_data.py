@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpmseg import data, viz
+from ddpmseg import data
 from ddpmseg.demo import make_synthetic_dataset
 from ddpmseg.errors import DdpmsegError
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 diffusers = pytest.importorskip("diffusers")
 
 from ddpmseg.backbones import BackboneSpec, backbone_from_record, create_backbone, get_preset, list_presets  # noqa: E402
-from ddpmseg.backbones._checkpoint import file_sha256  # noqa: E402
+from ddpmseg._io import file_sha256  # noqa: E402
 from ddpmseg.backbones.diffusers_unet import random_unet2d  # noqa: E402
 from ddpmseg.cli.main import main  # noqa: E402
 from ddpmseg.errors import DdpmsegError  # noqa: E402

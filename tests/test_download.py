@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import io
 import re
 import threading
@@ -272,3 +275,13 @@ def test_download_preset_404_everywhere(server, tmp_path, tiny_preset, monkeypat
 def test_unknown_preset(tmp_path):
     with pytest.raises(DdpmsegError, match="unknown preset 'nope'"):
         download_preset("nope", tmp_path, progress=False)
+
+
+def test_a_failed_download_is_reported_once(server, tmp_path):
+    """0.1.0 logged the failure as a warning and then printed it again as the error."""
+    url = server.url("/missing/ffhq.pt")
+    r = subprocess.run([sys.executable, "-m", "ddpmseg.cli.main", "-q", "download", "ffhq_256", "--dir", str(tmp_path),
+                        "--url", url], capture_output=True, text=True)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpmseg: error: download of") and "HTTP 404" in lines[0]

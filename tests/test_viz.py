@@ -81,12 +81,41 @@ def test_save_png_atomic(tmp_path: Path) -> None:
     assert sorted(f.name for f in tmp_path.iterdir()) == ["a.png", "g.png"]
 
 
-def test_uncertainty_image() -> None:
+def test_heatmap_scales_to_the_maximum_in_viridis() -> None:
     u = np.array([[0.0, 0.5], [1.0, np.nan]])
-    img = viz.uncertainty_image(u)
-    assert img.dtype == np.uint8 and img.tolist() == [[0, 128], [255, 0]]
-    assert viz.uncertainty_image(u, vmax=2.0).tolist() == [[0, 64], [128, 0]]
-    assert (viz.uncertainty_image(np.zeros((3, 3))) == 0).all()
+    img, top = viz.heatmap(u)
+    assert img.shape == (2, 2, 3) and img.dtype == np.uint8 and top == 1.0
+    assert img[0, 0].tolist() == [68, 1, 84] and img[1, 0].tolist() == [253, 231, 37]  # viridis' ends
+    assert img[0, 1].tolist() == [33, 145, 140] and img[1, 1].tolist() == [68, 1, 84]  # middle; NaN counts as 0
+    half, top = viz.heatmap(u, vmax=2.0)
+    assert top == 2.0 and half[1, 0].tolist() == [33, 145, 140]
+    assert (viz.heatmap(np.zeros((3, 3)))[0] == [68, 1, 84]).all()
+
+
+def test_colorbar_keeps_the_image_and_labels_its_scale() -> None:
+    img, top = viz.heatmap(np.linspace(0, 3, 64 * 48).reshape(48, 64))
+    out = np.asarray(viz.with_colorbar(img, top, "uncertainty"))
+    assert out.shape[0] >= 48 and out.shape[1] > 64
+    assert np.array_equal(out[:48, :64], img)  # the map's own pixels, untouched at the top left
+    panel = out[:, 64:]
+    # the bar runs from viridis' top colour down to its bottom colour
+    top_colour, bottom_colour = np.array([253, 231, 37]), np.array([68, 1, 84])
+    near = lambda c: (np.abs(panel.astype(int) - c).sum(-1) < 30).any()  # noqa: E731 (the rows next to the outline)
+    assert near(top_colour) and near(bottom_colour)
+    assert (panel == 0).all(-1).any()  # black text (the tick labels and title)
+
+
+def test_legend_shows_a_swatch_per_class_given() -> None:
+    img = np.full((40, 30, 3), 128, np.uint8)
+    colours = np.array([[255, 0, 0], [0, 0, 255]], np.uint8)
+    out = np.asarray(viz.with_legend(img, ["iris", "pupil"], colours))
+    assert out.shape[1] > 30 and np.array_equal(out[:40, :30], img)
+    panel = out[:, 30:]
+    for c in colours:
+        assert (panel == c).all(-1).sum() > 20  # a filled swatch of each colour
+    assert not (panel == [0, 255, 0]).all(-1).any()
+    tall = np.asarray(viz.with_legend(img, [f"class {i}" for i in range(30)], viz.distinct_colors(30)))
+    assert tall.shape[0] > 40  # more classes than rows: the canvas grows down
 
 
 def test_cluster_features_two_blobs() -> None:
@@ -129,6 +158,21 @@ def test_kmeans_grid(cell: int) -> None:
     assert (a[: viz.GRID_TOP] < 128).any() and (a[:, : viz.GRID_LEFT] < 128).any()
     # deterministic
     assert np.array_equal(a, np.array(viz.kmeans_grid(image, cells, blocks, steps, k, cell_size=cell)))
+
+
+
+def test_kmeans_grid_keeps_the_input_aspect_and_greys_unseen_pixels() -> None:
+    image = np.zeros((60, 120, 3), np.uint8)  # 2:1 landscape
+    image[:, :60] = (200, 50, 50)
+    cells = {(5, 50): np.concatenate([np.zeros((4, 4), int), np.full((4, 4), -1)], axis=1)}  # right half unseen
+    grid = np.array(viz.kmeans_grid(image, cells, [5], [50], 2, cell_size=64))
+    cell_w, cell_h = 64, 32
+    assert grid.shape == (viz.GRID_TOP + cell_h + viz.GRID_PAD, viz.GRID_LEFT + 2 * (cell_w + viz.GRID_PAD), 3)
+    thumb = grid[viz.GRID_TOP : viz.GRID_TOP + cell_h, viz.GRID_LEFT : viz.GRID_LEFT + cell_w]
+    assert (thumb[:, :28] == (200, 50, 50)).all() and (thumb[:, 36:] == 0).all()  # not squashed: halves stay halves
+    x0 = viz.GRID_LEFT + cell_w + viz.GRID_PAD
+    cell = grid[viz.GRID_TOP : viz.GRID_TOP + cell_h, x0 : x0 + cell_w]
+    assert (cell[:, :32] == viz.distinct_colors(2)[0]).all() and (cell[:, 32:] == 225).all()
 
 
 def test_kmeans_grid_errors() -> None:

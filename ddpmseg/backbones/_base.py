@@ -24,8 +24,9 @@ import torch
 
 from ddpmseg.backbones.configs import BackboneConfig, BackboneSpec, CheckpointRef
 from ddpmseg.errors import DdpmsegError
+from ddpmseg.options import PRECISIONS as PRECISION_NAMES
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = dict(zip(PRECISION_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -24,7 +24,8 @@ import torch
 
 import ddpmseg.backbones.diffusers_unet as dif
 from ddpmseg.backbones._base import Backbone, resolve_device
-from ddpmseg.backbones._checkpoint import check_signature, config_signature, file_sha256, read_state_dict, resolve_config
+from ddpmseg._io import file_sha256
+from ddpmseg.backbones._checkpoint import check_signature, config_signature, read_state_dict, resolve_config
 from ddpmseg.backbones._registry import Preset, get_preset, list_presets
 from ddpmseg.backbones.adm import AdmBackbone, build_unet
 from ddpmseg.backbones.configs import AdmConfig, BackboneSpec, CheckpointRef, DiffusersConfig
@@ -48,12 +49,17 @@ def create_backbone(
     preset: str | None = None,
     flags: Flags | None = None,
     device: str | torch.device = "auto",
+    *,
+    image_size: int | None = None,
+    num_head_channels: int | None = None,
 ) -> Backbone:
     """The frozen backbone of ``source`` (a checkpoint file, diffusers folder or hub id), on ``device``.
 
     ``preset`` names the architecture (``ddpmseg presets``), ``flags`` gives it
     as guided-diffusion flags; with neither, it is matched against the presets
-    or inferred from the weights. Without ``source`` the network keeps its
+    or inferred from the weights, which cannot show two values that change
+    the features: ``image_size`` and ``num_head_channels`` (needed then, unless
+    the weights are a preset's). Without ``source`` the network keeps its
     family's random init.
     """
     if preset is not None and flags is not None:
@@ -62,8 +68,13 @@ def create_backbone(
         raise DdpmsegError("give a checkpoint, a preset or model flags to build a backbone")
     found = get_preset(preset) if preset is not None else None
     diffusers = (found is not None and found.family == "diffusers") or (source is not None and is_diffusers_source(source))
-    build = _create_diffusers if diffusers else _create_adm
-    backbone = build(source, found, flags)
+    if diffusers and (image_size is not None or num_head_channels is not None):
+        raise DdpmsegError("--image-size and --num-head-channels apply to guided-diffusion checkpoints; a diffusers "
+                           "model's config.json fixes them: leave them out")
+    if diffusers:
+        backbone = _create_diffusers(source, found, flags)
+    else:
+        backbone = _create_adm(source, found, flags, image_size, num_head_channels)
     return backbone.to(resolve_device(device))
 
 
@@ -96,7 +107,7 @@ def backbone_from_record(
     diffusers folder, its configs are the recorded ones.
     """
     source = source if source is not None else recorded.path
-    available = Path(source).is_dir() or dif.looks_like_hub_id(source) if spec.family == "diffusers" else Path(source).is_file()
+    available = is_diffusers_source(source) if spec.family == "diffusers" else Path(source).is_file()
     kind = "file" if spec.family == "adm" else f"{spec.family} model folder"
     if not available:
         raise DdpmsegError(
@@ -147,12 +158,24 @@ def _fits(config: AdmConfig | DiffusersConfig, preset: Preset) -> bool:
 
 
 def adm_architecture(
-    state: Mapping[str, torch.Tensor] | None, source: str, preset: Preset | None = None, flags: Flags | None = None
+    state: Mapping[str, torch.Tensor] | None,
+    source: str,
+    preset: Preset | None = None,
+    flags: Flags | None = None,
+    image_size: int | None = None,
+    num_head_channels: int | None = None,
 ) -> tuple[str | None, AdmConfig]:
     """``(recorded preset name, config)`` of ADM weights: from ``preset``, ``flags``, else the weights
-    themselves; the weights (if any) are checked to fit, with a message listing what does not."""
+    themselves (with the image size and head channels they cannot show); the weights (if any) are
+    checked to fit, with a message listing what does not."""
+    if preset is not None and flags is not None:
+        raise DdpmsegError("give either --preset or --model-flags, not both")
     if preset is not None and preset.family != "adm":
         raise DdpmsegError(f"--preset {preset.name} is a diffusers model; pass its folder (or hub id) as --ckpt")
+    given = [o for o, v in (("--image-size", image_size), ("--num-head-channels", num_head_channels)) if v is not None]
+    if given and (preset is not None or flags is not None):
+        raise DdpmsegError(f"{' and '.join(given)} apply to an architecture read from the weights; with --preset or "
+                           "--model-flags they are fixed there (the flags' image_size / num_head_channels)")
     if preset is not None:
         name, config = preset.name, preset.config
     elif flags is not None:
@@ -160,17 +183,21 @@ def adm_architecture(
     else:
         if state is None:  # pragma: no cover - create_backbone needs a source, preset or flags
             raise DdpmsegError("give a checkpoint, a preset or model flags to build a backbone")
-        name, config = resolve_config(state, source=source)
-    if state is not None:
-        check_signature(config_signature(config), state, preset.name if preset else "the given flags", source)
+        _, config = resolve_config(state, source, image_size, num_head_channels)
+        name = preset_for(config, Path(source).name)  # the preset whose file this is, when several share the weights
+    if state is not None and (preset is not None or flags is not None):  # resolve_config's fit the weights already
+        check_signature(config_signature(config), state, f"preset {preset.name}" if preset else "the given flags", source)
     if name is None:
         name = preset_for(config, Path(source).name)
     return name, config
 
 
-def _create_adm(source: str | Path | None, preset: Preset | None, flags: Flags | None) -> AdmBackbone:
+def _create_adm(
+    source: str | Path | None, preset: Preset | None, flags: Flags | None, image_size: int | None, num_head_channels: int | None
+) -> AdmBackbone:
     state = read_state_dict(source) if source is not None else None
-    name, config = adm_architecture(state, str(source), preset, flags)
+    name, config = adm_architecture(state, str(source or "the given architecture"), preset, flags, image_size,
+                                    num_head_channels)
     model = build_unet(config)
     if state is None:
         return AdmBackbone(config, model, preset=name)
@@ -213,5 +240,5 @@ def _create_diffusers(source: str | Path | None, preset: Preset | None, flags: F
             f"{source} does not fit preset {preset.name}: {k} is {config.unet.get(k)} in its config.json, "
             f"{preset.config.unet[k]} in the preset; leave out --preset"
         )
-    name = preset.name if preset is not None else preset_for(config)
+    name = preset.name if preset is not None else preset_for(config, str(source).rstrip("/").rsplit("/", 1)[-1])
     return dif.DiffusersBackbone(config, model, preset=name, checkpoint=checkpoint_ref(source))

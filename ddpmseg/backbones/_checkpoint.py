@@ -12,7 +12,6 @@ the ``meta`` device, so no weights are allocated even for the 552 M-parameter
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import pickle
 import re
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from ddpmseg.backbones._registry import get_preset, list_presets
 from ddpmseg.backbones.adm import build_unet
@@ -36,8 +34,6 @@ Signature = dict[str, tuple[int, ...]]
 
 WRAPPER_KEYS = ("state_dict", "model", "ema", "model_state_dict")
 STRIP_PREFIXES = ("module.", "model.")
-_HASH_CHUNK = 8 << 20
-_sha256_cache: dict[tuple[str, int, int], str] = {}
 
 # What torch.load raises on files that are not (intact) torch checkpoints.
 _LOAD_ERRORS = (
@@ -179,24 +175,6 @@ def _not_torch_error(path: Path, e: BaseException) -> DdpmsegError:
     )
 
 
-def file_sha256(path: str | Path, progress: bool = False) -> str:
-    """SHA-256 hex digest of a file, cached per (path, size, mtime) for this process."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key in _sha256_cache:
-        return _sha256_cache[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(
-        total=st.st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"sha256 {path.name}", disable=not progress
-    ) as bar:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    _sha256_cache[key] = digest.hexdigest()
-    return _sha256_cache[key]
-
-
 # --------------------------------------------------------------------------- signatures
 
 
@@ -247,10 +225,13 @@ def check_signature(expected: Signature, state: Mapping[str, Any], expected_name
         shown = "; ".join(f"{k}: file {_fmt_shape(found[k])} vs model {_fmt_shape(expected[k])}" for k in shapes[:3])
         parts.append(f"{len(shapes)} shape mismatches ({shown}{'; ...' if len(shapes) > 3 else ''})")
     presets = matching_presets(state)
+    flags = expected_name == "the given flags"
     if presets:
-        hint = f"it matches preset {', '.join(presets)}; use --preset {presets[0]}"
+        hint = f"it matches preset {', '.join(presets)}; use --preset {presets[0]}" + (" instead" if flags else "")
+    elif flags:
+        hint = "no preset matches either; fix the flags (or leave out --model-flags to read the architecture from the weights)"
     else:
-        hint = "no preset matches; try --model-flags FILE or leave out --preset to infer the architecture"
+        hint = "no preset matches; leave out --preset to read the architecture from the weights, or pass --model-flags FILE"
     raise DdpmsegError(f"checkpoint {source} does not fit {expected_name}: {', '.join(parts)}; {hint}")
 
 
@@ -302,14 +283,18 @@ def _default_size_for(mults: tuple[float, ...]) -> int | None:
 
 
 def infer_config(
-    state: Mapping[str, Any], image_size: int | None = None, source: str = "checkpoint"
+    state: Mapping[str, Any],
+    image_size: int | None = None,
+    num_head_channels: int | None = None,
+    source: str = "checkpoint",
 ) -> tuple[AdmConfig, list[str]]:
-    """Guided-diffusion flags recovered from a state dict's shapes, plus notes on what was assumed.
+    """Guided-diffusion flags recovered from a state dict's shapes, plus notes on the defaults taken.
 
-    The weights do not fix the image size (assumed 256, or the size whose
-    default ``channel_mult`` matches, unless ``image_size`` is given), the head
-    count (64 channels per head when every attention width allows it, else 4
-    heads) nor the noise schedule (linear, 1000 steps).
+    Two values change the features but cannot be read from the weights: the
+    image size and the channels per attention head. Without them this is a
+    one-line error saying how to give them (no guess). The noise schedule and
+    the attention order take guided-diffusion's defaults (linear, 1000 steps;
+    legacy order), noted.
     """
     found = state_signature(state)
     notes: list[str] = []
@@ -362,11 +347,16 @@ def infer_config(
     emb_rows = _shape(found, "input_blocks.1.0.emb_layers.1.weight", source)[0]
     use_scale_shift_norm = emb_rows == 2 * chans[0]
 
-    if image_size is None:
-        guess = _default_size_for(mults)
-        image_size = guess or 256
-        why = f"; channel_mult is guided-diffusion's default for {guess}" if guess else ""
-        notes.append(f"image_size assumed {image_size} (weights do not fix it{why}); pass the real size if it differs")
+    unknown = [(what, option) for what, option, value in (
+        ("its image size", "--image-size S", image_size),
+        ("its channels per attention head", "--num-head-channels N", num_head_channels),
+    ) if value is None]  # fmt: skip
+    if unknown:
+        raise DdpmsegError(
+            f"{source} matches no preset, and {' and '.join(w for w, _ in unknown)} cannot be read from the weights; "
+            f"pass {' '.join(o for _, o in unknown)} (the values it was trained with), "
+            "or all its guided-diffusion flags with --model-flags FILE"
+        )
     if all(m == int(m) for m in mults):
         channel_mult = ",".join(str(int(m)) for m in mults)
     elif _default_size_for(mults) == image_size:
@@ -380,14 +370,16 @@ def infer_config(
         attention_resolutions = str(image_size * 2)
         notes.append("no attention in the encoder/decoder levels (only in the middle block)")
 
-    widths = {chans[j] for j in range(levels) if 2**j in attn_ds} | {chans[-1]}
-    if all(w % 64 == 0 for w in widths):
-        heads = dict(num_heads=4, num_head_channels=64)
-        notes.append("attention heads assumed 64 channels each (weights do not fix the head count)")
-    else:
-        heads = dict(num_heads=4, num_head_channels=-1)
-        notes.append("attention heads assumed 4 per block (weights do not fix the head count)")
-    notes.append("noise schedule assumed linear with 1000 steps and guided-diffusion's legacy attention order")
+    widths = sorted({chans[j] for j in range(levels) if 2**j in attn_ds} | {chans[-1]})
+    bad = [w for w in widths if num_head_channels < 1 or w % num_head_channels]
+    if bad:
+        raise DdpmsegError(
+            f"--num-head-channels {num_head_channels} does not divide the attention width {bad[0]} of {source}; "
+            "give the value it was trained with (a fixed head count: num_heads in --model-flags FILE)"
+        )
+    heads = dict(num_heads=4, num_head_channels=num_head_channels)  # num_heads is unused when channels are set
+    notes.append("noise schedule guided-diffusion's default (linear, 1000 steps) and its legacy attention order; "
+                 "a model trained otherwise needs --model-flags")
 
     try:
         config = AdmConfig(
@@ -416,31 +408,28 @@ def infer_config(
 
 
 def resolve_config(
-    state: Mapping[str, Any], source: str, image_size: int | None = None
+    state: Mapping[str, Any], source: str, image_size: int | None = None, num_head_channels: int | None = None
 ) -> tuple[str | None, AdmConfig]:
     """The architecture of a checkpoint given without flags: ``(preset name, config)`` of the first
-    matching preset, else ``(None, inferred config)``; what inference had to assume is logged (WARNING)."""
+    preset whose weights it has (at the preset's image size and heads unless others are given), else
+    ``(None, config inferred with the given image size and heads)``."""
     presets = matching_presets(state)
     if presets:
-        config = get_preset(presets[0]).config
-        if image_size is None or image_size == config.image_size:
+        name, config = presets[0], get_preset(presets[0]).config
+        if image_size in (None, config.image_size) and num_head_channels in (None, config.num_head_channels):
             log.info("%s has the architecture of presets %s", source, ", ".join(presets))
-            return presets[0], config
-    config, notes = infer_config(state, image_size=image_size, source=source)
+            return name, config
+        image_size = image_size or config.image_size
+        num_head_channels = num_head_channels or (config.num_head_channels if config.num_head_channels > 0 else None)
+    config, notes = infer_config(state, image_size, num_head_channels, source=source)
     for note in notes:
-        log.warning("%s: %s", source, note)
+        log.info("%s: %s", source, note)
     return None, config
-
-
-def _sha256_cache_clear() -> None:
-    """Forget cached digests (tests)."""
-    _sha256_cache.clear()
 
 
 __all__ = [
     "read_state_dict",
     "filter_state_dict",
-    "file_sha256",
     "check_state_dict",
     "check_signature",
     "config_signature",

@@ -284,7 +284,7 @@ class BackboneSpec:
                 f"unknown backbone family {family!r} in the record; expected one of {', '.join(CONFIG_TYPES)} "
                 "(written by a newer ddpmseg? upgrade it)"
             )
-        config = AdmConfig(**d["config"]) if family == "adm" else DiffusersConfig.from_dict(d["config"])
+        config = AdmConfig.from_flags(d["config"], "the backbone record") if family == "adm" else DiffusersConfig.from_dict(d["config"])
         preset = d.get("preset")
         return cls(config, None if preset in (None, "custom") else str(preset))
 

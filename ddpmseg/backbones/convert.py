@@ -35,7 +35,6 @@ block's output and the final output) before the folder appears.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -52,8 +51,6 @@ from ddpmseg.backbones.adm import AdmBackbone, build_diffusion, build_unet
 from ddpmseg.backbones.configs import AdmConfig, DiffusersConfig
 from ddpmseg.backbones.diffusers_unet import DiffusersBackbone
 from ddpmseg.errors import DdpmsegError
-
-log = logging.getLogger(__name__)
 
 # Largest relative error of the converted model's output accepted by the self-check.
 VERIFY_TOLERANCE = 1e-4
@@ -318,6 +315,9 @@ def convert_adm_to_diffusers(
     out: str | Path,
     preset: str | None = None,
     model_flags: str | Path | None = None,
+    image_size: int | None = None,
+    num_head_channels: int | None = None,
+    overwrite: bool = False,
 ) -> Conversion:
     """Write the ADM ``checkpoint`` as a diffusers DDPMPipeline folder ``out`` (unet/ + scheduler/).
 
@@ -326,10 +326,13 @@ def convert_adm_to_diffusers(
     next to ``out`` and renamed into place once the converted model has been
     checked against the ADM; an existing non-empty ``out`` is refused.
     """
-    out = check_new_folder(out)
+    out = check_new_folder(out, overwrite=overwrite)
     diffusers = import_diffusers()
     state = read_state_dict(checkpoint)
-    _, config = adm_architecture(state, str(checkpoint), get_preset(preset) if preset else None, model_flags)
+    found = get_preset(preset) if preset else None
+    if found is not None and found.family != "adm":
+        raise DdpmsegError(f"--preset {preset} is already a diffusers model; convert takes guided-diffusion presets")
+    _, config = adm_architecture(state, str(checkpoint), found, model_flags, image_size, num_head_channels)
     unet_config = diffusers_unet_config(config)
     sched_config = diffusers_scheduler_config(config)
     _check_schedule(config, sched_config)

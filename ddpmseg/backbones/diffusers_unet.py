@@ -26,7 +26,6 @@ as the paper's ADM blocks.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import warnings
@@ -40,8 +39,6 @@ from ddpmseg._optional import guided_diffusion, optional_import
 from ddpmseg.backbones._base import Backbone, BlockInfo, fill_zero_weights_
 from ddpmseg.backbones.configs import CheckpointRef, DiffusersConfig
 from ddpmseg.errors import DdpmsegError
-
-log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 SUPPORTED_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
@@ -61,11 +58,6 @@ def looks_like_hub_id(checkpoint: str | Path) -> bool:
     if Path(text).exists() or not _HUB_ID.match(text) or text.lower().endswith(_FILE_SUFFIXES):
         return False
     return not Path(text.split("/")[0]).is_dir()
-
-
-def is_diffusers_source(checkpoint: str | Path) -> bool:
-    """A folder or a hub id (diffusers); anything else is an ADM checkpoint file."""
-    return Path(checkpoint).is_dir() or looks_like_hub_id(checkpoint)
 
 
 def _snapshot(repo_id: str, purpose: str, **kwargs: Any) -> Path:
@@ -176,7 +168,7 @@ def build_scheduler(config: DiffusersConfig):
         cls = diffusers.DDPMScheduler
     try:
         return cls.from_config(dict(config.scheduler))
-    except (TypeError, ValueError, KeyError) as e:
+    except (ValueError, KeyError) as e:
         raise DdpmsegError(
             f"cannot build the scheduler from its config ({type(e).__name__}: {e}); remove or fix scheduler_config.json"
         ) from None

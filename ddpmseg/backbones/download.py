@@ -181,10 +181,12 @@ def download_preset(
     for i, source in enumerate(urls):
         if i and _part_path(dest).exists():
             _part_path(dest).unlink()  # never splice bytes from two servers
+        more = i < len(urls) - 1  # only a failure with a next URL to try is logged; the last one is raised
         try:
             download(source, dest, progress=progress)
         except DdpmsegError as e:
-            log.warning("%s", e)
+            if more:
+                log.warning("%s (trying %s next)", e, urls[i + 1])
             error = e
             continue
         try:
@@ -195,7 +197,8 @@ def download_preset(
             error = DdpmsegError(
                 f"the file downloaded from {source} is not a checkpoint of preset {name} and was moved to {bad}: {e}"
             )
-            log.warning("%s", error)
+            if more:
+                log.warning("%s (trying %s next)", error, urls[i + 1])
             continue
         return dest
     raise error

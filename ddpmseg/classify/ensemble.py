@@ -26,12 +26,12 @@ from ddpmseg.classify.members import StackedMLP, default_hidden
 from ddpmseg.classify.training import RECIPES, REFERENCE_BATCH, REFERENCE_LR, train_members
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.pixels import PixelSource, as_pixel_source
+from ddpmseg.options import LAYER1_PRECISIONS
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "ddpmseg-pixel-ensemble"
 STATE_VERSION = 1  # states saved before ``recipe`` / ``pixel_fraction`` / ``precision`` load as the reference recipe
-PRECISIONS = ("auto", "fp32", "bf16")
 PREDICT_CHUNK = 65536  # rows per prediction chunk, at most ...
 PREDICT_CHUNK_BYTES = 256 << 20  # ... and at most this many bytes of float32 features
 
@@ -49,9 +49,9 @@ class Segmentation:
 
 
 def resolve_precision(precision: str, recipe: str, device: torch.device) -> torch.dtype:
-    """Layer 1's GEMM dtype: fp32 for the reference recipe; for the fast one bf16 if asked, or with
-    ``"auto"`` where the device has bf16 matmul kernels (oneDNN on CPU, bf16-capable CUDA)."""
-    if recipe == "reference" or precision == "fp32":
+    """Layer 1's GEMM dtype: fp32 for the per-member (reference) recipe; for a shared-batch one bf16 if
+    asked, or with ``"auto"`` where the device has bf16 matmul kernels (oneDNN on CPU, bf16-capable CUDA)."""
+    if not RECIPES[recipe].shared_batch or precision == "fp32":
         return torch.float32
     if precision == "bf16":
         return torch.bfloat16
@@ -221,9 +221,9 @@ class PixelEnsemble(BaseEstimator):
                 isinstance(self.pixel_fraction, (int, float)) and 0 < self.pixel_fraction <= 1,
                 f"pixel_fraction={self.pixel_fraction} must be in (0, 1]",
             ),
-            (self.precision in PRECISIONS, f"precision={self.precision!r} is unknown: use 'auto', 'fp32' or 'bf16'"),
+            (self.precision in LAYER1_PRECISIONS, f"precision={self.precision!r} is unknown: use 'auto', 'fp32' or 'bf16'"),
             (
-                self.recipe == "fast" or self.precision != "bf16",
+                self.recipe not in RECIPES or RECIPES[self.recipe].shared_batch or self.precision != "bf16",
                 "precision='bf16' applies to recipe='fast' only: use precision='auto' or 'fp32' with the reference",
             ),
             (self.n_classes is None or self.n_classes >= 1, f"n_classes={self.n_classes} must be at least 1 or None"),
@@ -400,16 +400,17 @@ class PixelEnsemble(BaseEstimator):
             raise DdpmsegError(
                 f"PixelEnsemble state version {state['version']} is newer than this ddpmseg supports; upgrade ddpmseg"
             )
+        known = set(cls().get_params())
         try:
-            params = dict(state["params"])
+            params = {k: v for k, v in state["params"].items() if k in known}  # 0.1.0's "fused" switch is gone
             params.setdefault("recipe", "reference")  # saved before the fast recipe existed
-            params.pop("fused", None)  # 0.1.0's switch to its sequential trainer (gone: tests hold the naive loop)
             if params.get("hidden") is not None:
                 params["hidden"] = tuple(params["hidden"])
             est = cls(**params)
             hidden = tuple(int(h) for h in state["hidden_"])
             module = StackedMLP(int(state["n_members_"]), int(state["n_features_in_"]), hidden, int(state["n_classes_"]))
             module.load_state_dict(state["module"])
+            n_iter = list(state["n_iter_"])
         except KeyError as e:
             raise DdpmsegError(f"PixelEnsemble state lacks {e}; it is damaged: fit the model again") from None
         except RuntimeError as e:  # load_state_dict: missing, unexpected or mis-shaped tensors
@@ -417,7 +418,7 @@ class PixelEnsemble(BaseEstimator):
         est.n_classes_ = int(state["n_classes_"])
         est.n_features_in_ = int(state["n_features_in_"])
         est.hidden_ = hidden
-        est.n_iter_ = list(state["n_iter_"])
+        est.n_iter_ = n_iter
         est.final_loss_ = list(state.get("final_loss_", []))
         est.best_loss_ = list(state.get("best_loss_", []))
         est.loss_curve_ = [list(c) for c in state.get("loss_curve_", [])]

@@ -133,7 +133,7 @@ class StackedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden1(x))
 
-    # member slices: the unit of early-stopping snapshots and of the sequential trainer
+    # member slices: the unit of early-stopping snapshots
     def _slices(self, m: int) -> list[tuple[torch.Tensor, slice | int]]:
         h1, h2 = self.hidden
         s1, s2 = slice(m * h1, (m + 1) * h1), slice(m * h2, (m + 1) * h2)
@@ -152,16 +152,6 @@ class StackedMLP(nn.Module):
         """Write back a :meth:`member_state` copy."""
         for (t, i), v in zip(self._slices(m), state):
             t[i].copy_(v)
-
-    @torch.no_grad()
-    def load_member_mlp(self, m: int, mlp: nn.Sequential) -> None:
-        """Copy a :func:`make_mlp` network into member m's slices."""
-        lin = [mlp[i] for i in _LINEAR_IDX]
-        bns = [mlp[i] for i in _BN_IDX]
-        state = [lin[0].weight.T, lin[0].bias, lin[1].weight.T, lin[1].bias, lin[2].weight.T, lin[2].bias]
-        for bn in bns:
-            state += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-        self.load_member_state(m, state)
 
     @torch.no_grad()
     def member_mlp(self, m: int) -> nn.Sequential:

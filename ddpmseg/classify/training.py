@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpmseg.classify.members import SharedFirstLayer, StackedFirstLayer, StackedMLP
+from ddpmseg.classify.members import SharedFirstLayer, StackedMLP
+from ddpmseg import options
 from ddpmseg.features.pixels import PixelSource
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,8 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe("reference", REFERENCE_BATCH, REFERENCE_LR, False, "the paper's: each member its own batches of 64"),
-        Recipe("fast", 1024, REFERENCE_LR * math.sqrt(1024 / REFERENCE_BATCH), True,
-               "members share batches of 1024, layer 1 as one (bf16) GEMM"),
+        Recipe("reference", REFERENCE_BATCH, REFERENCE_LR, False, options.RECIPES["reference"]),
+        Recipe("fast", 1024, REFERENCE_LR * math.sqrt(1024 / REFERENCE_BATCH), True, options.RECIPES["fast"]),
     )
 }
 

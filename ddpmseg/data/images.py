@@ -34,10 +34,12 @@ def natural_key(s: str | os.PathLike) -> tuple:
     return (tuple(key), text)
 
 
-def list_images(inputs: Sequence[str | Path]) -> list[Path]:
+def list_images(inputs: Sequence[str | Path], skipped: list[str] | None = None) -> list[Path]:
     """Image files from files and folders (folders: their image files, natural order, non-recursive).
 
     The file stem is the image id, so two different files with one stem are an error.
+    ``skipped``, if given, receives what the folders hold besides images
+    (subfolders as ``name/``, other files by name; hidden entries are not listed).
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -45,12 +47,17 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = [
-                f
-                for f in p.iterdir()
-                if f.is_file() and f.suffix.lower() in SUPPORTED_IMAGE_SUFFIXES and not f.name.startswith(".")
-            ]
-            out.extend(sorted(found, key=lambda f: natural_key(f.name)))
+            found, other = [], []
+            for f in sorted(p.iterdir(), key=lambda f: natural_key(f.name)):
+                if f.name.startswith("."):
+                    continue
+                if f.is_file() and f.suffix.lower() in SUPPORTED_IMAGE_SUFFIXES:
+                    found.append(f)
+                else:
+                    other.append(f.name + ("/" if f.is_dir() else ""))
+            out.extend(found)
+            if skipped is not None:
+                skipped.extend(other)
         elif p.is_file():
             out.append(p)
         else:

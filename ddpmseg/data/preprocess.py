@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 from ddpmseg.errors import DdpmsegError
-
-MODES: tuple[str, ...] = ("resize", "crop")
+from ddpmseg.options import PREPROCESS_MODES as MODES
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class Preprocess:
                 crop_box=tuple(int(v) for v in d["crop_box"]),  # type: ignore[arg-type]
                 resized_size=tuple(int(v) for v in d["resized_size"]),  # type: ignore[arg-type]
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, ValueError) as e:
             raise DdpmsegError(
                 f"preprocessing record {dict(d)!r} is invalid ({type(e).__name__}: {e}); re-extract the features"
             ) from None

@@ -4,7 +4,8 @@ Layout of ``feats.h5`` (README "Cache file format"):
     /                 attrs: the CacheRecord (format, format_version, ddpmseg_version,
                              config = JSON of the extraction config + backbone + checkpoint)
     /noise            float32 (1, 3, S, S): the shared noise
-    /images/<id>      group per image (id = file stem); attrs: source, preprocess (JSON), complete
+    /images/<id>      group per image (id = file stem); attrs: source (absolute path), sha256 (of the
+                      image file: the same id with other content is refused), preprocess (JSON), complete
     /images/<id>/t{t}_b{b}   (C, h, w) float16 (or float32) decoder block output
 
 Crash safety: the main file is never modified in place. Each finished image
@@ -18,7 +19,6 @@ them up without recomputing.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,14 +27,11 @@ import h5py
 import numpy as np
 import torch
 
-from ddpmseg._io import check_writable, is_temp_file, write_atomic
+from ddpmseg._io import check_writable, remove_stale_temps, write_atomic
 from ddpmseg.data import natural_key
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.extractor import BlockMaps, upsample_concat
 from ddpmseg.records import CacheRecord
-
-log = logging.getLogger(__name__)
-
 
 def dataset_name(t: int, block: int) -> str:
     return f"t{t}_b{block}"
@@ -73,7 +70,7 @@ def _open_h5(path: Path) -> tuple[h5py.File, CacheRecord]:
 
 def _complete_parts(path: Path) -> list[Path]:
     d = parts_dir(path)
-    return sorted(p for p in d.glob("*.h5") if not is_temp_file(p)) if d.is_dir() else []
+    return sorted(d.glob("*.h5")) if d.is_dir() else []
 
 
 class FeatureWriter:
@@ -98,16 +95,19 @@ class FeatureWriter:
                 "use a new --out file or the same settings"
             )
 
-    def done_ids(self) -> set[str]:
-        ids: set[str] = set()
-        if self.path.exists():
-            f, _ = _open_h5(self.path)
+    def done(self) -> dict[str, tuple[str, str | None]]:
+        """Every finished image (main file and parts): id -> (source, sha256; None in 0.1.0's caches)."""
+        found: dict[str, tuple[str, str | None]] = {}
+        for src in ([self.path] if self.path.exists() else []) + _complete_parts(self.path):
+            f, _ = _open_h5(src)
             with f:
-                ids.update(k for k, g in f["images"].items() if g.attrs.get("complete", False))
-        ids.update(p.stem for p in _complete_parts(self.path))
-        return ids
+                for k, g in f["images"].items():
+                    if g.attrs.get("complete", False):
+                        sha = g.attrs.get("sha256")
+                        found[k] = (str(g.attrs["source"]), None if sha is None else str(sha))
+        return found
 
-    def add(self, image_id: str, maps: BlockMaps, source: str, preprocess: dict[str, Any]) -> None:
+    def add(self, image_id: str, maps: BlockMaps, source: str, preprocess: dict[str, Any], sha256: str) -> None:
         """Write one finished image to its own part file (atomically)."""
         d = parts_dir(self.path)
         d.mkdir(exist_ok=True)
@@ -116,7 +116,8 @@ class FeatureWriter:
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
                 _write_header(f, self.record, self.noise)
-                _write_image(f, image_id, {k: v.numpy().astype(dtype) for k, v in maps.items()}, source, preprocess)
+                arrays = {k: v.numpy().astype(dtype) for k, v in maps.items()}
+                _write_image(f, image_id, arrays, source, preprocess, sha256)
 
         write_atomic(d / f"{image_id}.h5", write)
 
@@ -126,8 +127,7 @@ class FeatureWriter:
         if not parts:  # nothing finished: never leave an empty cache behind
             self._remove_parts_dir()
             return 0
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # of a merge killed earlier
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(self.path)  # of a merge killed earlier
 
         def write(tmp: Path) -> None:
             if self.path.exists():
@@ -162,11 +162,12 @@ class FeatureWriter:
             d.rmdir()
 
 
-def _write_image(f: h5py.File, image_id: str, maps: dict, source: str, preprocess: dict[str, Any]) -> None:
+def _write_image(f: h5py.File, image_id: str, maps: dict, source: str, preprocess: dict[str, Any], sha256: str) -> None:
     g = f["images"].create_group(image_id)
     for (t, b), arr in maps.items():
         g.create_dataset(dataset_name(t, b), data=arr)
     g.attrs["source"] = source
+    g.attrs["sha256"] = sha256
     g.attrs["preprocess"] = json.dumps(preprocess, sort_keys=True)
     g.attrs["complete"] = True
 
@@ -249,6 +250,11 @@ class FeatureCache:
 
     def source(self, image_id: str) -> str:
         return str(self._group(image_id).attrs["source"])
+
+    def sha256(self, image_id: str) -> str | None:
+        """The image file's sha256 at extraction (None for images cached by 0.1.0)."""
+        sha = self._group(image_id).attrs.get("sha256")
+        return None if sha is None else str(sha)
 
     def preprocess(self, image_id: str) -> dict[str, Any]:
         return json.loads(self._group(image_id).attrs["preprocess"])

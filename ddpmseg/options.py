@@ -1,0 +1,20 @@
+"""The choices and defaults of ddpmseg's settings, in one torch-free place.
+
+The library validates against these and the CLI builds its options from
+them (without importing torch, so ``ddpmseg --help`` stays instant).
+"""
+
+from __future__ import annotations
+
+DEFAULT_STEPS: tuple[int, ...] = (50, 150, 250)
+DEFAULT_BLOCKS: tuple[int, ...] = (5, 6, 7, 8, 12)
+PREPROCESS_MODES: tuple[str, ...] = ("resize", "crop")
+STORAGE_DTYPES: tuple[str, ...] = ("float16", "float32")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")  # the U-Net's arithmetic (extract, kmeans)
+LAYER1_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")  # the fast recipe's layer-1 GEMMs
+RECIPES: dict[str, str] = {  # fit recipe -> what it does (classify/training.py defines them)
+    "reference": "the paper's: each member its own batches of 64",
+    "fast": "members share batches of 1024, layer 1 as one (bf16) GEMM",
+}
+IGNORE_INDEX = 255  # the label neither trained nor scored, unless a label set says otherwise
+MIN_PIXELS = 20  # the reference: a class covering fewer pixels of an image is ignored there
