@@ -2,30 +2,25 @@
 prints a summary line; errors become one line on stderr and a non-zero exit.
 
 This module imports neither torch nor the library at load time (``ddpmseg
---help`` stays instant, and the OpenMP settings below apply before torch
-starts); each command imports what it calls.
+--help`` stays instant, and the OpenMP settings chosen in ``main`` apply when
+torch starts); each command imports what it calls.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import sys
+import time
+import traceback
+from pathlib import Path
 
-# OpenMP threads that spin while waiting for work take the cores from any other busy process and
-# can make both run 10-50x slower (benchmarks/bench_threads.py); a passive wait costs nothing
-# measurable alone. Set before torch is imported, unless the user chose a policy.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import click
 
-import json  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import click  # noqa: E402
-
-from ddpmseg._text import few, plural  # noqa: E402
-from ddpmseg.errors import DdpmsegError  # noqa: E402
-from ddpmseg.options import (  # noqa: E402
+from ddpmseg._text import few, plural
+from ddpmseg.errors import DdpmsegError
+from ddpmseg.options import (
     DEFAULT_BLOCKS,
     DEFAULT_STEPS,
     MIN_PIXELS,
@@ -62,6 +57,46 @@ def _default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+# Commands that run torch: they get the wait policy below.
+TORCH_COMMANDS = frozenset({"blocks", "convert", "extract", "fit", "predict", "evaluate", "kmeans", "demo"})
+
+
+def _others_busy(seconds: float = 0.2) -> bool | None:
+    """Whether other processes keep at least half a core busy (``/proc/stat`` over ``seconds``,
+    while this process sleeps); None where the system does not say."""
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # (idle + iowait, total) jiffies
+
+    try:
+        idle0, total0 = snapshot()
+        time.sleep(seconds)
+        idle1, total1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    busy_cores = (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+    return busy_cores >= 0.5
+
+
+def _set_wait_policy(command: str | None) -> None:
+    """OpenMP's wait policy for a torch command, unless the user chose one (benchmarks/bench_threads.py).
+
+    Threads that spin while they wait for work are fastest alone (a passive
+    wait made the eyes8 fit 2.4x slower) but take the cores from any other busy
+    process, and then both run several times (up to 50x) slower: wait
+    passively when other processes are busy at the start (or when that cannot
+    be seen), spin otherwise.
+    """
+    if command not in TORCH_COMMANDS or "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+        return
+    if _others_busy() is not False:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        logging.getLogger("ddpmseg").debug("other processes are busy: OpenMP waits passively")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -168,6 +203,7 @@ def _skipped(names: list[str], word: str, words: str) -> str:
 def main(ctx: click.Context, debug: bool, quiet: bool, threads: int | None) -> None:
     """Label-efficient semantic segmentation on frozen diffusion-model features."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="ddpmseg: %(message)s")
+    _set_wait_policy(ctx.invoked_subcommand)
     _set_threads(threads)
     ctx.obj = {"progress": not quiet}
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -94,14 +93,28 @@ def test_evaluate_says_when_it_scores_training_images(eyes_world, tmp_path):
 
 
 # -- the busy-machine slowdown --------------------------------------------------------------------
-def test_the_cli_waits_passively_unless_told_otherwise():
-    probe = "import sys, os, ddpmseg.cli.main; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+def test_the_cli_waits_passively_when_other_processes_are_busy():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout.split()
-    assert out == ["PASSIVE", "False"]  # set at import, and the CLI module loads no torch: it applies to torch's start
-    kept = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"}).stdout.split()
-    assert kept[0] == "ACTIVE"
+    probe = ("import os, sys, ddpmseg.cli.main as m; assert 'torch' not in sys.modules; m._set_wait_policy('fit'); "
+             "print(os.environ.get('OMP_WAIT_POLICY', 'unset'), m._others_busy())")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # another job, one whole core
+    try:
+        busy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+        kept = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                              env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy.stdout.split() == ["PASSIVE", "True"]  # set before torch starts (the CLI module loads no torch)
+    assert kept.stdout.split()[0] == "ACTIVE"  # the user's choice stands
+    idle = ("import os, ddpmseg.cli.main as m; m._others_busy = lambda: False; m._set_wait_policy('fit'); "
+            "m._set_wait_policy('presets'); print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
+    assert subprocess.run([sys.executable, "-c", idle], capture_output=True, text=True, env=env,
+                          check=True).stdout.split() == ["unset"]  # alone: OpenMP's own (spinning) default
+
+
+def test_threads_default_to_the_usable_cores_and_follow_threads():
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     threads = "from ddpmseg.cli.main import main; main(['--threads', '1', 'presets'], standalone_mode=False); " \
               "import torch; print(torch.get_num_threads())"
     r = subprocess.run([sys.executable, "-c", threads], capture_output=True, text=True, env=env, check=True)
