@@ -8,21 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from ddpmseg.backbones.adm import random_unet
-from ddpmseg.cli.main import main
-
-
-def fails(*args, match: str) -> str:
-    result = CliRunner().invoke(main, ["-q", *map(str, args)])
-    assert result.exit_code != 0, result.output
-    err = result.stderr.strip()
-    assert "Traceback" not in result.output
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("ddpmseg: error:"), err
-    assert match in err, err
-    return err
+from cli_helpers import fails
 
 
 def extract_args(tiny_ckpt, images, out):

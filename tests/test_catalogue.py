@@ -29,6 +29,7 @@ from ddpmseg.backbones.adm import random_unet
 from ddpmseg.backbones import AdmConfig
 from ddpmseg.classify.ensemble import PixelEnsemble
 from ddpmseg.cli.main import main
+from cli_helpers import fails, ok
 from ddpmseg.features.cache import FeatureCache, parts_dir
 
 FIT = ("--ensemble", "2", "--max-epochs", "1")
@@ -38,30 +39,6 @@ EYES_PALETTE = np.array([[0, 0, 0], [255, 255, 255], [0, 0, 255], [255, 0, 0]], 
 
 # -- helpers ------------------------------------------------------------------------
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(*args):
-    return CliRunner().invoke(main, ["-q", *map(str, args)])
-
-
-def ok(*args) -> str:
-    result = cli(*args)
-    assert result.exit_code == 0, (result.output, result.exception)
-    assert result.stderr.strip() == "", result.stderr
-    return result.stdout
-
-
-def fails(*args, match: tuple[str, ...]) -> str:
-    """Exit 1, one 'ddpmseg: error:' line on stderr holding every ``match`` string, no traceback."""
-    result = cli(*args)
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert "Traceback" not in result.output
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("ddpmseg: error:"), err
-    for m in match:
-        assert str(m) in err, (m, err)
-    return err
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -19,33 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from ddpmseg.cli.main import main
+from cli_helpers import cli, fails, ok
 from ddpmseg.features.cache import FeatureCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(*args):
-    return CliRunner().invoke(main, ["-q", *map(str, args)])
-
-
-def ok(*args) -> str:
-    r = cli(*args)
-    assert r.exit_code == 0, (r.output, r.exception)
-    return r.stdout
-
-
-def fails(*args, match: tuple[str, ...], code: int = 1) -> str:
-    r = cli(*args)
-    assert r.exit_code == code, (r.exit_code, r.output)
-    err = r.stderr.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in r.output, err
-    for m in match:
-        assert m in err, (m, err)
-    return err
 
 
 def extract(tiny_ckpt, *images, out, extra=()):
