@@ -29,6 +29,9 @@ from ddpmseg.options import (
     RECIPES,
     STORAGE_DTYPES,
 )
+from ddpmseg.train.config import SCHEDULE_SAMPLERS, TRAIN_PRECISIONS, TRAIN_PREPROCESS, TrainConfig
+
+TRAIN = TrainConfig()
 
 # What Ctrl-C leaves behind, by command (the message must say what is true).
 INTERRUPTED = {
@@ -36,6 +39,7 @@ INTERRUPTED = {
     "fit": "no model was written (fit does not resume); run it again to start over",
     "predict": "the PNGs of finished images are kept; rerun with --overwrite to redo them all",
     "download": "the partial download is kept; run the same command again to resume",
+    "train-ddpm": "the checkpoints saved so far are kept; continue with the same command and --resume",
 }
 
 
@@ -60,7 +64,7 @@ def _default_threads() -> int:
 
 
 # Commands that run torch: they get the wait policy below.
-TORCH_COMMANDS = frozenset({"blocks", "convert", "extract", "fit", "predict", "evaluate", "kmeans", "demo"})
+TORCH_COMMANDS = frozenset({"blocks", "convert", "extract", "fit", "predict", "evaluate", "kmeans", "demo", "train-ddpm"})
 
 
 def _others_busy(seconds: float = 0.2) -> bool | None:
@@ -152,7 +156,7 @@ _common_backbone = [
 ]
 _common_extract = [
     click.option("--steps", default=",".join(map(str, DEFAULT_STEPS)), show_default=True, help="Diffusion timesteps."),
-    click.option("--blocks", default=",".join(map(str, DEFAULT_BLOCKS)), show_default=True, help="Decoder (output_blocks) indices."),
+    click.option("--blocks", default="auto", show_default=True, help=f"Decoder (output_blocks) indices; auto: the paper's depths ({','.join(map(str, DEFAULT_BLOCKS))} of an 18-block decoder, the same fractions of another; see `ddpmseg blocks`)."),
     click.option("--seed", default=0, show_default=True, help="Seed of the shared noise."),
     click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=PREPROCESS_MODES[0], show_default=True, help="resize: plain resize to the model size; crop: short side then centre crop."),
     click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True, help="U-Net arithmetic: fp32 (the recipe), bf16 (~1.6x faster on CPUs with bf16 units, ~1.3% feature error), fp16 (CUDA only)."),
@@ -187,7 +191,10 @@ def _backbone_args(preset, model_flags, image_size, num_head_channels) -> dict:
 def _extract_config(steps: str, blocks: str, seed: int, preprocess: str, precision: str, storage: str = STORAGE_DTYPES[0]):
     from ddpmseg.records import ExtractConfig
 
-    return ExtractConfig(_ints(steps, "steps"), _ints(blocks, "blocks"), seed, preprocess, storage, precision)
+    chosen = () if blocks.strip() == "auto" else _ints(blocks, "blocks")
+    if blocks.strip() != "auto" and not chosen:
+        raise DdpmsegError("no block index given; pass e.g. --blocks 5,6,7,8,12 (or auto)")
+    return ExtractConfig(_ints(steps, "steps"), chosen, seed, preprocess, storage, precision)
 
 
 def _skipped(names: list[str], word: str, words: str) -> str:
@@ -386,7 +393,68 @@ def kmeans(obj, image, checkpoint, preset, model_flags, image_size, num_head_cha
     cfg = _extract_config(steps, blocks, seed, preprocess, precision)
     path = kmeans_grid_image(image, checkpoint, out, k=k, config=cfg, device=device, progress=obj["progress"],
                              overwrite=overwrite, **_backbone_args(preset, model_flags, image_size, num_head_channels))
-    click.echo(f"kmeans: {plural(len(cfg.blocks), 'block')} x {plural(len(cfg.steps), 'step')}, k={k} -> {path}")
+    click.echo(f"kmeans: {plural(len(cfg.steps), 'step')}, k={k} -> {path}")
+
+
+@main.command("train-ddpm")
+@_apply(_images)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder: checkpoints, samples, logs.")
+@click.option("--image-size", type=click.IntRange(1), default=None, help="Train a small default ADM for this size (32, 64, 128, 256).")
+@click.option("--preset", default=None, help="Train this preset's architecture (e.g. ffhq_256) from scratch.")
+@click.option("--model-flags", type=click.Path(path_type=Path), default=None, help="JSON file of guided-diffusion flags.")
+@click.option("--init", type=click.Path(path_type=Path), default=None, help="Fine-tune this checkpoint (e.g. ffhq.pt).")
+@click.option("--steps", type=int, default=TRAIN.steps, show_default=True, help="Optimizer steps in all.")
+@click.option("--batch-size", type=int, default=TRAIN.batch_size, show_default=True, help="Images per step (over all processes).")
+@click.option("--lr", type=float, default=TRAIN.lr, show_default=True, help="AdamW learning rate.")
+@click.option("--weight-decay", type=float, default=TRAIN.weight_decay, show_default=True)
+@click.option("--ema", type=float, default=TRAIN.ema, show_default=True, help="EMA decay (after a warm-up).")
+@click.option("--grad-clip", type=float, default=TRAIN.grad_clip, show_default=True, help="Max gradient norm (0: off).")
+@click.option("--dropout", type=float, default=TRAIN.dropout, show_default=True)
+@click.option("--schedule-sampler", type=click.Choice(SCHEDULE_SAMPLERS), default=TRAIN.schedule_sampler, show_default=True,
+              help="Timestep sampling: uniform, or by each timestep's recent loss.")
+@click.option("--precision", type=click.Choice(TRAIN_PRECISIONS), default=TRAIN.precision, show_default=True)
+@click.option("--preprocess", type=click.Choice(TRAIN_PREPROCESS), default=TRAIN.preprocess, show_default=True,
+              help="resize (as extract), crop (centre), random-crop (a random window along the long side).")
+@click.option("--flip/--no-flip", default=TRAIN.flip, show_default=True, help="Random left-right flips.")
+@click.option("--seed", type=int, default=TRAIN.seed, show_default=True)
+@click.option("--save-every", type=int, default=TRAIN.save_every, show_default=True, help="Steps between checkpoints.")
+@click.option("--sample-every", type=int, default=TRAIN.sample_every, show_default=True, help="Steps between sample grids (0: never).")
+@click.option("--samples", "n_samples", type=int, default=TRAIN.n_samples, show_default=True, help="Images per sample grid.")
+@click.option("--sample-steps", type=int, default=TRAIN.sample_steps, show_default=True, help="DDIM steps of the sample grids.")
+@click.option("--log-every", type=int, default=TRAIN.log_every, show_default=True, help="Steps between log.jsonl lines.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (with its own settings).")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader processes reading images.")
+@click.option("--device", default="auto", show_default=True)
+@click.pass_context
+def train_ddpm(ctx: click.Context, inputs, images, out, image_size, preset, model_flags, init, resume, workers, device,
+               **settings) -> None:
+    """Train a guided-diffusion DDPM on unlabelled IMAGES (files or folders); --ckpt RUN/ then uses it.
+
+    Under torchrun (e.g. torchrun --nproc_per_node 4 -m ddpmseg.cli.main train-ddpm ...) every process
+    takes its share of each batch and rank 0 writes the files.
+    """
+    from ddpmseg.train import TrainConfig, train_ddpm as run_training
+
+    if resume:  # the run's train.json holds its settings: only the step count may change
+        fixed = [f"--{k.replace('_', '-')}" for k in settings if k != "steps"
+                 and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+        fixed += [o for o, v in (("--image-size", image_size), ("--preset", preset), ("--model-flags", model_flags),
+                                 ("--init", init)) if v is not None]
+        if fixed:
+            raise DdpmsegError(f"--resume continues with the run's own settings ({out}/train.json, flags.json); "
+                               f"leave out {', '.join(fixed)} (only --steps may change)")
+        steps = settings["steps"] if ctx.get_parameter_source("steps") == click.core.ParameterSource.COMMANDLINE else None
+        config = None
+    else:
+        steps, config = None, TrainConfig(**settings)
+    s = run_training(_image_inputs(inputs, images), out, config, preset=preset, model_flags=model_flags,
+                     image_size=image_size, init=init, resume=resume, steps=steps, device=device, workers=workers,
+                     progress=ctx.obj["progress"])
+    resumed = f" (resumed at step {s.resumed_from})" if s.resumed_from else ""
+    click.echo(f"train-ddpm: {plural(s.n_images, 'image')}, {s.n_params / 1e6:.1f} M parameters, step {s.step}{resumed}, "
+               f"{s.images_per_s:.1f} images/s, loss {s.loss:.4f} -> {s.checkpoint}"
+               + (f"; samples {s.samples}" if s.samples else "")
+               + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
 
 
 @main.command()

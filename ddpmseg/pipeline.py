@@ -34,8 +34,10 @@ from ddpmseg.options import MIN_PIXELS
 from ddpmseg.records import CacheRecord, ExtractConfig, FitConfig, ModelRecord
 
 def _checked_settings(backbone: Backbone, config: ExtractConfig) -> ExtractConfig:
-    """``config`` with its steps and blocks validated for ``backbone``; its precision checked on the device."""
-    steps, blocks = backbone.check_steps(config.steps), backbone.check_blocks(config.blocks)
+    """``config`` with its steps and blocks validated for ``backbone`` (no blocks: the backbone's
+    :meth:`~ddpmseg.backbones.Backbone.default_blocks`); its precision checked on the device."""
+    steps = backbone.check_steps(config.steps)
+    blocks = backbone.check_blocks(config.blocks or backbone.default_blocks())
     precision_dtype(config.precision, backbone.device)
     return dataclasses.replace(config, steps=tuple(steps), blocks=tuple(blocks))
 

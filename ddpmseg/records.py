@@ -35,7 +35,12 @@ def _check_version(found: int, supported: int, what: str) -> None:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Everything that fixes the features of an image, besides the weights."""
+    """Everything that fixes the features of an image, besides the weights.
+
+    ``blocks=()`` asks for the backbone's default blocks (the paper's depths,
+    :meth:`~ddpmseg.backbones.Backbone.default_blocks`); what a cache records
+    is always the resolved list.
+    """
 
     steps: tuple[int, ...] = DEFAULT_STEPS
     blocks: tuple[int, ...] = DEFAULT_BLOCKS

@@ -30,6 +30,8 @@ __all__ = [
     "colormap",
     "distinct_colors",
     "heatmap",
+    "image_grid",
+    "line_plot",
     "kmeans_grid",
     "overlay",
     "save_label_png",
@@ -149,6 +151,57 @@ def overlay(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: flo
     blend = (1.0 - alpha) * base + alpha * colours
     out = np.where((lab != ignore_index)[..., None], blend, base)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 images -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) grid on white, row by row."""
+    imgs = np.asarray(images)
+    if imgs.ndim != 4 or imgs.shape[-1] != 3 or imgs.dtype != np.uint8 or len(imgs) == 0:
+        raise DdpmsegError(f"an image grid needs (N, H, W, 3) uint8 images, got {imgs.shape} {imgs.dtype}")
+    n, h, w, _ = imgs.shape
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+    return grid
+
+
+def line_plot(x: Sequence[float], y: Sequence[float], title: str, xlabel: str, size: tuple[int, int] = (640, 360),
+              log_y: bool = False) -> Image.Image:
+    """A line chart of ``y`` against ``x`` with labelled axes (min / max ticks; ``log_y``: a log scale,
+    positive values only); empty data gives empty axes."""
+    width, height = size
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    left, right, top, bottom = 64, 16, 28, 40
+    draw.text((left, 6), title, fill=(0, 0, 0), font=font)
+    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+    draw.text(((left + width - right) // 2 - 12, height - 20), xlabel, fill=(0, 0, 0), font=font)
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(xs) & np.isfinite(ys) & ((ys > 0) if log_y else True)
+    xs, ys = xs[keep], ys[keep]
+    labels = ys
+    if log_y:
+        ys = np.log10(ys)
+    if len(xs):
+        x0, x1 = float(xs.min()), float(xs.max()) if xs.max() > xs.min() else float(xs.min()) + 1
+        y0, y1 = float(ys.min()), float(ys.max()) if ys.max() > ys.min() else float(ys.min()) + 1
+        px = left + (xs - x0) / (x1 - x0) * (width - right - left)
+        py = height - bottom - (ys - y0) / (y1 - y0) * (height - bottom - top)
+        if len(xs) > 1:
+            draw.line(list(zip(px.tolist(), py.tolist())), fill=(31, 119, 180), width=2)
+        else:
+            draw.ellipse([px[0] - 2, py[0] - 2, px[0] + 2, py[0] + 2], fill=(31, 119, 180))
+        for value, yy in ((float(labels.max()), top), (float(labels.min()), height - bottom - 12)):
+            draw.text((4, yy), f"{value:.4g}", fill=(0, 0, 0), font=font)
+        if log_y:
+            draw.text((4, (top + height - bottom) // 2), "log", fill=(0, 0, 0), font=font)
+        for value, xx in ((x0, left), (x1, width - right - 40)):
+            draw.text((xx, height - bottom + 4), f"{value:.6g}", fill=(0, 0, 0), font=font)
+    return canvas
 
 
 def cluster_features(features: Any, k: int, random_state: int = 0, n_init: int = 4) -> np.ndarray:

@@ -185,3 +185,12 @@ def test_q_sample_is_the_linear_schedule(family):
     want = torch.stack([float(np.sqrt(abar[s])) * x0[i] + float(np.sqrt(1 - abar[s])) * noise[i] for i, s in enumerate(t)])
     # diffusers keeps alphas_cumprod in float32: sqrt(1 - abar) near t=0 is off by ~1e-6
     torch.testing.assert_close(backbone.q_sample(x0, t, noise), want, rtol=1e-5, atol=5e-6)
+
+
+def test_default_blocks_are_the_papers_depths(family):
+    _, backbone, _, _ = family
+    assert backbone.default_blocks() == list(PAPER_BLOCKS)  # an 18-block decoder: the paper's own choice
+    from ddpmseg.train import small_architecture
+
+    small = create_backbone(flags=small_architecture(32), device="cpu")  # 9 blocks: the same fractions of the depth
+    assert small.config.num_output_blocks == 9 and small.default_blocks() == [2, 3, 4, 6]

@@ -173,6 +173,13 @@ class Backbone:
             for h in hooks:
                 h.remove()
 
+    def default_blocks(self) -> list[int]:
+        """The paper's feature depths for this decoder: blocks 5, 6, 7, 8, 12 of an 18-block one, else the
+        blocks at the same fractions (5/17 ... 12/17) of the decoder's depth."""
+        n = self.config.num_output_blocks
+        picks = [int(b * (n - 1) / 17 + 0.5) for b in (5, 6, 7, 8, 12)]
+        return list(dict.fromkeys(picks))
+
     def check_blocks(self, blocks: Sequence[int]) -> list[int]:
         """Validated decoder block indices (range, duplicates)."""
         n = self.config.num_output_blocks

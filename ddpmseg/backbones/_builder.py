@@ -4,10 +4,12 @@
     create_backbone("ffhq.pt", preset="ffhq_256")       # ... or named
     create_backbone("my.pt", flags="flags.json")        # ... or given as guided-diffusion flags (file, dict, AdmConfig)
     create_backbone("google/ddpm-cat-256")              # diffusers hub id, model folder or pipeline folder
+    create_backbone("run/")                             # a train-ddpm run: its newest EMA checkpoint and flags
     create_backbone(preset="ffhq_256")                  # the preset's architecture with random weights
 
-A file is always an ADM checkpoint; a folder or an ``org/name`` hub id a
-diffusers ``UNet2DModel``. The backbone carries its provenance:
+A file is always an ADM checkpoint; a train-ddpm run folder (flags.json) its
+newest EMA checkpoint; any other folder or an ``org/name`` hub id a diffusers
+``UNet2DModel``. The backbone carries its provenance:
 ``backbone.preset`` (the matching preset's name, or None) and
 ``backbone.checkpoint`` (name, path, sha256 of the weights file).
 ``backbone_from_record`` rebuilds the backbone a cache or model folder
@@ -23,6 +25,7 @@ from typing import Any, Mapping, Union
 import torch
 
 import ddpmseg.backbones.diffusers_unet as dif
+import ddpmseg.backbones.runs as runs
 from ddpmseg.backbones._base import Backbone, resolve_device
 from ddpmseg._io import file_sha256
 from ddpmseg.backbones._checkpoint import check_signature, config_signature, read_state_dict, resolve_config
@@ -40,8 +43,8 @@ _DIFFUSERS_ARCH_KEYS = ("sample_size", "block_out_channels", "layers_per_block",
 
 
 def is_diffusers_source(source: str | Path) -> bool:
-    """A folder or a hub id (diffusers); anything else is an ADM checkpoint file."""
-    return Path(source).is_dir() or dif.looks_like_hub_id(source)
+    """A folder (other than a train-ddpm run) or a hub id: diffusers; anything else is an ADM checkpoint."""
+    return (Path(source).is_dir() and not runs.is_run(source)) or dif.looks_like_hub_id(source)
 
 
 def create_backbone(
@@ -66,6 +69,11 @@ def create_backbone(
         raise DdpmsegError("give either --preset or --model-flags, not both")
     if source is None and preset is None and flags is None:
         raise DdpmsegError("give a checkpoint, a preset or model flags to build a backbone")
+    if source is not None and runs.is_run(source):
+        if preset is not None or flags is not None:
+            raise DdpmsegError(f"{source} is a training run: its flags.json fixes the architecture; "
+                               "leave out --preset and --model-flags")
+        source, flags = runs.latest_ema(source)
     found = get_preset(preset) if preset is not None else None
     diffusers = (found is not None and found.family == "diffusers") or (source is not None and is_diffusers_source(source))
     if diffusers and (image_size is not None or num_head_channels is not None):
@@ -80,6 +88,8 @@ def create_backbone(
 
 def checkpoint_ref(source: str | Path) -> CheckpointRef:
     """Name, absolute path (or hub id) and sha256 of the weights of ``source`` (either family)."""
+    if runs.is_run(source):
+        source = runs.latest_ema(source)[0]
     if not is_diffusers_source(source):
         path = Path(source)
         if not path.is_file():
@@ -107,6 +117,8 @@ def backbone_from_record(
     diffusers folder, its configs are the recorded ones.
     """
     source = source if source is not None else recorded.path
+    if runs.is_run(source):
+        source = runs.latest_ema(source)[0]
     available = is_diffusers_source(source) if spec.family == "diffusers" else Path(source).is_file()
     kind = "file" if spec.family == "adm" else f"{spec.family} model folder"
     if not available:

@@ -24,24 +24,26 @@ from ddpmseg.errors import DdpmsegError
 UNET_FLAGS = tuple(f.name for f in dataclasses.fields(AdmConfig) if f.name not in AdmConfig.SCHEDULE_FLAGS)
 
 
-def build_unet(config: AdmConfig) -> torch.nn.Module:
-    """A randomly initialised guided-diffusion ``UNetModel`` for ``config`` (eval mode, frozen)."""
+def build_unet(config: AdmConfig, dropout: float = 0.0) -> torch.nn.Module:
+    """A randomly initialised guided-diffusion ``UNetModel`` for ``config`` (eval mode, frozen;
+    ``dropout`` matters only to a caller that trains it)."""
     script_util = guided_diffusion("script_util")
     try:
-        model = script_util.create_model(**{k: getattr(config, k) for k in UNET_FLAGS})
+        model = script_util.create_model(**{k: getattr(config, k) for k in UNET_FLAGS}, dropout=dropout)
     except (AssertionError, ValueError, ZeroDivisionError) as e:
         raise DdpmsegError(f"guided-diffusion cannot build this architecture: {e or type(e).__name__}") from None
     return model.eval().requires_grad_(False)
 
 
-def build_diffusion(config: AdmConfig):
-    """guided-diffusion's ``GaussianDiffusion`` of ``config`` (for q_sample and timestep scaling)."""
+def build_diffusion(config: AdmConfig, respacing: str = ""):
+    """guided-diffusion's ``GaussianDiffusion`` of ``config`` (q_sample, timestep scaling, the training
+    objective); ``respacing`` (e.g. ``"ddim25"``) gives its respaced sampler (guided-diffusion's respace)."""
     return guided_diffusion("script_util").create_gaussian_diffusion(
         steps=config.diffusion_steps,
         learn_sigma=config.learn_sigma,
         noise_schedule=config.noise_schedule,
         rescale_timesteps=config.rescale_timesteps,
-        timestep_respacing="",
+        timestep_respacing=respacing,
     )
 
 
