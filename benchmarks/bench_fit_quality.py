@@ -1,24 +1,33 @@
-"""Held-out quality of the fit recipes: fast vs reference over seeds, and mIoU against the pixel fraction.
+"""Held-out quality of the fit recipes over seeds: reference, fast and tiles on two kinds of features.
 
-    python benchmarks/bench_fit_quality.py [--data ../shared/data/fasseg-frontal02] [--seeds 3]
+    python benchmarks/bench_fit_quality.py [--kinds ffhq_256,trained] [--recipes reference,fast,tiles] [--seeds 3]
 
 Real images, real labels: FASSEG frontal02 (20 face photos, 6 classes; research
-use only, read in place and never copied), the first ``--train`` images (natural
-order) to train, the others held out. Features come from the tiny random-weight
-ADM of ``ddpmseg demo`` (64x64, 1056 channels; no pretrained weights on the
-development machines), so absolute mIoU is low: what matters is the gap between
-recipes compared with the spread over seeds. Everything goes through the
-library: ``extract_features``, ``fit_model``, ``evaluate_model``.
+use only, read in place and never copied). Everything goes through the
+library (``extract_features``, ``fit_model``, ``evaluate_model``), ten members,
+the same features and split for every recipe and seed:
 
-Prints one JSON object per fit (recipe, pixel fraction, seed, held-out mIoU,
-fit seconds, steps), then one summary per (recipe, fraction) with the mean and
-(sample) standard deviation of the mIoU over seeds.
+ffhq_256  the full ffhq_256 ADM architecture (random weights: no pretrained
+          checkpoint can be downloaded here), 256x256, 8448-dim features;
+          the first ``--ffhq-train`` photos train (the reference recipe takes
+          ~13 min per seed and image pair on 2 cores), the last 10 are held out
+trained   the 32 px DDPM that ``bench_trained_features.py`` trains on the 20
+          photos with ``ddpmseg train-ddpm`` (its newest EMA weights; trained
+          first if the run is missing); the first 10 photos train, the last 10
+          are held out
+tiny      the tiny random-weight demo ADM (64x64, 1056 dims); 10 / 10
+
+Prints one JSON object per fit (kind, recipe, seed, held-out mIoU, fit
+seconds, steps and pixels per member), then per kind and recipe the mean and
+sample standard deviation over seeds and the mean fit time as a ratio to the
+reference recipe's in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,45 +35,74 @@ from pathlib import Path
 import torch
 
 from _common import FASSEG, mean_std
-from ddpmseg.demo import make_tiny_checkpoint
 from ddpmseg.pipeline import evaluate_model, extract_features, fit_model
+
+TRAINED_STEPS = 2400  # bench_trained_features.py's default run
+
+
+def _features(kind: str, work: Path, images: list[Path], n_train: int) -> tuple[Path, list[Path]]:
+    """(feature cache of the training photos, held-out photos) for ``kind``."""
+    train, test = images[:n_train], images[-10:]
+    feats = work / f"{kind}.h5"
+    if kind == "ffhq_256":
+        from bench_extract import build_backbone
+
+        ckpt = work / "ffhq_256_random.pt"
+        torch.save(build_backbone("ffhq_256").model.state_dict(), ckpt)
+        extract_features(ckpt, train, feats, preset="ffhq_256", device="cpu")
+    elif kind == "trained":
+        from bench_trained_features import fasseg_ddpm
+
+        extract_features(fasseg_ddpm(TRAINED_STEPS, 400), train, feats, device="cpu")
+    elif kind == "tiny":
+        from ddpmseg.demo import make_tiny_checkpoint
+
+        ckpt, flags = make_tiny_checkpoint(work)
+        extract_features(ckpt, train, feats, model_flags=flags, device="cpu")
+    else:
+        raise SystemExit(f"--kinds: unknown kind {kind!r}; use ffhq_256, trained or tiny")
+    return feats, test
+
 
 def _run(args: argparse.Namespace, work: Path) -> None:
     images = sorted((args.data / "train" / "images").glob("*.png"))
-    labels = args.data / "train" / "labels"
-    classes = str(args.data / "classes.csv")
-    train, test = images[: args.train], images[args.train :]
-    ckpt, flags = make_tiny_checkpoint(work)
-    feats = work / "train.h5"
-    extract_features(ckpt, train, feats, model_flags=flags, device="cpu")
-    plan = [("reference", 1.0), ("fast", 1.0)] + [("fast", f) for f in args.fractions if f != 1.0]
-    results: dict[tuple[str, float], list[float]] = {}
-    for recipe, fraction in plan:
-        for seed in range(args.seeds):
-            out = work / f"model_{recipe}_{fraction}_{seed}"
-            t0 = time.perf_counter()
-            fit = fit_model(feats, labels, out, classes=classes, seed=seed, recipe=recipe, pixel_fraction=fraction,
-                            ensemble=args.ensemble, device="cpu")
-            seconds = time.perf_counter() - t0
-            miou = evaluate_model(out, test, labels, checkpoint=ckpt, device="cpu")["miou"]
-            results.setdefault((recipe, fraction), []).append(miou)
-            print(json.dumps({"benchmark": "fit_quality", "recipe": recipe, "pixel_fraction": fraction, "seed": seed,
-                              "heldout_miou": round(miou, 4), "fit_seconds": round(seconds, 1),
-                              "train_images": len(train), "test_images": len(test), "n_pixels": fit.n_pixels,
-                              "steps_per_member": [min(fit.n_iter), max(fit.n_iter)]}), flush=True)
-    for (recipe, fraction), mious in results.items():
-        print(json.dumps({"benchmark": "fit_quality_summary", "recipe": recipe, "pixel_fraction": fraction,
-                          **mean_std(mious)}), flush=True)
+    labels, classes = args.data / "train" / "labels", str(args.data / "classes.csv")
+    for kind in args.kinds:
+        feats, test = _features(kind, work, images, args.ffhq_train if kind == "ffhq_256" else 10)
+        mious: dict[str, list[float]] = {}
+        seconds: dict[str, list[float]] = {}
+        for recipe in args.recipes:
+            for seed in range(args.seeds):
+                out = work / f"model_{kind}_{recipe}_{seed}"
+                t0 = time.perf_counter()
+                fit = fit_model(feats, labels, out, classes=classes, seed=seed, recipe=recipe, ensemble=args.ensemble,
+                                device="cpu")
+                seconds.setdefault(recipe, []).append(time.perf_counter() - t0)
+                miou = 100 * evaluate_model(out, test, labels, device="cpu")["miou"]
+                mious.setdefault(recipe, []).append(miou)
+                print(json.dumps({"benchmark": "fit_quality", "kind": kind, "recipe": recipe, "seed": seed,
+                                  "heldout_miou": round(miou, 2), "fit_seconds": round(seconds[recipe][-1], 1),
+                                  "train_images": len(fit.image_ids), "test_images": len(test),
+                                  "labelled_pixels": fit.n_pixels, "epochs": fit.epochs,
+                                  "steps_per_member": max(fit.n_iter), "pixels_per_member": max(fit.pixels_seen)}),
+                      flush=True)
+        base = statistics.mean(seconds["reference"]) if "reference" in seconds else None
+        for recipe in args.recipes:
+            line = {"benchmark": "fit_quality_summary", "kind": kind, "recipe": recipe, **mean_std(mious[recipe]),
+                    "fit_seconds_mean": round(statistics.mean(seconds[recipe]), 1)}
+            if base is not None:
+                line["fit_time_vs_reference"] = round(statistics.mean(seconds[recipe]) / base, 3)
+            print(json.dumps(line), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=FASSEG, help="FASSEG frontal02 folder (train/images, train/labels, classes.csv)")
-    ap.add_argument("--train", type=int, default=10, help="images to train on; the rest are held out")
+    ap.add_argument("--kinds", type=lambda s: s.split(","), default=["ffhq_256", "trained"])
+    ap.add_argument("--recipes", type=lambda s: s.split(","), default=["reference", "fast", "tiles"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ensemble", type=int, default=10)
-    ap.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 0.5, 0.25, 0.1, 0.05],
-                    help="pixel fractions per epoch for the fast recipe")
+    ap.add_argument("--ffhq-train", type=int, default=2, help="photos the ffhq_256 fits train on")
     args = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="ddpmseg-fitq-") as tmp:

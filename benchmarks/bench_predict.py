@@ -18,6 +18,7 @@ ddpmseg: `ddpmseg predict` (predict_images): early-stopped extraction, layer 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -46,6 +47,7 @@ def write_model(folder: Path, preset: str, precision: str) -> tuple[Path, Path]:
     torch.save(build_backbone(preset).model.state_dict(), ckpt)
     backbone = create_backbone(ckpt, preset, device="cpu")
     extract = ExtractConfig(precision=precision)
+    extract = dataclasses.replace(extract, blocks=tuple(backbone.default_blocks()))  # what extract resolves "auto" to
     dims = {b.index: b.channels for b in backbone.blocks()}
     n_features = len(extract.steps) * sum(dims[b] for b in extract.blocks)
     g = torch.Generator().manual_seed(0)

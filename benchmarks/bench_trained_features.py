@@ -93,7 +93,7 @@ def main() -> None:
             scores, per_class = [], []
             for seed in range(args.seeds):
                 model = work / f"{name}_{seed}"
-                f = fit_model(feats, labels, model, classes=classes, seed=seed, device="cpu")
+                f = fit_model(feats, labels, model, classes=classes, seed=seed, recipe="reference", device="cpu")
                 r = evaluate_model(model, test, labels, device="cpu")
                 scores.append(100 * r["miou"])
                 per_class.append(r["per_class"])

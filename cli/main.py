@@ -26,6 +26,7 @@ from ddpmseg.options import (
     MIN_PIXELS,
     PRECISIONS,
     PREPROCESS_MODES,
+    DEFAULT_RECIPE,
     RECIPES,
     STORAGE_DTYPES,
 )
@@ -301,14 +302,15 @@ def extract(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
 @click.option("--ensemble", default=10, show_default=True, help="Number of MLPs in the ensemble.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-epochs", default=100, show_default=True)
-@click.option("--recipe", type=click.Choice(list(RECIPES)), default="reference", show_default=True,
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
               help="; ".join(f"{name}: {what}" for name, what in RECIPES.items()) + ".")
 @click.option("--ignore-index", default=None, type=int,
               help="Label neither trained nor scored (default: the label set's, else 255; bedroom_28: 0).")
 @click.option("--min-pixels", default=MIN_PIXELS, show_default=True, type=click.IntRange(0),
               help="A class covering fewer pixels of an image is ignored in that image (the reference's rule).")
 @click.option("--pixel-fraction", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Fraction of the labelled pixels visited per epoch (a fresh random subset each epoch).")
+              help="Fraction of the labelled pixels (tiles recipe: of the tiles holding labels) visited per epoch, "
+                   "a fresh random subset each epoch.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model folder to write.")
 @_overwrite
@@ -321,9 +323,11 @@ def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, recip
     s = fit_model(features, masks, out, labels=labels, classes=classes, ensemble=ensemble, seed=seed,
                   max_epochs=max_epochs, ignore_index=ignore_index, min_pixels=min_pixels, device=device,
                   progress=obj["progress"], recipe=recipe, pixel_fraction=pixel_fraction, overwrite=overwrite)
+    steps = f"{min(s.n_iter):,}-{max(s.n_iter):,}" if min(s.n_iter) != max(s.n_iter) else f"{s.n_iter[0]:,}"
     click.echo(f"fit: {plural(len(s.image_ids), 'image')}, {plural(s.n_pixels, 'pixel')}, "
-               f"{plural(s.n_classes, 'class', 'classes')}, {s.seconds:.1f} s, "
-               f"steps per member {min(s.n_iter)}-{max(s.n_iter)} -> {s.out}"
+               f"{plural(s.n_classes, 'class', 'classes')}, {s.seconds:.1f} s ({s.recipe} recipe: "
+               f"{plural(s.epochs, 'epoch')}, {steps} steps and {max(s.pixels_seen) / 1e6:.2f} M pixels per member, "
+               f"final loss {s.final_loss:.3f}) -> {s.out}"
                + _skipped(s.unlabelled, "cached image without a mask", "cached images without a mask"))
 
 

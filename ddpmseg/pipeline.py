@@ -30,7 +30,7 @@ from ddpmseg.features.extractor import extract_block_maps, make_noise
 from ddpmseg.features.pixels import CachePixels
 from ddpmseg.metrics import evaluate_masks
 from ddpmseg.model import SegmentationModel
-from ddpmseg.options import MIN_PIXELS
+from ddpmseg.options import DEFAULT_RECIPE, MIN_PIXELS
 from ddpmseg.records import CacheRecord, ExtractConfig, FitConfig, ModelRecord
 
 def _checked_settings(backbone: Backbone, config: ExtractConfig) -> ExtractConfig:
@@ -141,6 +141,10 @@ class FitSummary:
     seconds: float
     n_iter: list[int] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)  # cached images without a mask
+    recipe: str = ""
+    epochs: int = 0  # epochs begun (the longest member's)
+    pixels_seen: list[int] = field(default_factory=list)  # labelled pixels each member trained on
+    final_loss: float = float("nan")  # the members' mean last batch loss
 
 
 def _labelled_ids(cache: FeatureCache, masks: Path) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -183,7 +187,7 @@ def fit_model(
     min_pixels: int = MIN_PIXELS,
     device: str = "auto",
     progress: bool = False,
-    recipe: str = "reference",
+    recipe: str = DEFAULT_RECIPE,
     pixel_fraction: float = 1.0,
     overwrite: bool = False,
 ) -> FitSummary:
@@ -260,7 +264,9 @@ def fit_model(
     )
     record = ModelRecord(cache_record.backbone, cache_record.checkpoint, cache_record.extract, labelset, fit)
     SegmentationModel(record, est, noise).save(out)
-    return FitSummary(Path(out), ids, fit.n_pixels, labelset.n_classes, seconds, list(fit.n_iter), unlabelled)
+    return FitSummary(Path(out), ids, fit.n_pixels, labelset.n_classes, seconds, list(fit.n_iter), unlabelled,
+                      recipe, max(len(c) for c in est.loss_curve_), list(est.pixels_seen_),
+                      float(np.mean(est.final_loss_)))
 
 
 # -- predict / evaluate --------------------------------------------------------------

@@ -22,7 +22,7 @@ from ddpmseg._version import __version__
 from ddpmseg.backbones.configs import BackboneSpec, CheckpointRef
 from ddpmseg.data.labelsets import LabelSet
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.options import DEFAULT_BLOCKS, DEFAULT_STEPS, IGNORE_INDEX, MIN_PIXELS, PRECISIONS, PREPROCESS_MODES, STORAGE_DTYPES
+from ddpmseg.options import DEFAULT_STEPS, IGNORE_INDEX, MIN_PIXELS, PRECISIONS, PREPROCESS_MODES, STORAGE_DTYPES
 
 CACHE_FORMAT, CACHE_VERSION = "ddpmseg-features", 1
 MODEL_FORMAT, MODEL_VERSION = "ddpmseg-model", 2  # 1: 0.1.0's model.json (no format_version field)
@@ -37,13 +37,14 @@ def _check_version(found: int, supported: int, what: str) -> None:
 class ExtractConfig:
     """Everything that fixes the features of an image, besides the weights.
 
-    ``blocks=()`` asks for the backbone's default blocks (the paper's depths,
-    :meth:`~ddpmseg.backbones.Backbone.default_blocks`); what a cache records
-    is always the resolved list.
+    ``blocks=()`` (the default) asks for the backbone's default blocks (the
+    paper's depths: 5, 6, 7, 8, 12 of an 18-block decoder,
+    :meth:`~ddpmseg.backbones.Backbone.default_blocks`); what a cache or model
+    records is always the resolved list.
     """
 
     steps: tuple[int, ...] = DEFAULT_STEPS
-    blocks: tuple[int, ...] = DEFAULT_BLOCKS
+    blocks: tuple[int, ...] = ()
     seed: int = 0
     preprocess: str = "resize"
     storage_dtype: str = "float16"

@@ -516,7 +516,7 @@ def test_fast_state_dict_round_trip_and_old_states_load_as_reference(tmp_path):
         (dict(pixel_fraction=0.0), r"pixel_fraction=0.0 must be in \(0, 1\]"),
         (dict(pixel_fraction=1.5), r"pixel_fraction=1.5 must be in \(0, 1\]"),
         (dict(precision="fp16", recipe="fast"), r"precision='fp16' is unknown"),
-        (dict(precision="bf16"), r"precision='bf16' applies to recipe='fast' only"),
+        (dict(precision="bf16"), r"precision='bf16' applies to the shared-batch recipes \(fast, tiles\) only"),
         (dict(recipe="fast", batch_size=1), r"batch_size=1 must be at least 2"),
         (dict(lr=0.0), r"lr=0.0 must be positive"),
     ],

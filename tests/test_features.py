@@ -44,7 +44,7 @@ def test_cache_pixel_features_match_naive_recipe(tmp_path, tiny_ckpt, tiny_backb
         np.testing.assert_array_equal(cache.noise, make_noise(0, 64).numpy())
         for image_id in cache.image_ids:
             x0 = reference_image_tensor(eyes8 / f"{image_id}.jpg", 64)
-            ref = naive_recipe(tiny_backbone.model, x0, torch.from_numpy(cache.noise), cfg.steps, cfg.blocks)
+            ref = naive_recipe(tiny_backbone.model, x0, torch.from_numpy(cache.noise), cache.steps, cache.blocks)
             feats = cache.pixel_features(image_id)
             assert feats.dtype == torch.float32 and feats.shape == ref.shape
             assert rel_err(feats, ref) < tol

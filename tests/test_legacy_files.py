@@ -87,7 +87,7 @@ def test_legacy_cache_is_extended_with_the_same_features(legacy, eyes8):
 
 @pytest.mark.parametrize("legacy", ["adm", "diffusers"], indirect=True)
 def test_refit_on_a_legacy_cache_gives_the_legacy_weights(legacy, eyes8, tmp_path):
-    ok("fit", "--features", legacy / "feats.h5", "--masks", eyes8, "--ensemble", 2, "--max-epochs", 2,
+    ok("fit", "--features", legacy / "feats.h5", "--masks", eyes8, "--ensemble", 2, "--max-epochs", 2, "--recipe", "reference",
        "--out", tmp_path / "model", "--device", "cpu")
     old = torch.load(legacy / "model" / "tensors.pt", weights_only=True)["ensemble"]["module"]
     new = torch.load(tmp_path / "model" / "tensors.pt", weights_only=True)["ensemble"]["module"]

@@ -1,7 +1,7 @@
 """The pixel classifier: an ensemble of MLPs on per-pixel diffusion features.
 
     members    the reference MLP and M members stacked into one module
-    training   the recipes (reference, fast) and the one training loop
+    training   the recipes (reference, fast, tiles) and the one training loop
     ensemble   PixelEnsemble, the scikit-learn-style estimator (fit, predict, predict_block_maps)
 """
 

@@ -97,10 +97,14 @@ class PixelEnsemble(BaseEstimator):
     :class:`~ddpmseg.features.pixels.PixelSource` and (N,) integer labels;
     pixels labelled ``ignore_index`` are dropped.
 
-    ``recipe``: ``"reference"`` (the paper's, exactly) or ``"fast"`` (shared
-    batches; see :mod:`ddpmseg.classify.training`). ``batch_size`` / ``lr``
-    default to the recipe's (64 / 1e-3 and 1024 / 4e-3). ``patience`` is in
-    batches of 64 pixels (the fast recipe counts it in pixels).
+    ``recipe``: ``"reference"`` (the paper's, exactly), ``"fast"`` (shared
+    batches) or ``"tiles"`` (shared batches of image tiles, layer 1 at the
+    block maps' native resolution; needs a
+    :class:`~ddpmseg.features.pixels.CachePixels`, and is what ``ddpmseg fit``
+    uses by default); see :mod:`ddpmseg.classify.training`. ``batch_size`` /
+    ``lr`` default to the recipe's (64 / 1e-3, 1024 / 4e-3). ``patience`` is in
+    batches of 64 pixels (the fast recipe counts it in pixels; tiles stops by
+    its own budget, ``max_epochs`` still caps it).
     ``pixel_fraction``: each epoch visits this fraction of the labelled
     pixels, a fresh random subset each epoch (1.0 = all, the reference).
     ``precision``: layer 1's GEMMs in the fast recipe (``"auto"``: bf16 where
@@ -178,7 +182,7 @@ class PixelEnsemble(BaseEstimator):
             "fitting %d members on %d pixels x %d features, %d classes, hidden %s (%s recipe, batch %d, lr %g)",
             self.n_members, keep.size, d, n_classes, hidden, self.recipe, self.batch_size_, self.lr_,
         )
-        n_iter, final, best, curves = train_members(
+        n_iter, final, best, curves, pixels = train_members(
             module,
             source,
             torch.from_numpy(keep).long(),
@@ -194,12 +198,14 @@ class PixelEnsemble(BaseEstimator):
             n_epoch=self._epoch_pixels(keep.size),
             device=device,
             progress=self.progress,
+            pixel_fraction=self.pixel_fraction,
         )
 
         self.n_classes_ = n_classes
         self.n_features_in_ = d
         self.hidden_ = hidden
         self.n_iter_ = n_iter
+        self.pixels_seen_ = pixels
         self.final_loss_ = final
         self.best_loss_ = best
         self.loss_curve_ = curves
@@ -224,7 +230,8 @@ class PixelEnsemble(BaseEstimator):
             (self.precision in LAYER1_PRECISIONS, f"precision={self.precision!r} is unknown: use 'auto', 'fp32' or 'bf16'"),
             (
                 self.recipe not in RECIPES or RECIPES[self.recipe].shared_batch or self.precision != "bf16",
-                "precision='bf16' applies to recipe='fast' only: use precision='auto' or 'fp32' with the reference",
+                "precision='bf16' applies to the shared-batch recipes (fast, tiles) only: use precision='auto' or "
+                "'fp32' with the reference",
             ),
             (self.n_classes is None or self.n_classes >= 1, f"n_classes={self.n_classes} must be at least 1 or None"),
             (
@@ -382,6 +389,7 @@ class PixelEnsemble(BaseEstimator):
             "n_members_": int(self.module_.n_members),
             "hidden_": [int(h) for h in self.hidden_],
             "n_iter_": [int(v) for v in self.n_iter_],
+            "pixels_seen_": [int(v) for v in self.pixels_seen_],
             "final_loss_": [float(v) for v in self.final_loss_],
             "best_loss_": [float(v) for v in self.best_loss_],
             "loss_curve_": [[float(v) for v in c] for c in self.loss_curve_],
@@ -419,6 +427,7 @@ class PixelEnsemble(BaseEstimator):
         est.n_features_in_ = int(state["n_features_in_"])
         est.hidden_ = hidden
         est.n_iter_ = n_iter
+        est.pixels_seen_ = [int(v) for v in state.get("pixels_seen_", [])]
         est.final_loss_ = list(state.get("final_loss_", []))
         est.best_loss_ = list(state.get("best_loss_", []))
         est.loss_curve_ = [list(c) for c in state.get("loss_curve_", [])]

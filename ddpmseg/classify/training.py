@@ -16,6 +16,13 @@ runs (:class:`Recipe`):
     everything after layer 1). lr 1e-3 x sqrt(1024/64) = 4e-3 (Adam's usual
     rule for a 16x batch); early-stopping patience counted in pixels
     (``patience * 64`` pixels, :func:`fast_patience_steps`).
+``"tiles"`` -- the default of ``ddpmseg fit``: the fast recipe's shared batches
+    and lr, but a batch is whole image tiles (16 x 16 pixels of a 256 grid, 4 a
+    step) and layer 1 runs on the block maps at their native resolution
+    (W·up(F) = up(W·F); :class:`_TileSteps`), ~10x fewer FLOPs a pixel than on
+    upsampled features. It stops by budget, not by the reference's rule: 16
+    epochs (the reference's 4 epochs' worth of lr x steps), at most 2,000 steps,
+    or sooner on a plateau of the smoothed training loss (:class:`PlateauStop`).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ddpmseg.errors import DdpmsegError
+
 from ddpmseg.classify.members import SharedFirstLayer, StackedMLP
 from ddpmseg import options
 from ddpmseg.features.pixels import PixelSource
@@ -38,6 +47,10 @@ from ddpmseg.features.pixels import PixelSource
 log = logging.getLogger(__name__)
 
 REFERENCE_BATCH, REFERENCE_LR = 64, 1e-3
+# The tiles recipe's budget. 16 epochs at batch 1024 and lr 4e-3 take the reference's 4 epochs' worth
+# of lr x steps (4 x N/64 x 1e-3 = 16 x N/1024 x 4e-3); on large label sets 2,000 steps (2 M pixels
+# a member, ~1.5 epochs of 20 images at 256^2) end it first: neighbouring pixels are nearly redundant.
+TILES_EPOCHS, TILES_MAX_STEPS = 16, 2000
 
 
 @dataclass(frozen=True)
@@ -45,10 +58,14 @@ class Recipe:
     """How the members are trained: batch size, learning rate, and whether they share each batch."""
 
     name: str
-    batch_size: int
+    batch_size: int  # pixels per step (tiles: a target; a step takes whole tiles)
     lr: float
     shared_batch: bool  # one batch for all members, layer 1 as one GEMM (bf16 allowed); else one batch each
     description: str
+    tiled: bool = False  # batches of image tiles, layer 1 at the block maps' native resolution
+    tile_div: int = 16  # tiles: a tile's side is the model grid's side / tile_div
+    epochs: int | None = None  # its own epoch budget (None: the estimator's max_epochs, the reference's early stop)
+    max_steps: int | None = None  # a cap on steps (then a plateau of the training loss may stop it sooner)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -56,6 +73,8 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         Recipe("reference", REFERENCE_BATCH, REFERENCE_LR, False, options.RECIPES["reference"]),
         Recipe("fast", 1024, REFERENCE_LR * math.sqrt(1024 / REFERENCE_BATCH), True, options.RECIPES["fast"]),
+        Recipe("tiles", 1024, REFERENCE_LR * math.sqrt(1024 / REFERENCE_BATCH), True, options.RECIPES["tiles"], tiled=True,
+               epochs=TILES_EPOCHS, max_steps=TILES_MAX_STEPS),
     )
 }
 
@@ -85,6 +104,42 @@ class EarlyStop:
                 self.count += 1
             if self.count > self.patience:
                 self.stopped = True
+        return self.stopped
+
+
+class PlateauStop:
+    """Stop once the smoothed training loss has stopped falling, or after ``max_steps`` (the tiles recipe's rule).
+
+    The batch loss is smoothed (an exponential moving average over ~50
+    steps, bias-corrected); from ``min_epochs`` epochs and ``min_steps``
+    steps on, a smoothed loss ``rel`` below the best so far is a new best,
+    and training stops after ``patience`` steps without one, or at
+    ``max_steps``. It needs no held-out labels, and counting steps (not
+    epochs) fits small and large label sets alike: on a few small images the
+    training loss keeps falling (the members memorise) and the step cap ends
+    the fit; on many large images one epoch is already thousands of steps.
+    """
+
+    def __init__(self, min_epochs: int = 0, min_steps: int = 500, patience: int = 200, rel: float = 1e-3,
+                 decay: float = 0.98, max_steps: int | None = None) -> None:
+        self.min_epochs, self.min_steps, self.patience, self.rel, self.decay = min_epochs, min_steps, patience, rel, decay
+        self.max_steps = max_steps
+        self.steps, self.average, self.best, self.count, self.stopped = 0, 0.0, math.inf, 0, False
+
+    def update(self, loss: float, epoch: int) -> bool:
+        self.steps += 1
+        self.average = self.decay * self.average + (1 - self.decay) * loss
+        smoothed = self.average / (1 - self.decay**self.steps)
+        if epoch >= self.min_epochs and self.steps >= self.min_steps:
+            if smoothed < self.best * (1 - self.rel):
+                self.best, self.count = smoothed, 0
+            else:
+                self.count += 1
+            self.stopped = self.count > self.patience
+        else:
+            self.best = min(self.best, smoothed)
+        if self.max_steps is not None and self.steps >= self.max_steps:
+            self.stopped = True
         return self.stopped
 
 
@@ -130,16 +185,21 @@ def make_adam(params: Any, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
-FitLog = tuple[list[int], list[float], list[float], list[list[float]]]  # steps, final, best losses, epoch curves
+# per member: steps, final and best batch losses, mean loss per epoch, labelled pixels trained on
+FitLog = tuple[list[int], list[float], list[float], list[list[float]], list[int]]
 
 
 class MemberLog:
     """Per-member bookkeeping: steps, losses, epoch curves, early stops and snapshots."""
 
-    def __init__(self, n_members: int, patience: int, min_epochs: int) -> None:
-        self.stops = [EarlyStop(patience, min_epochs) for _ in range(n_members)]
+    def __init__(self, n_members: int, patience: int, min_epochs: int, plateau: bool = False,
+                 max_steps: int | None = None) -> None:
+        self.stops: list[EarlyStop | PlateauStop] = [
+            PlateauStop(max_steps=max_steps) if plateau else EarlyStop(patience, min_epochs) for _ in range(n_members)
+        ]
         self.snapshots: list[list[torch.Tensor] | None] = [None] * n_members
         self.n_iter, self.final = [0] * n_members, [math.nan] * n_members
+        self.pixels = [0] * n_members  # labelled pixels each member trained on (a pixel seen twice counts twice)
         self.best = [math.inf] * n_members
         self.curves: list[list[float]] = [[] for _ in range(n_members)]
         self._sums, self._counts = [0.0] * n_members, [0] * n_members
@@ -147,13 +207,20 @@ class MemberLog:
     def active(self) -> list[int]:
         return [m for m, snap in enumerate(self.snapshots) if snap is None]
 
+    def since_best(self) -> int:
+        """Steps since the last new best batch loss, the fewest over the active members (what stops them)."""
+        counts = [self.stops[m].count for m in self.active()]
+        return min(counts) if counts else 0
+
     def record_step(
-        self, losses: list[float], active: list[int], step: int, epoch: int, snapshot: Callable[[int], list[torch.Tensor]]
+        self, losses: list[float], active: list[int], step: int, epoch: int, snapshot: Callable[[int], list[torch.Tensor]],
+        n_pixels: int = 0,
     ) -> None:
         """Record one step's losses of the active members; snapshot (``snapshot(m)``) each that stops now."""
         for m in active:
             loss = losses[m]
             self.n_iter[m] = step
+            self.pixels[m] += n_pixels
             self.final[m] = loss
             self.best[m] = min(self.best[m], loss)
             self._sums[m] += loss
@@ -175,26 +242,43 @@ class MemberLog:
                 module.load_member_state(m, snap)
 
     def result(self) -> FitLog:
-        return self.n_iter, self.final, self.best, self.curves
+        return self.n_iter, self.final, self.best, self.curves, self.pixels
 
 
-# -- the two ways of drawing a step and running layer 1 --------------------------------------------
+# -- the ways of drawing a step and running layer 1 ------------------------------------------------
+@dataclass
+class _Pixels:
+    """What is trained on: ``keep`` (labelled pixel indices into ``source``), their labels ``y``, the
+    pixels an epoch visits and its batch bounds."""
+
+    source: PixelSource
+    keep: torch.Tensor
+    y: torch.Tensor
+    n_epoch: int
+    bounds: list[tuple[int, int]]
+
+
 class _PerMemberSteps:
     """The reference recipe: member m's batch from its own shuffle; layer 1 as a batched matmul (M, B, D)."""
 
-    def __init__(self, module: StackedMLP, gens: list[torch.Generator]) -> None:
-        self.module, self.gens = module, gens
+    def __init__(self, module: StackedMLP, gens: list[torch.Generator], data: "_Pixels") -> None:
+        self.module, self.gens, self.data = module, gens, data
         module.w1.grad = torch.zeros_like(module.w1)  # persistent, overwritten by every backward
-        self.weight, self.bias = module.w1, module.b1
+        self.params, self.reset = [module.w1, module.b1], [module.b1]  # layer 1's; grads reset before each step
 
-    def new_epoch(self, n: int, n_epoch: int, active: list[int]) -> None:
-        self.perms = {m: torch.randperm(n, generator=self.gens[m])[:n_epoch] for m in active}
+    def steps_per_epoch(self) -> int:
+        return len(self.data.bounds)
 
-    def logits(self, source: PixelSource, keep: torch.Tensor, y: torch.Tensor, lo: int, hi: int,
-               active: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def epoch(self, active: list[int]) -> list[tuple[int, int]]:
+        n = len(self.data.keep)
+        self.perms = {m: torch.randperm(n, generator=self.gens[m])[: self.data.n_epoch] for m in active}
+        return self.data.bounds
+
+    def logits(self, bounds: tuple[int, int], active: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = bounds
         # stopped members ride along on an active member's batch (their result is discarded)
         pos = torch.stack([self.perms[m if m in active else active[0]][lo:hi] for m in range(self.module.n_members)])
-        x, yb = _gather_union(source, keep, y, pos, device)
+        x, yb = _gather_union(self.data.source, self.data.keep, self.data.y, pos, device)
         return self.module.forward_train(x), yb.reshape(-1)
 
     def snapshot(self, m: int) -> list[torch.Tensor]:
@@ -212,24 +296,28 @@ class _SharedSteps:
     the end. The shuffle has its own generator (one more than the members').
     """
 
-    def __init__(self, module: StackedMLP, shuffle: torch.Generator, low_precision: bool) -> None:
-        self.module, self.shuffle = module, shuffle
+    def __init__(self, module: StackedMLP, shuffle: torch.Generator, low_precision: bool, data: "_Pixels") -> None:
+        self.module, self.shuffle, self.data = module, shuffle, data
         m, d, h1 = module.w1.shape
         self.weight = nn.Parameter(module.w1.detach().permute(1, 0, 2).reshape(d, m * h1).clone())
         self.bias = nn.Parameter(module.b1.detach().reshape(-1).clone())
         self.weight.grad = torch.zeros_like(self.weight)  # persistent, overwritten by every backward
         self.low = torch.empty_like(self.weight, dtype=torch.bfloat16) if low_precision else None
+        self.params, self.reset = [self.weight, self.bias], [self.bias]
 
-    def new_epoch(self, n: int, n_epoch: int, active: list[int]) -> None:
-        self.perm = torch.randperm(n, generator=self.shuffle)[:n_epoch]
+    def steps_per_epoch(self) -> int:
+        return len(self.data.bounds)
 
-    def logits(self, source: PixelSource, keep: torch.Tensor, y: torch.Tensor, lo: int, hi: int,
-               active: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = self.perm[lo:hi]
-        x = source.gather(keep[pos]).to(device=device, dtype=torch.float32, non_blocking=True)
+    def epoch(self, active: list[int]) -> list[tuple[int, int]]:
+        self.perm = torch.randperm(len(self.data.keep), generator=self.shuffle)[: self.data.n_epoch]
+        return self.data.bounds
+
+    def logits(self, bounds: tuple[int, int], active: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = self.perm[bounds[0] : bounds[1]]
+        x = self.data.source.gather(self.data.keep[pos]).to(device=device, dtype=torch.float32, non_blocking=True)
         h = SharedFirstLayer.apply(x, self.weight, self.bias, self.low)  # (B, M*H1)
         m, _, h1 = self.module.w1.shape
-        return self.module.head(h.view(len(pos), m, h1).transpose(0, 1)), y[pos].to(device).repeat(m)
+        return self.module.head(h.view(len(pos), m, h1).transpose(0, 1)), self.data.y[pos].to(device).repeat(m)
 
     @torch.no_grad()
     def _sync(self, members: list[int]) -> None:  # the trained layer-1 columns into the stacked w1 / b1
@@ -244,6 +332,74 @@ class _SharedSteps:
 
     def finish(self) -> None:
         self._sync(list(range(self.module.n_members)))
+
+
+class _TileSteps(_SharedSteps):
+    """The tiles recipe: every member on the same batch of image tiles (``tile`` x ``tile`` pixels of the
+    model grid); layer 1 at the native resolution of the block maps.
+
+    Layer 1 is linear and bilinear upsampling is linear, so W·up(F) + b = up(W·F) + b:
+    for each tile, layer 1 runs on the few native positions under it (an 8448 x
+    2560 GEMM on ~1,800 positions per 64 x 64 tile of a 256 image instead of
+    4,096 upsampled pixels) and its output is upsampled to the tile's pixels
+    (:meth:`~ddpmseg.features.pixels.CachePixels.tiles_layer1`); the gradient
+    of W flows back through the same upsampling. Each epoch visits the tiles
+    holding labelled pixels in a fresh order (``fraction`` of them).
+    """
+
+    def __init__(self, module: StackedMLP, shuffle: torch.Generator, low_precision: bool, data: _Pixels,
+                 tile: int, tiles_per_step: int, fraction: float) -> None:
+        super().__init__(module, shuffle, low_precision, data)
+        self.weight.grad, self.low = None, None
+        # layer 1 as one (D_g, M*H1) block per native resolution g (plain autograd: the GEMMs are torch ops)
+        self.rows = data.source.layer1_rows()
+        self.parts = [nn.Parameter(self.weight.detach()[rows].clone()) for rows in self.rows]
+        self.params, self.reset = [*self.parts, self.bias], [*self.parts, self.bias]
+        self.low_precision = low_precision
+        src, self.tile = data.source, tile
+        s = src.size
+        full = torch.full((src.n_images * s * s,), -1, dtype=torch.long)
+        full[data.keep] = data.y
+        self.labels = full.view(src.n_images, s, s)
+        self.tiles = torch.tensor([(i, y0, x0) for i in range(src.n_images) for y0 in range(0, s, tile)
+                                   for x0 in range(0, s, tile) if (self.labels[i, y0 : y0 + tile, x0 : x0 + tile] >= 0).any()])
+        self.per_step, self.fraction = tiles_per_step, fraction
+
+    def _n_epoch(self) -> int:
+        return max(1, round(self.fraction * len(self.tiles)))
+
+    def steps_per_epoch(self) -> int:
+        return -(-self._n_epoch() // self.per_step)
+
+    def epoch(self, active: list[int]) -> list[torch.Tensor]:
+        order = torch.randperm(len(self.tiles), generator=self.shuffle)[: self._n_epoch()]
+        return [order[i : i + self.per_step] for i in range(0, len(order), self.per_step)]
+
+    def logits(self, picks: torch.Tensor, active: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.tile
+        weights = [p.to(torch.bfloat16) for p in self.parts] if self.low_precision else self.parts
+        where = self.tiles[picks]  # (n, 3): image, top row, left column
+        img, y0, x0 = where.unbind(1)
+        rows, cols = y0[:, None] + torch.arange(t), x0[:, None] + torch.arange(t)
+        lab = self.labels[img[:, None, None], rows[:, :, None], cols[:, None, :]].reshape(-1)
+        sel = lab >= 0
+        hidden = self.data.source.tiles_layer1(img, y0, x0, t, weights).reshape(len(lab), -1)[sel]
+        h = hidden.to(device) + self.bias
+        m, _, h1 = self.module.w1.shape
+        return self.module.head(h.view(len(h), m, h1).transpose(0, 1)), lab[sel].to(device).repeat(m)
+
+    @torch.no_grad()
+    def _sync(self, members: list[int]) -> None:
+        for rows, part in zip(self.rows, self.parts):
+            self.weight[rows] = part
+        super()._sync(members)
+
+
+def tile_plan(size: int, tile_div: int, batch_size: int) -> tuple[int, int]:
+    """(tile side, tiles per step) of the tiles recipe: a tile is ``size / tile_div`` pixels wide (at least
+    2), a step takes ``batch_size`` pixels' worth of tiles."""
+    tile = max(2, size // tile_div)
+    return tile, max(1, batch_size // (tile * tile))
 
 
 def _gather_union(
@@ -282,6 +438,7 @@ def train_members(
     n_epoch: int,
     device: torch.device,
     progress: bool = False,
+    pixel_fraction: float = 1.0,
 ) -> FitLog:
     """Train every member of ``module`` on the pixels ``keep`` (indices into ``source``) with labels ``y``.
 
@@ -291,43 +448,59 @@ def train_members(
     when it stopped. Returns the per-member steps, final and best batch
     losses, and mean loss per epoch.
     """
-    m_total, n = module.n_members, len(keep)
-    gens = member_generators(random_state, m_total + 1)  # the last one: the fast recipe's shared shuffle
+    m_total = module.n_members
+    gens = member_generators(random_state, m_total + 1)  # the last one: the shared shuffle
     for m in range(m_total):
         module.init_member_(m, gens[m])
     module.train()
-    if recipe.shared_batch:
-        steps = _SharedSteps(module, gens[-1], low_precision)
+    data = _Pixels(source, keep, y, n_epoch, batch_bounds(n_epoch, batch_size))
+    if recipe.tiled:
+        if not hasattr(source, "tiles_layer1"):
+            raise DdpmsegError(f"recipe={recipe.name!r} needs the native-resolution block maps (a CachePixels, as "
+                               "fit_model builds from a cache); use recipe='fast' or 'reference' for feature arrays")
+        tile, per_step = tile_plan(source.size, recipe.tile_div, batch_size)
+        steps = _TileSteps(module, gens[-1], low_precision, data, tile, per_step, pixel_fraction)
+        track = MemberLog(m_total, patience, min_epochs, plateau=True, max_steps=recipe.max_steps)
+    elif recipe.shared_batch:
+        steps = _SharedSteps(module, gens[-1], low_precision, data)
         track = MemberLog(m_total, fast_patience_steps(patience, batch_size), min_epochs)
     else:
-        steps = _PerMemberSteps(module, gens[:m_total])
+        steps = _PerMemberSteps(module, gens[:m_total], data)
         track = MemberLog(m_total, patience, min_epochs)
     head_params = [p for p in module.parameters() if p is not module.w1 and p is not module.b1]
-    opt = make_adam([steps.weight, steps.bias, *head_params], lr)
-    reset = [steps.bias, *head_params]  # layer 1's weight gradient is overwritten in place instead
-    bounds = batch_bounds(n_epoch, batch_size)
-    bar = tqdm(total=max_epochs * len(bounds), desc="fit", unit="step", disable=not progress, leave=False)
-    step = 0
+    opt = make_adam([*steps.params, *head_params], lr)
+    reset = [*steps.reset, *head_params]  # not the weights whose gradient a custom autograd function overwrites
+    budget = None  # the reference's early stop ends a fit long before its epoch cap: no total, no false ETA
+    if recipe.epochs is not None:
+        max_epochs = min(max_epochs, recipe.epochs)
+        budget = max_epochs * steps.steps_per_epoch()
+        if recipe.max_steps is not None:
+            budget = min(budget, recipe.max_steps)  # an upper bound (a loss plateau may end it sooner)
+    bar = tqdm(desc="fit", unit="step", total=budget, disable=not progress, leave=False)
+    step, pixels = 0, 0
     try:
         for epoch in range(max_epochs):
             active = track.active()
             if not active:
                 break
-            steps.new_epoch(n, n_epoch, active)
-            for lo, hi in bounds:
+            for desc in steps.epoch(active):
                 active = track.active()
                 if not active:
                     break
                 for p in reset:
                     p.grad = None
-                logits, targets = steps.logits(source, keep, y, lo, hi, active, device)
+                logits, targets = steps.logits(desc, active, device)
                 losses = member_losses(logits, targets)
                 losses.sum().backward()
                 opt.step()
                 step += 1
+                pixels += logits.shape[1]
+                # in the shared-batch recipes stopped members keep training (shared GEMM); their snapshot is kept
+                track.record_step(losses.tolist(), active, step, epoch, steps.snapshot, logits.shape[1])
                 bar.update(1)
-                # in the fast recipe stopped members keep training (shared GEMM); their snapshot is kept
-                track.record_step(losses.tolist(), active, step, epoch, steps.snapshot)
+                if progress and step % 10 == 0:
+                    bar.set_postfix(epoch=f"{epoch + 1}/{max_epochs}", loss=f"{sum(losses.tolist()) / m_total:.3f}",
+                                    since_best=track.since_best(), pixels=f"{pixels:.3g}", active=len(active))
             track.end_epoch()
     finally:
         bar.close()

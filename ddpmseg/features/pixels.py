@@ -99,6 +99,14 @@ class CachePixels:
             self._tables.append(stacked.permute(0, 2, 3, 1).reshape(n * h * w, c).contiguous())
             self._res.append((h, w))
         self.n_features = sum(t.shape[1] for t in self._tables)
+        # per native resolution: its tables and the rows of a (D, out) layer-1 weight their channels use
+        offsets = np.cumsum([0] + [t.shape[1] for t in self._tables])
+        self._groups: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
+        for i, res in enumerate(self._res):
+            members, _ = self._groups.get(res, ([], None))
+            members.append(i)
+            rows = torch.cat([torch.arange(offsets[j], offsets[j + 1]) for j in members])
+            self._groups[res] = (members, rows)
 
     def __len__(self) -> int:
         return self.n_images * self.size * self.size
@@ -106,6 +114,47 @@ class CachePixels:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tables)
+
+    def layer1_rows(self) -> list[torch.Tensor]:
+        """The feature indices of each native resolution's channels (what :meth:`tiles_layer1`'s weights cover)."""
+        return [rows for _, rows in self._groups.values()]
+
+    def tiles_layer1(self, images: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, tile: int,
+                     weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``features @ W`` (float32, (n, tile * tile, out)) of the pixels of ``n`` tiles (image index,
+        top row and left column of each), computed at the native resolution.
+
+        ``weights[g]`` holds the rows ``layer1_rows()[g]`` of ``W`` (D, out): it multiplies only the
+        native positions under each tile, and the products are upsampled bilinearly to the tile's
+        pixels (what upsampling the features first gives, since both maps are linear).
+        Differentiable in the weights; all tiles in one batched computation.
+        """
+        s, n = self.size, len(images)
+        coords = torch.arange(tile)
+        out = None
+        for ((h, w), (members, _)), weight in zip(self._groups.items(), weights):
+            # the native rows (cols) a tile's pixels read: a window of fixed size from the first one's floor
+            ry0, ry1, wy = bilinear_taps(y0[:, None] + coords, h, s)  # (n, tile)
+            rx0, rx1, wx = bilinear_taps(x0[:, None] + coords, w, s)
+            rh, rw = min(h, -(-tile * h // s) + 2), min(w, -(-tile * w // s) + 2)
+            r_lo = torch.clamp(ry0[:, 0], max=h - rh)
+            c_lo = torch.clamp(rx0[:, 0], max=w - rw)
+            rr = r_lo[:, None] + torch.arange(rh)  # (n, rh)
+            cc = c_lo[:, None] + torch.arange(rw)
+            pos = images[:, None, None] * (h * w) + rr[:, :, None] * w + cc[:, None, :]  # (n, rh, rw)
+            flat = pos.reshape(-1)
+            feats = torch.cat([self._tables[j][flat] for j in members], dim=1)  # gathered where the maps live
+            z = (feats.to(device=weight.device, dtype=weight.dtype, non_blocking=True) @ weight).float().view(n, rh, rw, -1)
+            ay = torch.zeros(n, tile, rh)
+            ay.scatter_add_(2, (ry0 - r_lo[:, None])[..., None], (1 - wy)[..., None])
+            ay.scatter_add_(2, (ry1 - r_lo[:, None])[..., None], wy[..., None])
+            ax = torch.zeros(n, tile, rw)
+            ax.scatter_add_(2, (rx0 - c_lo[:, None])[..., None], (1 - wx)[..., None])
+            ax.scatter_add_(2, (rx1 - c_lo[:, None])[..., None], wx[..., None])
+            ay, ax = ay.to(z.device), ax.to(z.device)
+            up = torch.einsum("nbj,najc->nabc", ax, torch.einsum("nai,nijc->najc", ay, z))  # (n, tile, tile, out)
+            out = up if out is None else out + up
+        return out.reshape(n, tile * tile, -1)
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """Float32 features (B, C) of the pixels ``index`` (int64, B)."""
