@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import resource
 import statistics
 from pathlib import Path
@@ -23,7 +24,13 @@ def run_in_child(target: Callable[..., None], *args: Any) -> dict:
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))
     p.start()
-    result = q.get()
+    while True:  # a child that dies (e.g. killed for memory) must not leave the parent waiting forever
+        try:
+            result = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise SystemExit(f"{target.__name__}{args}: the child process died (exit code {p.exitcode})")
     p.join()
     return result
 

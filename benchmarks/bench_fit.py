@@ -122,9 +122,11 @@ def _child(mode: str, n_images: int, naive_images: int, budget: int, queue) -> N
     full = mode == "tiles_full"
     if not full:  # the speed modes: the same budget of labelled pixels, one epoch per member
         y = _budget_labels(y, budget)
-    if mode == "naive":  # every upsampled pixel feature of the images in RAM, fp32
+    if mode == "naive":  # every upsampled pixel feature of the first images in RAM, fp32 (the budget's pixels lie there)
+        assert budget <= naive_images * SIZE * SIZE, "--budget must fit in the naive trainer's images"
         del source
-        source = torch.cat([upsample_concat(m, KEYS, SIZE).reshape(-1, SIZE * SIZE).T for m in maps])
+        source = torch.cat([upsample_concat(m, KEYS, SIZE).reshape(-1, SIZE * SIZE).T for m in maps[:naive_images]])
+        y = y[: naive_images * SIZE * SIZE]
         est = NaiveEnsemble(CLASSES, MEMBERS, 1, random_state=0)
     else:
         est = PixelEnsemble(n_classes=CLASSES, n_members=MEMBERS, max_epochs=100 if full else 1, min_epochs=4,

@@ -30,9 +30,11 @@ from ddpmseg.options import (
     RECIPES,
     STORAGE_DTYPES,
 )
+from ddpmseg.heads.config import HEADS, DDPConfig
 from ddpmseg.train.config import SCHEDULE_SAMPLERS, TRAIN_PRECISIONS, TRAIN_PREPROCESS, TrainConfig
 
 TRAIN = TrainConfig()
+DDP = DDPConfig()
 
 # What Ctrl-C leaves behind, by command (the message must say what is true).
 INTERRUPTED = {
@@ -311,18 +313,46 @@ def extract(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
 @click.option("--pixel-fraction", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Fraction of the labelled pixels (tiles recipe: of the tiles holding labels) visited per epoch, "
                    "a fresh random subset each epoch.")
+@click.option("--head", type=click.Choice(list(HEADS)), default="mlp", show_default=True,
+              help="; ".join(f"{name}: {what}" for name, what in HEADS.items()) + ".")
+@click.option("--head-steps", type=click.IntRange(1), default=DDP.steps, show_default=True,
+              help="ddp: DDIM steps at inference (DDP reports 1, 3, 10).")
+@click.option("--generations", type=click.IntRange(1), default=DDP.generations, show_default=True,
+              help="ddp: noise draws averaged at inference (SegDiff's multiple generations).")
+@click.option("--head-iterations", type=click.IntRange(1), default=DDP.iterations, show_default=True,
+              help="ddp: training steps.")
+@click.option("--head-batch", type=click.IntRange(1), default=DDP.batch_size, show_default=True,
+              help="ddp: crops per training step.")
+@click.option("--head-crop", type=click.IntRange(4), default=DDP.crop, show_default=True,
+              help="ddp: crop side at the working resolution (the whole map when smaller).")
+@click.option("--head-lr", type=click.FloatRange(0, min_open=True), default=DDP.lr, show_default=True,
+              help="ddp: AdamW learning rate (warm-up, then linear decay).")
+@click.option("--head-diffusion/--no-head-diffusion", default=True, show_default=True,
+              help="ddp: --no-head-diffusion trains and runs the same decoder on a zero label map, one step "
+                   "(the control without denoising).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model folder to write.")
 @_overwrite
 @click.pass_obj
 def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, recipe, ignore_index, min_pixels,
-        pixel_fraction, device, out, overwrite) -> None:
-    """Train the pixel-classifier ensemble on cached features and masks."""
+        pixel_fraction, head, head_steps, generations, head_iterations, head_batch, head_crop, head_lr, head_diffusion,
+        device, out, overwrite) -> None:
+    """Train the pixel-classifier ensemble (or the DDP head) on cached features and masks."""
     from ddpmseg.pipeline import fit_model
 
+    ddp = DDPConfig(steps=head_steps, generations=generations, iterations=head_iterations, batch_size=head_batch,
+                    crop=head_crop, lr=head_lr, diffusion=head_diffusion)
     s = fit_model(features, masks, out, labels=labels, classes=classes, ensemble=ensemble, seed=seed,
                   max_epochs=max_epochs, ignore_index=ignore_index, min_pixels=min_pixels, device=device,
-                  progress=obj["progress"], recipe=recipe, pixel_fraction=pixel_fraction, overwrite=overwrite)
+                  progress=obj["progress"], recipe=recipe, pixel_fraction=pixel_fraction, overwrite=overwrite,
+                  head=head, ddp=ddp)
+    if head == "ddp":
+        click.echo(f"fit: {plural(len(s.image_ids), 'image')}, {plural(s.n_pixels, 'pixel')}, "
+                   f"{plural(s.n_classes, 'class', 'classes')}, {s.seconds:.1f} s (DDP head"
+                   f"{'' if head_diffusion else ' without diffusion'}: {s.n_iter[0]:,} steps of {head_batch} crops, "
+                   f"final loss {s.final_loss:.3f}) -> {s.out}"
+                   + _skipped(s.unlabelled, "cached image without a mask", "cached images without a mask"))
+        return
     steps = f"{min(s.n_iter):,}-{max(s.n_iter):,}" if min(s.n_iter) != max(s.n_iter) else f"{s.n_iter[0]:,}"
     click.echo(f"fit: {plural(len(s.image_ids), 'image')}, {plural(s.n_pixels, 'pixel')}, "
                f"{plural(s.n_classes, 'class', 'classes')}, {s.seconds:.1f} s ({s.recipe} recipe: "

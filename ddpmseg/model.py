@@ -1,11 +1,12 @@
-"""A fitted segmentation model folder: its record plus the pixel ensemble.
+"""A fitted segmentation model folder: its record plus the classifier (the pixel ensemble or a head).
 
 A model directory holds
     model.json    the ModelRecord (readable): ddpmseg version, backbone (family,
                   preset, config), checkpoint (name, path, sha256), extraction
-                  settings, classes (names, colours), fit settings and training images
-    tensors.pt    {"ensemble": PixelEnsemble.state_dict(), "noise": (1,3,S,S)}
-                  (tensors and plain values only: loads with weights_only=True)
+                  settings, classes (names, colours), fit settings (``fit.head``:
+                  mlp or ddp) and training images
+    tensors.pt    {"ensemble": PixelEnsemble.state_dict() | "ddp": DDPHead.state_dict(),
+                   "noise": (1,3,S,S)} (tensors and plain values only: loads with weights_only=True)
 Both files are written atomically (temp file + rename).
 """
 
@@ -15,6 +16,7 @@ import json
 import pickle
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import torch
 
@@ -24,6 +26,9 @@ from ddpmseg.data import LabelSet
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.records import ModelRecord
 
+if TYPE_CHECKING:
+    from ddpmseg.heads.ddp import DDPHead
+
 MODEL_FILES = ("model.json", "tensors.pt")
 # what torch.load raises for a truncated or foreign tensors.pt
 _TENSOR_FILE_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
@@ -32,9 +37,9 @@ _TENSOR_FILE_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, 
 class SegmentationModel:
     """What ``ddpmseg fit`` writes and ``predict`` / ``evaluate`` read."""
 
-    def __init__(self, record: ModelRecord, ensemble: PixelEnsemble, noise: torch.Tensor) -> None:
+    def __init__(self, record: ModelRecord, classifier: Union[PixelEnsemble, "DDPHead"], noise: torch.Tensor) -> None:
         self.record = record
-        self.ensemble = ensemble
+        self.classifier = classifier  # anything with predict_block_maps(maps, keys, size) -> Segmentation
         self.noise = noise
 
     @property
@@ -51,7 +56,8 @@ class SegmentationModel:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DdpmsegError(f"cannot create model folder {directory}: {e.strerror}") from None
-        tensors = {"ensemble": self.ensemble.state_dict(), "noise": self.noise.cpu()}
+        key = "ensemble" if self.record.fit.head == "mlp" else self.record.fit.head
+        tensors = {key: self.classifier.state_dict(), "noise": self.noise.cpu()}
         write_atomic(directory / "tensors.pt", lambda p: torch.save(tensors, p))
         text = json.dumps(self.record.to_dict(), indent=2, sort_keys=True)
         write_atomic(directory / "model.json", lambda p: p.write_text(text + "\n"))
@@ -77,7 +83,11 @@ class SegmentationModel:
         except _TENSOR_FILE_ERRORS as e:
             reason = " ".join(str(e).split())[:160]
             raise DdpmsegError(f"{directory}/tensors.pt is damaged ({type(e).__name__}: {reason}); rerun `ddpmseg fit`") from None
-        if not isinstance(tensors, dict) or not {"ensemble", "noise"} <= tensors.keys():
+        key = "ensemble" if record.fit.head == "mlp" else record.fit.head
+        if not isinstance(tensors, dict) or not {key, "noise"} <= tensors.keys():
             raise DdpmsegError(f"{directory}/tensors.pt is not a ddpmseg model's tensors file; rerun `ddpmseg fit`")
-        ensemble = PixelEnsemble.from_state_dict(tensors["ensemble"], device=device)
-        return cls(record, ensemble, tensors["noise"])
+        if record.fit.head == "ddp":
+            from ddpmseg.heads.ddp import DDPHead
+
+            return cls(record, DDPHead.from_state_dict(tensors["ddp"], device=str(device)), tensors["noise"])
+        return cls(record, PixelEnsemble.from_state_dict(tensors["ensemble"], device=device), tensors["noise"])

@@ -28,6 +28,8 @@ from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.cache import FeatureCache, FeatureWriter
 from ddpmseg.features.extractor import extract_block_maps, make_noise
 from ddpmseg.features.pixels import CachePixels
+from ddpmseg.heads import HEADS, DDPConfig
+from ddpmseg.heads.ddp import DDPHead
 from ddpmseg.metrics import evaluate_masks
 from ddpmseg.model import SegmentationModel
 from ddpmseg.options import DEFAULT_RECIPE, MIN_PIXELS
@@ -190,8 +192,11 @@ def fit_model(
     recipe: str = DEFAULT_RECIPE,
     pixel_fraction: float = 1.0,
     overwrite: bool = False,
+    head: str = "mlp",
+    ddp: DDPConfig | None = None,
 ) -> FitSummary:
-    """Train the pixel ensemble on the labelled images of a feature cache.
+    """Train the pixel ensemble (``head="mlp"``) or the DDP head (``head="ddp"``, settings ``ddp``)
+    on the labelled images of a feature cache.
 
     ``ignore_index``: the label neither trained nor scored (default: the label
     set's, 255 without one; Bedroom-28's is 0). ``min_pixels``: a class
@@ -199,6 +204,9 @@ def fit_model(
     reference's 20). ``recipe``/``pixel_fraction``: see
     :class:`~ddpmseg.classify.PixelEnsemble`.
     """
+    if head not in HEADS:
+        raise DdpmsegError(f"--head {head!r} is unknown: use one of {', '.join(HEADS)}")
+    ddp = (ddp or DDPConfig()) if head == "ddp" else None
     masks = Path(masks)
     check_writable(out, folder=True)  # before any training
     check_not_there([Path(out) / f for f in MODEL_FILES], overwrite, "--out")
@@ -223,27 +231,35 @@ def fit_model(
             labelset = data.LabelSet.default(max(seen, default=0) + 1)
         ids = [i for i, _ in pairs]
         digests = [cache.sha256(i) or "" for i in ids]
-        source = CachePixels([cache.block_maps(i) for i in ids], cache.keys, cache.image_size)
+        maps = [cache.block_maps(i) for i in ids]
         y = np.concatenate([m.reshape(-1) for m in label_maps])
         if int((y != ignore_index).sum()) < 2:
             raise DdpmsegError(
                 f"the {len(ids)} masks used from {masks} label fewer than two pixels ({ignore_index} = ignore; "
                 f"a class under {min_pixels} pixels of an image is ignored there); give masks that label the images"
             )
-        cache_record = cache.record
+        cache_record, cache_record_size = cache.record, cache.image_size
         noise = torch.from_numpy(cache.noise)
     start = time.perf_counter()
-    est = PixelEnsemble(
-        n_classes=labelset.n_classes,
-        n_members=ensemble,
-        max_epochs=max_epochs,
-        ignore_index=ignore_index,
-        random_state=seed,
-        device=str(resolve_device(device)),
-        progress=progress,
-        recipe=recipe,
-        pixel_fraction=pixel_fraction,
-    ).fit(source, y)
+    if head == "ddp":
+        est: PixelEnsemble | DDPHead = DDPHead(labelset.n_classes, ddp, ignore_index, seed, str(resolve_device(device)),
+                                               progress).fit(maps, label_maps)
+        n_iter, batch, lr, seen = [est.n_iter_], ddp.batch_size, ddp.lr, [est.n_iter_ * ddp.batch_size * ddp.crop**2]
+        final, epochs, precision = float(np.mean(est.loss_curve_[-50:])), 0, "fp32"
+    else:
+        est = PixelEnsemble(
+            n_classes=labelset.n_classes,
+            n_members=ensemble,
+            max_epochs=max_epochs,
+            ignore_index=ignore_index,
+            random_state=seed,
+            device=str(resolve_device(device)),
+            progress=progress,
+            recipe=recipe,
+            pixel_fraction=pixel_fraction,
+        ).fit(CachePixels(maps, cache_record.extract.keys, cache_record_size), y)
+        n_iter, batch, lr, seen = list(est.n_iter_), est.batch_size_, est.lr_, list(est.pixels_seen_)
+        final, epochs, precision = float(np.mean(est.final_loss_)), max(len(c) for c in est.loss_curve_), est.precision_
     seconds = time.perf_counter() - start
     fit = FitConfig(
         images=tuple(ids),
@@ -256,17 +272,18 @@ def fit_model(
         min_pixels=min_pixels,
         recipe=recipe,
         pixel_fraction=pixel_fraction,
-        batch_size=est.batch_size_,
-        lr=est.lr_,
-        precision=est.precision_,
+        batch_size=batch,
+        lr=lr,
+        precision=precision,
         n_pixels=int((y != ignore_index).sum()),
-        n_iter=tuple(est.n_iter_),
+        n_iter=tuple(n_iter),
+        head=head,
+        ddp=ddp,
     )
     record = ModelRecord(cache_record.backbone, cache_record.checkpoint, cache_record.extract, labelset, fit)
     SegmentationModel(record, est, noise).save(out)
-    return FitSummary(Path(out), ids, fit.n_pixels, labelset.n_classes, seconds, list(fit.n_iter), unlabelled,
-                      recipe, max(len(c) for c in est.loss_curve_), list(est.pixels_seen_),
-                      float(np.mean(est.final_loss_)))
+    return FitSummary(Path(out), ids, fit.n_pixels, labelset.n_classes, seconds, n_iter, unlabelled,
+                      recipe if head == "mlp" else head, epochs, seen, final)
 
 
 # -- predict / evaluate --------------------------------------------------------------
@@ -288,7 +305,7 @@ class Segmenter:
         e = self.extract
         maps = extract_block_maps(self.backbone, x0, self.model.noise, e.steps, e.blocks, precision=e.precision)
         seconds = time.perf_counter() - t0
-        seg = self.model.ensemble.predict_block_maps(maps, self.model.keys, size)
+        seg = self.model.classifier.predict_block_maps(maps, self.model.keys, size)
         labels = data.restore_labels(seg.labels, pre, fill=255)
         unc = data.restore_map(seg.uncertainty, pre, fill=0.0)
         return rgb, labels, unc, seconds

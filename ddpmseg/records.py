@@ -22,6 +22,7 @@ from ddpmseg._version import __version__
 from ddpmseg.backbones.configs import BackboneSpec, CheckpointRef
 from ddpmseg.data.labelsets import LabelSet
 from ddpmseg.errors import DdpmsegError
+from ddpmseg.heads.config import HEADS, DDPConfig
 from ddpmseg.options import DEFAULT_STEPS, IGNORE_INDEX, MIN_PIXELS, PRECISIONS, PREPROCESS_MODES, STORAGE_DTYPES
 
 CACHE_FORMAT, CACHE_VERSION = "ddpmseg-features", 1
@@ -172,15 +173,24 @@ class FitConfig:
     precision: str = "fp32"
     n_pixels: int = 0
     n_iter: tuple[int, ...] = field(default_factory=tuple)
+    head: str = "mlp"  # "mlp" (the ensemble above) or "ddp" (the settings in ``ddp``)
+    ddp: DDPConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise DdpmsegError(f"fit.head {self.head!r} is unknown: use one of {', '.join(HEADS)}")
+        if self.head == "ddp" and self.ddp is None:
+            object.__setattr__(self, "ddp", DDPConfig())
+        if isinstance(self.ddp, Mapping):
+            object.__setattr__(self, "ddp", DDPConfig.from_dict(self.ddp))
         object.__setattr__(self, "images", tuple(str(i) for i in self.images))
         object.__setattr__(self, "image_sha256", tuple(str(h) for h in self.image_sha256))
         object.__setattr__(self, "n_iter", tuple(int(i) for i in self.n_iter))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        return {**d, "images": list(self.images), "image_sha256": list(self.image_sha256), "n_iter": list(self.n_iter)}
+        return {**d, "images": list(self.images), "image_sha256": list(self.image_sha256), "n_iter": list(self.n_iter),
+                "ddp": self.ddp.to_dict() if self.ddp is not None else None}
 
     def training_images(self, ids: list[str], sha256s: list[str]) -> list[str]:
         """Which of the images ``ids`` (with file digests ``sha256s``) this model was trained on:
