@@ -42,7 +42,7 @@ def heldout_miou(model_dir: Path, feats: Path, test: list[Path], labels: Path) -
     with FeatureCache(feats) as cache:
         for p in test:
             pre = data.Preprocess.from_dict(cache.preprocess(p.stem))
-            seg = model.ensemble.predict_block_maps(cache.block_maps(p.stem), model.keys, cache.image_size)
+            seg = model.classifier.predict_block_maps(cache.block_maps(p.stem), model.keys, cache.image_size)
             preds.append(data.restore_labels(seg.labels, pre, fill=255))
             truths.append(data.load_mask(data.find_mask(p.stem, labels, image_path=p), labelset,
                                          expected_size=pre.original_size))

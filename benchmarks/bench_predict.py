@@ -87,7 +87,7 @@ def _child(mode: str, preset: str, ckpt: Path, model_dir: Path, images: list[Pat
 
         backbone = build_backbone(preset)
         backbone.model.load_state_dict(torch.load(ckpt, weights_only=True))
-        ensemble = SegmentationModel.load(model_dir).ensemble
+        ensemble = SegmentationModel.load(model_dir).classifier
         mlps = [ensemble.module_.member_mlp(m).eval() for m in range(ensemble.n_members_)]
         size = backbone.image_size
         noise = make_noise(0, size)

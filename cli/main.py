@@ -43,6 +43,7 @@ INTERRUPTED = {
     "predict": "the PNGs of finished images are kept; rerun with --overwrite to redo them all",
     "download": "the partial download is kept; run the same command again to resume",
     "train-ddpm": "the checkpoints saved so far are kept; continue with the same command and --resume",
+    "anomaly": "the outputs of finished images and their scores are kept; rerun with --overwrite to redo them all",
 }
 
 
@@ -67,7 +68,8 @@ def _default_threads() -> int:
 
 
 # Commands that run torch: they get the wait policy below.
-TORCH_COMMANDS = frozenset({"blocks", "convert", "extract", "fit", "predict", "evaluate", "kmeans", "demo", "train-ddpm"})
+TORCH_COMMANDS = frozenset({"blocks", "convert", "extract", "fit", "predict", "evaluate", "kmeans", "demo", "train-ddpm",
+                            "anomaly", "suggest"})
 
 
 def _others_busy(seconds: float = 0.2) -> bool | None:
@@ -163,12 +165,38 @@ _common_extract = [
     click.option("--seed", default=0, show_default=True, help="Seed of the shared noise."),
     click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=PREPROCESS_MODES[0], show_default=True, help="resize: plain resize to the model size; crop: short side then centre crop."),
     click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True, help="U-Net arithmetic: fp32 (the recipe), bf16 (~1.6x faster on CPUs with bf16 units, ~1.3% feature error), fp16 (CUDA only)."),
+    click.option("--noise-samples", type=click.IntRange(1), default=1, show_default=True, help="Average the maps over this many seeded noise draws (1: the paper's single noise; N costs N forward passes)."),
 ]
 _images = [
     click.argument("inputs", nargs=-1, metavar="[IMAGES]...", type=click.Path(path_type=Path)),
     click.option("--images", multiple=True, type=click.Path(path_type=Path), help="Image folder or files (repeatable; also positional, so shell globs work)."),
 ]
 _overwrite = click.option("--overwrite", is_flag=True, help="Replace outputs that exist already.")
+_scale = [
+    click.option("--shard", default=None, metavar="I/N",
+                 help="Only share I of N (from 0) of the sorted images: run N copies (a Slurm array, N jobs) for all."),
+    click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                 help="local: this process; ray: a Ray actor pool (pip install \"ddpmseg[ray]\").") ,
+    click.option("--address", default=None, help="ray: a running cluster (auto: the one `ray start --head` made); "
+                                                  "default: start a local one."),
+    click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="ray: actors."),
+    click.option("--cpus-per-worker", type=click.IntRange(1), default=1, show_default=True,
+                 help="ray: CPUs (torch threads) per actor."),
+    click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True, help="ray: GPUs per actor."),
+]
+
+
+def _engine_settings(engine: str, address, workers, cpus_per_worker, gpus_per_worker):
+    if engine != "ray":
+        given = [o for o, v, d in (("--address", address, None), ("--workers", workers, 1),
+                                   ("--cpus-per-worker", cpus_per_worker, 1), ("--gpus-per-worker", gpus_per_worker, 0.0))
+                 if v != d]
+        if given:
+            raise DdpmsegError(f"{', '.join(given)} apply to --engine ray only; add --engine ray or leave them out")
+        return None
+    from ddpmseg.engines.ray_data import EngineSettings
+
+    return EngineSettings(address, workers, cpus_per_worker, gpus_per_worker)
 
 
 def _apply(options):
@@ -191,13 +219,14 @@ def _backbone_args(preset, model_flags, image_size, num_head_channels) -> dict:
     return dict(preset=preset, model_flags=model_flags, image_size=image_size, num_head_channels=num_head_channels)
 
 
-def _extract_config(steps: str, blocks: str, seed: int, preprocess: str, precision: str, storage: str = STORAGE_DTYPES[0]):
+def _extract_config(steps: str, blocks: str, seed: int, preprocess: str, precision: str, storage: str = STORAGE_DTYPES[0],
+                    noise_samples: int = 1):
     from ddpmseg.records import ExtractConfig
 
     chosen = () if blocks.strip() == "auto" else _ints(blocks, "blocks")
     if blocks.strip() != "auto" and not chosen:
         raise DdpmsegError("no block index given; pass e.g. --blocks 5,6,7,8,12 (or auto)")
-    return ExtractConfig(_ints(steps, "steps"), chosen, seed, preprocess, storage, precision)
+    return ExtractConfig(_ints(steps, "steps"), chosen, seed, preprocess, storage, precision, noise_samples)
 
 
 def _skipped(names: list[str], word: str, words: str) -> str:
@@ -280,14 +309,19 @@ def blocks(checkpoint: Path, preset, model_flags, image_size, num_head_channels,
 @_apply(_common_extract)
 @click.option("--batch-size", default=0, show_default=True, help="Timesteps per forward pass (0 = all of an image's at once).")
 @click.option("--storage", type=click.Choice(STORAGE_DTYPES), default=STORAGE_DTYPES[0], show_default=True, help="On-disk dtype of the block maps.")
+@_apply(_scale)
 @click.pass_obj
 def extract(obj, inputs, images, checkpoint, preset, model_flags, image_size, num_head_channels, device, out, steps,
-            blocks, seed, preprocess, precision, batch_size, storage) -> None:
-    """Extract decoder-block features of IMAGES (files or folders) into a cache file."""
+            blocks, seed, preprocess, precision, noise_samples, batch_size, storage, shard, engine, address, workers,
+            cpus_per_worker, gpus_per_worker) -> None:
+    """Extract decoder-block features of IMAGES (files or folders) into a cache: a .h5 file, or a folder
+    (any --out without .h5) that grows cheaply and takes many writers at once (--shard, --engine ray)."""
     from ddpmseg.pipeline import extract_features
 
-    cfg = _extract_config(steps, blocks, seed, preprocess, precision, storage)
-    s = extract_features(checkpoint, _image_inputs(inputs, images), out, config=cfg, device=device,
+    cfg = _extract_config(steps, blocks, seed, preprocess, precision, storage, noise_samples)
+    settings = _engine_settings(engine, address, workers, cpus_per_worker, gpus_per_worker)
+    s = extract_features(checkpoint, _image_inputs(inputs, images), out, config=cfg, device=device, shard=shard,
+                         engine=engine, engine_settings=settings,
                          batch_size=batch_size, progress=obj["progress"],
                          **_backbone_args(preset, model_flags, image_size, num_head_channels))
     per = s.seconds / s.new if s.new else 0.0
@@ -369,17 +403,24 @@ def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, recip
 @click.option("--device", default="auto", show_default=True)
 @click.option("--legend/--no-legend", default=True, show_default=True,
               help="A legend of the classes beside the overlay and a colour bar beside the uncertainty map.")
+@click.option("--skip-done", is_flag=True,
+              help="Leave out images whose three PNGs exist (a rerun finishes the rest; the default with --engine ray).")
 @_overwrite
+@_apply(_scale)
 @click.pass_obj
-def predict(obj, inputs, images, model_dir, out, checkpoint, device, legend, overwrite) -> None:
+def predict(obj, inputs, images, model_dir, out, checkpoint, device, legend, skip_done, overwrite, shard, engine, address,
+            workers, cpus_per_worker, gpus_per_worker) -> None:
     """Segment IMAGES (files or folders): label, overlay and uncertainty PNGs at the original size."""
     from ddpmseg.pipeline import predict_images
 
+    settings = _engine_settings(engine, address, workers, cpus_per_worker, gpus_per_worker)
     s = predict_images(_image_inputs(inputs, images), model_dir, out, checkpoint=checkpoint, device=device,
-                       progress=obj["progress"], overwrite=overwrite, legend=legend)
+                       progress=obj["progress"], overwrite=overwrite, legend=legend, shard=shard,
+                       skip_done=skip_done or (engine == "ray" and not overwrite), engine=engine, engine_settings=settings)
     n = max(s.n_images, 1)
-    click.echo(f"predict: {plural(s.n_images, 'image')} -> {s.out} ({s.seconds / n:.2f} s/image, "
-               f"{s.extract_seconds / n:.2f} s of it extraction)"
+    split = "" if s.extract_seconds != s.extract_seconds else f", {s.extract_seconds / n:.2f} s of it extraction"
+    click.echo(f"predict: {plural(s.n_images, 'image')} -> {s.out} ({s.seconds / n:.2f} s/image{split})"
+               + (f"; {plural(s.already_done, 'image')} done before, left out" if s.already_done else "")
                + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
 
 
@@ -389,26 +430,62 @@ def predict(obj, inputs, images, model_dir, out, checkpoint, device, legend, ove
 @click.option("--masks", required=True, type=click.Path(path_type=Path))
 @click.option("--ckpt", "checkpoint", default=None, type=click.Path(path_type=Path), help="Checkpoint, if moved since fit.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--out", default=None, type=click.Path(path_type=Path),
+              help="Folder for reliability.png (calibration) and confusion.png (rows true, columns predicted).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
-def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, as_json) -> None:
-    """Per-class IoU and mIoU of a model on labelled IMAGES (files or folders)."""
+def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, out, as_json) -> None:
+    """Per-class IoU and mIoU of a model on labelled IMAGES (files or folders), calibration (ECE) and
+    per-image scores."""
     from ddpmseg.pipeline import evaluate_model
 
     r = evaluate_model(model_dir, _image_inputs(inputs, images), masks, checkpoint=checkpoint, device=device,
-                       progress=obj["progress"] and not as_json)
+                       progress=obj["progress"] and not as_json, out=out)
     if as_json:
         click.echo(json.dumps(r))
         return
     width = max(len(n) for n in r["per_class"])
     for name, iou in r["per_class"].items():
         click.echo(f"{name:{width}s}  {100 * iou:5.1f}")
+    rows = sorted(r["per_image"], key=lambda row: -row["uncertainty"])
+    iw = max(len(row["image"]) for row in rows)
+    click.echo(f"{'image':{iw}s}   mIoU  uncertainty (most uncertain first)")
+    for row in rows:
+        miou = "  n/a" if row["miou"] is None else f"{100 * row['miou']:5.1f}"
+        click.echo(f"{row['image']:{iw}s}  {miou}  {row['uncertainty']:.4f}")
     seen = r["training_images"]
     if seen:
         click.echo(f"evaluate: NOTE {len(seen)} of the {plural(r['n_images'], 'image')} trained this model "
                    f"({few(seen)}): their score is not a held-out one")
-    click.echo(f"evaluate: mIoU {100 * r['miou']:.1f} over {plural(r['n_images'], 'image')}"
+    click.echo(f"evaluate: mIoU {100 * r['miou']:.1f} over {plural(r['n_images'], 'image')}, ECE {r['ece']:.4f}"
+               + (f"; reliability.png and confusion.png in {out}" if out else "")
                + _skipped(r["no_mask"], "image without a mask", "images without a mask"))
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@_apply(_images)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for suggest.csv and suggest.png.")
+@click.option("--n", "n", type=click.IntRange(1), default=5, show_default=True, help="Images to suggest.")
+@click.option("--by", type=click.Choice(["uncertainty", "bald", "diversity"]), default="uncertainty", show_default=True,
+              help="uncertainty: the reference's score (top 10 % of the pixel map); bald: the map's mean; "
+                   "diversity: uncertainty, discounting images close to ones already picked.")
+@click.option("--ckpt", "checkpoint", default=None, type=click.Path(path_type=Path), help="Checkpoint, if moved since fit.")
+@click.option("--device", default="auto", show_default=True)
+@_overwrite
+@click.pass_obj
+def suggest(obj, model_dir, inputs, images, out, n, by, checkpoint, device, overwrite) -> None:
+    """Which of the unlabelled IMAGES (files or folders) to label next: suggest.csv and a contact sheet."""
+    from ddpmseg.active.suggest import suggest_images
+
+    s = suggest_images(model_dir, _image_inputs(inputs, images), out, n=n, by=by, checkpoint=checkpoint, device=device,
+                       progress=obj["progress"], overwrite=overwrite)
+    for r, (name, score) in enumerate(s.ranked, 1):
+        click.echo(f"{r:3d}. {name}  {score:.4g}")
+    click.echo(f"suggest: {plural(len(s.ranked), 'image')} of {s.n_pool} by {by} -> {s.out / 'suggest.csv'}, "
+               f"{s.out / 'suggest.png'}"
+               + (f"; left out {plural(len(s.left_out), 'image')} that trained the model: {few(s.left_out)}"
+                  if s.left_out else ""))
 
 
 @main.command()
@@ -420,11 +497,11 @@ def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, as_json)
 @_overwrite
 @click.pass_obj
 def kmeans(obj, image, checkpoint, preset, model_flags, image_size, num_head_channels, device, k, steps, blocks, seed,
-           preprocess, precision, out, overwrite) -> None:
+           preprocess, precision, noise_samples, out, overwrite) -> None:
     """The paper's Figure-4 grid: k-means of each block's features per timestep."""
     from ddpmseg.pipeline import kmeans_grid_image
 
-    cfg = _extract_config(steps, blocks, seed, preprocess, precision)
+    cfg = _extract_config(steps, blocks, seed, preprocess, precision, noise_samples=noise_samples)
     path = kmeans_grid_image(image, checkpoint, out, k=k, config=cfg, device=device, progress=obj["progress"],
                              overwrite=overwrite, **_backbone_args(preset, model_flags, image_size, num_head_channels))
     click.echo(f"kmeans: {plural(len(cfg.steps), 'step')}, k={k} -> {path}")
@@ -489,6 +566,70 @@ def train_ddpm(ctx: click.Context, inputs, images, out, image_size, preset, mode
                f"{s.images_per_s:.1f} images/s, loss {s.loss:.4f} -> {s.checkpoint}"
                + (f"; samples {s.samples}" if s.samples else "")
                + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Cache to write or extend: a .h5 file, or a folder (any name without .h5).")
+def merge(sources, out) -> None:
+    """Join feature caches of one extraction (e.g. the outputs of extract --shard I/N) into one."""
+    from ddpmseg.features.cache import merge_caches
+
+    added, kept = merge_caches(list(sources), out)
+    click.echo(f"merge: {plural(added, 'image')} added, {kept} already in {out}")
+
+
+@main.command()
+@_apply(_images)
+@_apply(_common_backbone)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--start-steps", default="100,250,400", show_default=True,
+              help="Noise each image to each of these steps, heal it back, average the maps.")
+@click.option("--sample-steps", type=click.IntRange(1), default=50, show_default=True,
+              help="DDIM steps of each reverse process (evenly spaced from the start step to 0).")
+@click.option("--ancestral", is_flag=True, help="Full ancestral sampling (every step from the start; slow) instead of DDIM.")
+@click.option("--smooth", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Gaussian smoothing of the map (sigma in pixels of the model grid; 0: off).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the fixed noise (the one extract uses).")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Images per forward pass.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True)
+@click.option("--vmax", type=click.FloatRange(0, min_open=True), default=0.25, show_default=True,
+              help="Map value drawn brightest in the PNGs (one scale for every image).")
+@click.option("--save-maps", is_flag=True, help="Also write NAME_anomaly.npy (float32, original size) for evaluate-anomaly.")
+@_overwrite
+@click.pass_obj
+def anomaly(obj, inputs, images, checkpoint, preset, model_flags, image_size, num_head_channels, device, out,
+            start_steps, sample_steps, ancestral, smooth, seed, batch_size, precision, vmax, save_maps, overwrite) -> None:
+    """Anomaly maps of IMAGES from a DDPM of normal images: |image - healed| after partial diffusion."""
+    from ddpmseg.anomaly.detect import anomaly_maps
+
+    s = anomaly_maps(_image_inputs(inputs, images), checkpoint, out, start_steps=_ints(start_steps, "start-steps"),
+                     sample_steps=sample_steps, ancestral=ancestral, smooth=smooth, seed=seed, batch_size=batch_size,
+                     save_maps=save_maps, vmax=vmax, device=device, precision=precision, progress=obj["progress"],
+                     overwrite=overwrite, **_backbone_args(preset, model_flags, image_size, num_head_channels))
+    n = max(s.n_images, 1)
+    click.echo(f"anomaly: {plural(s.n_images, 'image')} -> {s.out} ({s.seconds / n:.2f} s/image; scores in "
+               f"{s.out / 'scores.csv'})"
+               + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
+
+
+@main.command("evaluate-anomaly")
+@click.option("--maps", "maps_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of NAME_anomaly.npy (ddpmseg anomaly --save-maps).")
+@click.option("--masks", required=True, type=click.Path(path_type=Path),
+              help="Folder of binary masks NAME.png / NAME.npy (non-zero = anomaly; empty for normal images).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate_anomaly_command(maps_dir, masks, as_json) -> None:
+    """Pixel AUROC, AUPRO (to 30 % FPR), best Dice and image AUROC of anomaly maps against masks."""
+    from ddpmseg.anomaly.metrics import evaluate_anomaly, format_table
+
+    r = evaluate_anomaly(maps_dir, masks)
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    click.echo(format_table(r))
+    click.echo(f"evaluate-anomaly: {plural(r['n_images'], 'image')}, {r['n_anomalous']} with anomalies")
 
 
 @main.command()

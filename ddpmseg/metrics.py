@@ -83,6 +83,25 @@ def scored_classes(n_classes: int, ignore_index: int | None = 255) -> list[int]:
     return [c for c in range(n_classes) if c != ignore_index]
 
 
+def present_miou(cm: np.ndarray, ignore_index: int | None = 255, ignored_pred: np.ndarray | None = None) -> float:
+    """Mean IoU over the classes present in the truth or the prediction (non-empty union), the ignore
+    label left out: one image's score (absent classes would count 0 in :func:`mean_iou`)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    iou = iou_from_confusion(cm, ignored_pred=ignored_pred)
+    union = cm.sum(0) + cm.sum(1) - np.diag(cm) + (0 if ignored_pred is None else np.asarray(ignored_pred))
+    classes = [c for c in scored_classes(len(iou), ignore_index) if union[c] > 0]
+    return float(iou[classes].mean()) if classes else float("nan")
+
+
+def top_mean(values: Any, fraction: float) -> float:
+    """The mean of the ``fraction`` highest values (at least one): the reference's per-image uncertainty
+    (top 10 % of the pixel map), the anomaly score (top 1 %)."""
+    flat = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    if flat.size == 0:
+        raise DdpmsegError("an empty map has no score")
+    return float(flat[-max(1, int(round(fraction * flat.size))):].mean())
+
+
 def mean_iou(cm: np.ndarray, ignore_index: int | None = 255, ignored_pred: np.ndarray | None = None) -> float:
     """Mean IoU over range(K) except the ignore label (if it is a class index); absent classes count 0."""
     iou = iou_from_confusion(cm, ignored_pred=ignored_pred)
@@ -144,3 +163,55 @@ def evaluate_masks(
     if i == 0:
         raise DdpmsegError("no image to evaluate; give at least one prediction and truth")
     return score.result()
+
+
+class Calibration:
+    """Expected calibration error of top-1 confidences, streamed: a running count, confidence sum and
+    hit count per equal-width bin (no per-pixel state, so any number of dense maps fits in memory).
+
+    ``update(probs, truth)``: ``probs`` (K, ...) class probabilities, ``truth`` (...) labels; pixels
+    whose truth is ``ignore_index`` (or outside 0..K-1) are skipped. ECE = sum over bins of
+    (bin count / total) x |accuracy - mean confidence| (Guo et al. 2017; 15 bins as torchmetrics).
+    """
+
+    def __init__(self, n_bins: int = 15, ignore_index: int | None = 255) -> None:
+        if n_bins < 1:
+            raise DdpmsegError(f"n_bins={n_bins} must be at least 1")
+        self.n_bins, self.ignore_index = n_bins, ignore_index
+        self.count = np.zeros(n_bins, dtype=np.int64)
+        self.confidence = np.zeros(n_bins, dtype=np.float64)
+        self.hits = np.zeros(n_bins, dtype=np.int64)
+
+    def update(self, probs: Any, truth: Any) -> "Calibration":
+        p = np.asarray(probs, dtype=np.float64)
+        t = _as_labels(truth, "truth")
+        if p.shape[1:] != t.shape:
+            raise DdpmsegError(f"probabilities of shape {p.shape} do not match truth of shape {t.shape}; "
+                               "give (K, ...) probabilities for (...) labels")
+        p, t = p.reshape(p.shape[0], -1), t.reshape(-1)
+        valid = (t >= 0) & (t < p.shape[0])
+        if self.ignore_index is not None:
+            valid &= t != self.ignore_index
+        conf, pred = p.max(0)[valid], p.argmax(0)[valid]
+        bins = np.minimum((conf * self.n_bins).astype(np.int64), self.n_bins - 1)  # (lo, hi] edges but 0 -> bin 0
+        self.count += np.bincount(bins, minlength=self.n_bins)
+        self.confidence += np.bincount(bins, weights=conf, minlength=self.n_bins)
+        self.hits += np.bincount(bins, weights=(pred == t[valid]), minlength=self.n_bins).astype(np.int64)
+        return self
+
+    def bins(self) -> dict[str, np.ndarray]:
+        """Per bin: ``count``, ``confidence`` (mean) and ``accuracy`` (NaN for an empty bin), and its ``edges``."""
+        n = np.maximum(self.count, 1)
+        empty = self.count == 0
+        return {
+            "edges": np.linspace(0, 1, self.n_bins + 1),
+            "count": self.count.copy(),
+            "confidence": np.where(empty, np.nan, self.confidence / n),
+            "accuracy": np.where(empty, np.nan, self.hits / n),
+        }
+
+    def ece(self) -> float:
+        total = self.count.sum()
+        if total == 0:
+            raise DdpmsegError("no labelled pixel was given to the calibration; check the masks")
+        return float(np.abs(self.hits - self.confidence).sum() / total)

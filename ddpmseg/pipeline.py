@@ -30,7 +30,7 @@ from ddpmseg.features.extractor import extract_block_maps, make_noise
 from ddpmseg.features.pixels import CachePixels
 from ddpmseg.heads import HEADS, DDPConfig
 from ddpmseg.heads.ddp import DDPHead
-from ddpmseg.metrics import evaluate_masks
+from ddpmseg.metrics import Calibration, SegmentationScore, present_miou, top_mean
 from ddpmseg.model import SegmentationModel
 from ddpmseg.options import DEFAULT_RECIPE, MIN_PIXELS
 from ddpmseg.records import CacheRecord, ExtractConfig, FitConfig, ModelRecord
@@ -72,6 +72,61 @@ def _same_image(path: Path, digest: str, cached: tuple[str, str | None]) -> bool
     return old.resolve() == path.resolve() or (old.is_file() and file_sha256(old) == digest)
 
 
+ENGINES = ("local", "ray")
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise DdpmsegError(f"--engine {engine!r} is unknown: use one of {', '.join(ENGINES)}")
+
+
+class Extractor:
+    """A backbone and a cache writer: what ``extract`` runs, in one process or in each Ray worker."""
+
+    def __init__(self, checkpoint: str | Path, out: str | Path, config: ExtractConfig = ExtractConfig(), *,
+                 preset: str | None = None, model_flags: str | Path | None = None, image_size: int | None = None,
+                 num_head_channels: int | None = None, device: str = "auto", batch_size: int = 0) -> None:
+        if batch_size < 0:
+            raise DdpmsegError(f"--batch-size must be 0 (all timesteps at once) or positive, got {batch_size}")
+        self.out, self.batch_size = Path(out), batch_size
+        self.backbone = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
+                                        num_head_channels=num_head_channels)
+        self.config = _checked_settings(self.backbone, config)
+        self.noise = make_noise(self.config.seed, self.backbone.image_size, self.config.noise_samples)
+        self.writer = FeatureWriter(out, CacheRecord(self.config, self.backbone.spec, self.backbone.checkpoint), self.noise)
+
+    def todo(self, paths: Sequence[Path]) -> list[tuple[Path, str]]:
+        """(path, sha256) of the images not cached yet; an id cached for other content is an error."""
+        done = self.writer.done()
+        todo: list[tuple[Path, str]] = []
+        for p in paths:
+            digest = file_sha256(p)
+            if p.stem not in done:
+                todo.append((p, digest))
+            elif not _same_image(p, digest, done[p.stem]):
+                raise DdpmsegError(
+                    f"image {p} has the id {p.stem!r} of another image in {self.out} (cached from {done[p.stem][0]}, "
+                    "other content); ids are file stems: rename one of them, or extract into another --out"
+                )
+        return todo
+
+    def add(self, path: Path, digest: str) -> None:
+        """Extract one image into the cache (its own file, written atomically)."""
+        _, x0, pre = _load_image(path, self.backbone.image_size, self.config.preprocess)
+        c = self.config
+        maps = extract_block_maps(self.backbone, x0, self.noise, c.steps, c.blocks, self.batch_size, c.precision)
+        self.writer.add(path.stem, maps, str(path.resolve()), pre.to_dict(), digest)
+
+
+def _extract_summary(out: Path, new: int, skipped: int, seconds: float, not_images: list[str]) -> ExtractSummary:
+    if not out.exists():  # nothing new, nothing there before
+        return ExtractSummary(out, 0, skipped, 0, seconds, 0.0, not_images)
+    with FeatureCache(out) as cache:
+        total = len(cache)
+    size = sum(f.stat().st_size for f in out.glob("*.h5")) if out.is_dir() else out.stat().st_size
+    return ExtractSummary(out, new, skipped, total, seconds, size / max(total, 1), not_images)
+
+
 def extract_features(
     checkpoint: str | Path,
     images: Sequence[str | Path],
@@ -85,52 +140,45 @@ def extract_features(
     device: str = "auto",
     batch_size: int = 0,
     progress: bool = False,
+    shard: str | None = None,
+    engine: str = "local",
+    engine_settings: Any = None,
 ) -> ExtractSummary:
-    """Extract the decoder-block maps of ``images`` into the cache ``out``.
+    """Extract the decoder-block maps of ``images`` into the cache ``out`` (a ``.h5`` file or a cache
+    folder, see :mod:`ddpmseg.features.cache`).
 
     Images already in ``out`` (or finished by an interrupted run) are
     skipped; an image with the id (file stem) of a cached image but other
     content is refused. ``preset`` / ``model_flags`` / ``image_size`` /
     ``num_head_channels``: see :func:`~ddpmseg.backbones.create_backbone`.
+    ``shard="I/N"``: only share I of N of the sorted images (:func:`~ddpmseg.data.take_shard`).
+    ``engine="ray"``: the images are extracted by a Ray actor pool (``engine_settings``:
+    :class:`~ddpmseg.engines.ray_data.EngineSettings`); the features are the same.
     """
-    if batch_size < 0:
-        raise DdpmsegError(f"--batch-size must be 0 (all timesteps at once) or positive, got {batch_size}")
+    _check_engine(engine)
     not_images: list[str] = []
-    paths = data.list_images(images, skipped=not_images)
-    backbone = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
-                               num_head_channels=num_head_channels)
-    config = _checked_settings(backbone, config)
-    size = backbone.image_size
-    noise = make_noise(config.seed, size)
-    writer = FeatureWriter(out, CacheRecord(config, backbone.spec, backbone.checkpoint), noise)
-    done = writer.done()
-    todo: list[tuple[Path, str]] = []
-    for p in paths:
-        digest = file_sha256(p)
-        if p.stem not in done:
-            todo.append((p, digest))
-        elif not _same_image(p, digest, done[p.stem]):
-            raise DdpmsegError(
-                f"image {p} has the id {p.stem!r} of another image in {out} (cached from {done[p.stem][0]}, "
-                "other content); ids are file stems: rename one of them, or extract into another --out"
-            )
-    for p, _ in todo:  # fail on a bad image before any forward pass
-        data.load_rgb(p)
+    paths = data.take_shard(data.list_images(images, skipped=not_images), shard)
+    kwargs = dict(preset=preset, model_flags=model_flags, image_size=image_size, num_head_channels=num_head_channels,
+                  device=device, batch_size=batch_size)
+    ex = Extractor(checkpoint, out, config, **kwargs)
+    todo = ex.todo(paths)
     start = time.perf_counter()
     try:
-        for p, digest in tqdm(todo, desc="extract", unit="img", disable=not progress):
-            _, x0, pre = _load_image(p, size, config.preprocess)
-            maps = extract_block_maps(backbone, x0, noise, config.steps, config.blocks, batch_size, config.precision)
-            writer.add(p.stem, maps, str(p.resolve()), pre.to_dict(), digest)
+        if engine == "ray":  # workers decode their own images (a bad one fails the run when reached)
+            from ddpmseg.engines import ray_data
+
+            items = [{"path": str(p), "sha256": d} for p, d in todo]
+            kwargs.update(checkpoint=str(checkpoint), out=str(out), config=ex.config)
+            ray_data.run(items, ray_data.ExtractWorker, {"kwargs": kwargs}, engine_settings or ray_data.EngineSettings(),
+                         progress, "extract")
+        else:
+            for p, _ in todo:  # fail on a bad image before any forward pass
+                data.load_rgb(p)
+            for p, digest in tqdm(todo, desc="extract", unit="img", disable=not progress):
+                ex.add(p, digest)
     finally:
-        writer.merge()
-    seconds = time.perf_counter() - start
-    out = Path(out)
-    with FeatureCache(out) as cache:
-        total = len(cache)
-    return ExtractSummary(
-        out, len(todo), len(paths) - len(todo), total, seconds, out.stat().st_size / max(total, 1), not_images
-    )
+        ex.writer.merge()
+    return _extract_summary(Path(out), len(todo), len(paths) - len(todo), time.perf_counter() - start, not_images)
 
 
 # -- fit ---------------------------------------------------------------------------
@@ -287,6 +335,26 @@ def fit_model(
 
 
 # -- predict / evaluate --------------------------------------------------------------
+@dataclass
+class Analysis:
+    """One image through a model: ``rgb``, ``labels`` and ``uncertainty`` at the original size, the
+    extraction ``seconds``, the model-grid :class:`~ddpmseg.classify.ensemble.Segmentation` (labels,
+    uncertainty, mean softmax) and the preprocessing record that maps the grid back."""
+
+    rgb: np.ndarray
+    labels: np.ndarray
+    uncertainty: np.ndarray
+    seconds: float
+    grid: Any
+    pre: data.Preprocess
+    maps: Any = None  # the native block maps, when asked for (analyse(keep_maps=True))
+
+    def proba(self) -> tuple[np.ndarray, np.ndarray]:
+        """The mean softmax (K, H, W) at the original size, and where the model saw the image (H, W)."""
+        inside = data.restore_labels(np.zeros(self.grid.labels.shape, np.int64), self.pre, fill=1) == 0
+        return data.restore_map(self.grid.proba, self.pre, fill=0.0), inside
+
+
 class Segmenter:
     """A fitted model plus its backbone, ready to segment image files."""
 
@@ -297,8 +365,8 @@ class Segmenter:
         self.backbone = backbone_from_record(r.backbone, r.checkpoint, checkpoint, dev, where=f"{model_dir}/model.json")
         self.extract = r.extract
 
-    def segment(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """(rgb, labels, uncertainty) at the original size, and the extraction seconds."""
+    def analyse(self, path: Path, keep_maps: bool = False) -> "Analysis":
+        """Everything predict, evaluate and suggest need of one image (see :class:`Analysis`)."""
         size = self.backbone.image_size
         rgb, x0, pre = _load_image(path, size, self.extract.preprocess)
         t0 = time.perf_counter()
@@ -308,7 +376,29 @@ class Segmenter:
         seg = self.model.classifier.predict_block_maps(maps, self.model.keys, size)
         labels = data.restore_labels(seg.labels, pre, fill=255)
         unc = data.restore_map(seg.uncertainty, pre, fill=0.0)
-        return rgb, labels, unc, seconds
+        return Analysis(rgb, labels, unc, seconds, seg, pre, maps if keep_maps else None)
+
+    def segment(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(rgb, labels, uncertainty) at the original size, and the extraction seconds."""
+        a = self.analyse(path)
+        return a.rgb, a.labels, a.uncertainty, a.seconds
+
+    def write_outputs(self, path: Path, out: Path, legend: bool = True) -> float:
+        """Segment ``path`` and write its three PNGs into ``out`` (each atomically, the labels last, so
+        an image whose labels PNG exists is finished); the extraction seconds."""
+        rgb, labels, unc, seconds = self.segment(path)
+        labelset = self.model.labelset
+        palette = labelset.palette()
+        overlay = viz.overlay(rgb, labels, palette)
+        heat, top = viz.heatmap(unc)
+        if legend:
+            present = [c for c in range(labelset.n_classes) if (labels == c).any()]
+            overlay = viz.with_legend(overlay, [labelset.names[c] for c in present], palette[present])
+            heat = viz.with_colorbar(heat, top, "uncertainty")
+        viz.save_png_atomic(out / f"{path.stem}_overlay.png", overlay)
+        viz.save_png_atomic(out / f"{path.stem}_uncertainty.png", heat)
+        viz.save_label_png(out / f"{path.stem}_labels.png", labels, palette)
+        return seconds
 
 
 OUTPUT_KINDS = ("labels", "overlay", "uncertainty")
@@ -321,6 +411,7 @@ class PredictSummary:
     seconds: float
     extract_seconds: float
     not_images: list[str] = field(default_factory=list)
+    already_done: int = 0  # skipped: their PNGs existed (skip_done)
 
 
 def predict_images(
@@ -333,35 +424,45 @@ def predict_images(
     progress: bool = False,
     overwrite: bool = False,
     legend: bool = True,
+    shard: str | None = None,
+    skip_done: bool = False,
+    engine: str = "local",
+    engine_settings: Any = None,
 ) -> PredictSummary:
     """Write per image, at its original size: ``NAME_labels.png`` (palette PNG, pixel = label),
     ``NAME_overlay.png`` (class colours over the image, with a legend of the classes present) and
     ``NAME_uncertainty.png`` (the ensemble's uncertainty in viridis, with a colour bar). With
-    ``legend=False`` the last two have no panel (exactly the image's size)."""
+    ``legend=False`` the last two have no panel (exactly the image's size). ``shard="I/N"``: only
+    share I of N of the sorted images; ``skip_done``: leave out images whose three PNGs exist.
+    ``engine="ray"``: a Ray actor pool writes the same files (``engine_settings``:
+    :class:`~ddpmseg.engines.ray_data.EngineSettings`)."""
+    _check_engine(engine)
     not_images: list[str] = []
-    paths = data.list_images(images, skipped=not_images)
+    paths = data.take_shard(data.list_images(images, skipped=not_images), shard)
     out = check_writable(out, folder=True)
-    check_not_there([out / f"{p.stem}_{kind}.png" for p in paths for kind in OUTPUT_KINDS], overwrite)
+    done = [p for p in paths if all((out / f"{p.stem}_{kind}.png").is_file() for kind in OUTPUT_KINDS)]
+    if skip_done:
+        paths = [p for p in paths if p not in done]
+    else:
+        check_not_there([out / f"{p.stem}_{kind}.png" for p in paths for kind in OUTPUT_KINDS], overwrite)
+    if engine == "ray":  # the model is checked here, the images by the workers (a bad one fails the run when reached)
+        from ddpmseg.engines import ray_data
+
+        SegmentationModel.load(model_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        r = ray_data.run([{"path": str(p)} for p in paths], ray_data.PredictWorker,
+                         dict(model_dir=str(model_dir), out=str(out), checkpoint=None if checkpoint is None else str(checkpoint),
+                              device=device, legend=legend, overwrite=overwrite), engine_settings or ray_data.EngineSettings(), progress, "predict")
+        return PredictSummary(out, len(paths), r.seconds, float("nan"), not_images, len(done) if skip_done else 0)
     segmenter = Segmenter(model_dir, checkpoint, device)
     for p in paths:  # fail on a bad image before any output is written
         data.load_rgb(p)
     out.mkdir(parents=True, exist_ok=True)
-    labelset = segmenter.model.labelset
-    palette = labelset.palette()
     start, ext = time.perf_counter(), 0.0
     for p in tqdm(paths, desc="predict", unit="img", disable=not progress):
-        rgb, labels, unc, sec = segmenter.segment(p)
-        ext += sec
-        viz.save_label_png(out / f"{p.stem}_labels.png", labels, palette)
-        overlay = viz.overlay(rgb, labels, palette)
-        heat, top = viz.heatmap(unc)
-        if legend:
-            present = [c for c in range(labelset.n_classes) if (labels == c).any()]
-            overlay = viz.with_legend(overlay, [labelset.names[c] for c in present], palette[present])
-            heat = viz.with_colorbar(heat, top, "uncertainty")
-        viz.save_png_atomic(out / f"{p.stem}_overlay.png", overlay)
-        viz.save_png_atomic(out / f"{p.stem}_uncertainty.png", heat)
-    return PredictSummary(out, len(paths), time.perf_counter() - start, ext, not_images)
+        ext += segmenter.write_outputs(p, out, legend)
+    return PredictSummary(out, len(paths), time.perf_counter() - start, ext, not_images,
+                          len(done) if skip_done else 0)
 
 
 def evaluate_model(
@@ -372,14 +473,22 @@ def evaluate_model(
     checkpoint: str | Path | None = None,
     device: str = "auto",
     progress: bool = False,
+    out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Per-class IoU and mIoU over every image with a mask, as the reference's ``compute_iou``.
+    """Per-class IoU and mIoU over every image with a mask, as the reference's ``compute_iou``, and how far
+    the model's confidence can be trusted.
 
     Every class index except the model's ignore label is scored (Bedroom-28:
     its 28 classes 1..28, background 0 being the ignore label). The result
     names the evaluated images the model was trained on (``training_images``:
     the same file content, or id for models fitted on 0.1.0 caches): a score
     over them is not held out. ``no_mask`` lists the images without a mask.
+    ``ece``: expected calibration error of the mean softmax (15 bins, at the
+    original size, :class:`~ddpmseg.metrics.Calibration`), ``reliability`` its
+    bins; ``confusion`` (rows true, columns predicted); ``per_image``: each
+    image's mIoU over the classes present in its mask or prediction, and its
+    uncertainty score (the reference's: the mean of the top 10 % of the pixel
+    map). With ``out``: ``reliability.png`` and ``confusion.png`` there.
     """
     masks = Path(masks)
     if not masks.is_dir():
@@ -397,11 +506,29 @@ def evaluate_model(
         truth = data.load_mask(m, labelset, expected_size=tuple(size))
         data.check_labels(truth, labelset.n_classes, ignore, m)
         truths.append(truth)
-    preds = []
-    for p, _ in tqdm(pairs, desc="evaluate", unit="img", disable=not progress):
-        preds.append(segmenter.segment(p)[1])
-    result = evaluate_masks(preds, truths, labelset.n_classes, ignore_index=ignore)
+    if out is not None:
+        out = check_writable(out, folder=True)
+    k = labelset.n_classes
+    score, calib, per_image = SegmentationScore(k, ignore), Calibration(15, ignore), []
+    for (p, _), truth in tqdm(list(zip(pairs, truths)), desc="evaluate", unit="img", disable=not progress):
+        a = segmenter.analyse(p)
+        score.update(a.labels, truth)
+        proba, inside = a.proba()
+        calib.update(proba, np.where(inside, truth, ignore if ignore is not None else -1))
+        one = SegmentationScore(k, ignore).update(a.labels, truth)
+        per_image.append({"image": p.stem, "miou": present_miou(one.confusion, ignore, one.ignored_pred),
+                          "uncertainty": top_mean(a.grid.uncertainty, 0.10)})
+    result = score.result()
     ids = [p.stem for p, _ in pairs]
+    bins = calib.bins()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        viz.save_png_atomic(out / "reliability.png", viz.reliability_diagram(bins["confidence"], bins["accuracy"],
+                                                                            bins["count"], calib.ece()))
+        scored = [c for c in range(k) if c != ignore]
+        viz.save_png_atomic(out / "confusion.png", viz.confusion_image(result["confusion"][np.ix_(scored, scored)],
+                                                                      [labelset.names[c] for c in scored]))
+    nan_to_none = lambda v: None if v != v else float(v)  # noqa: E731 (JSON has no NaN)
     return {
         "miou": float(result["miou"]),
         "per_class": {  # the ignore label, when it is a class index (bedroom_28: 0), is not scored
@@ -411,6 +538,10 @@ def evaluate_model(
         "images": ids,
         "training_images": segmenter.model.record.fit.training_images(ids, [file_sha256(p) for p, _ in pairs]),
         "no_mask": [p.stem for p, m in found if m is None],
+        "ece": calib.ece(),
+        "reliability": {key: [nan_to_none(v) for v in bins[key]] for key in ("confidence", "accuracy", "count")},
+        "confusion": result["confusion"].tolist(),
+        "per_image": [{**r, "miou": nan_to_none(r["miou"])} for r in per_image],
     }
 
 
@@ -449,7 +580,7 @@ def kmeans_grid_image(
                            "choose another k")
     size = backbone.image_size
     rgb, x0, pre = _load_image(image, size, config.preprocess)
-    noise = make_noise(config.seed, size)
+    noise = make_noise(config.seed, size, config.noise_samples)
     maps = extract_block_maps(backbone, x0, noise, config.steps, config.blocks, precision=config.precision)
     h, w = rgb.shape[:2]
     scale = min(1.0, 256 / max(h, w))  # the cells are small: map back at most 256 pixels on the long side

@@ -50,8 +50,11 @@ class ExtractConfig:
     preprocess: str = "resize"
     storage_dtype: str = "float16"
     precision: str = "fp32"
+    noise_samples: int = 1  # the maps averaged over this many noise draws (1: the paper's single noise)
 
     def __post_init__(self) -> None:
+        if int(self.noise_samples) < 1:
+            raise DdpmsegError(f"--noise-samples {self.noise_samples}: give at least 1")
         object.__setattr__(self, "steps", tuple(int(t) for t in self.steps))
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
         if self.preprocess not in PREPROCESS_MODES:

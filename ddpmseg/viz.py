@@ -398,3 +398,72 @@ def kmeans_grid(
             cell = Image.fromarray(colours[lab], "RGB").resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(cell, (col_x(j + 1), row_y(i)))
     return canvas
+
+
+def reliability_diagram(confidence: np.ndarray, accuracy: np.ndarray, count: np.ndarray, ece: float,
+                        size: int = 420) -> Image.Image:
+    """A reliability diagram: per equal-width confidence bin a bar of its accuracy (empty bins: none),
+    the bin's mean confidence as a tick, the diagonal of perfect calibration, the ECE in the title."""
+    n = len(count)
+    left, right, top, bottom = 52, 16, 34, 44
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    w, h = size - left - right, size - top - bottom
+    draw.text((left, 8), f"reliability (ECE {ece:.4f}, {int(np.sum(count)):,} pixels)", fill=(0, 0, 0), font=font)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return left + x * w, top + (1 - y) * h
+
+    for i in range(n):
+        if count[i] == 0 or not np.isfinite(accuracy[i]):
+            continue
+        x0, x1 = i / n, (i + 1) / n
+        draw.rectangle([*at(x0, accuracy[i]), *at(x1, 0)], fill=(94, 156, 206), outline=(31, 80, 140))
+        cx = at(float(confidence[i]), 0)[0]
+        draw.line([cx, at(0, accuracy[i])[1] - 4, cx, at(0, accuracy[i])[1] + 4], fill=(200, 60, 40), width=2)
+    draw.line([*at(0, 0), *at(1, 1)], fill=(120, 120, 120), width=1)
+    draw.rectangle([*at(0, 1), *at(1, 0)], outline=(0, 0, 0))
+    for v in (0.0, 0.5, 1.0):
+        draw.text((at(v, 0)[0] - 8, top + h + 4), f"{v:g}", fill=(0, 0, 0), font=font)
+        draw.text((left - 28, at(0, v)[1] - 6), f"{v:g}", fill=(0, 0, 0), font=font)
+    draw.text((left + w // 2 - 60, size - 22), "confidence (top-1 mean softmax)", fill=(0, 0, 0), font=font)
+    draw.text((4, top - 18), "accuracy", fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def confusion_image(confusion: np.ndarray, names: Sequence[str], cell: int = 28) -> Image.Image:
+    """The confusion matrix normalised per row (rows: true class, columns: predicted), as a grid of
+    cells shaded by their share with the percentage written in, class names on both axes."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    k = len(cm)
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max([_text_size(probe, str(n), font)[0] for n in names] + [40]) + 8
+    top = label_w + 20
+    left = label_w + 20
+    canvas = Image.new("RGB", (left + k * cell + 10, top + k * cell + 30), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r in range(k):
+        for c in range(k):
+            v = rows[r, c]
+            shade = tuple(int(255 - v * (255 - t)) for t in (31, 80, 140))
+            box = [left + c * cell, top + r * cell, left + (c + 1) * cell - 1, top + (r + 1) * cell - 1]
+            draw.rectangle(box, fill=shade, outline=(220, 220, 220))
+            if v >= 0.005:
+                text = f"{100 * v:.0f}"
+                tw, th = _text_size(probe, text, font)
+                draw.text((box[0] + (cell - tw) // 2, box[1] + (cell - th) // 2), text,
+                          fill=(255, 255, 255) if v > 0.5 else (0, 0, 0), font=font)
+        name = str(names[r])
+        draw.text((left - _text_size(probe, name, font)[0] - 6, top + r * cell + cell // 2 - 6), name, fill=(0, 0, 0), font=font)
+    for c in range(k):  # column names written vertically
+        name = str(names[c])
+        tw, th = _text_size(probe, name, font)
+        label = Image.new("RGB", (tw + 2, th + 4), (255, 255, 255))
+        ImageDraw.Draw(label).text((1, 0), name, fill=(0, 0, 0), font=font)
+        label = label.rotate(90, expand=True)
+        canvas.paste(label, (left + c * cell + (cell - label.width) // 2, top - label.height - 4))
+    draw.text((4, 4), "true \\ predicted (% of each true class)", fill=(0, 0, 0), font=font)
+    return canvas

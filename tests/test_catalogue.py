@@ -288,9 +288,11 @@ def test_features_given_as_a_folder_is_refused(world, tmp_path):
 
 
 # -- outputs of the wrong type or not writable ----------------------------------------
-def test_extract_out_is_a_directory(world, tiny_ckpt, tmp_path):
-    fails(*extract_args(tiny_ckpt, world[1], tmp_path), match=(str(tmp_path), "is a directory", "file name"))
-    assert os.listdir(tmp_path) == []
+def test_extract_out_is_a_directory_of_other_files(world, tiny_ckpt, tmp_path):
+    # an empty (or new) folder becomes a cache folder (test_scale.py); one holding other files is refused
+    (tmp_path / "notes.txt").write_text("keep me")
+    fails(*extract_args(tiny_ckpt, world[1], tmp_path), match=(str(tmp_path), "not a ddpmseg cache folder", ".h5"))
+    assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 def test_fit_out_is_a_file_fails_before_training(world, tmp_path, monkeypatch):

@@ -546,7 +546,7 @@ def test_cli_recipe_reaches_the_estimator_and_model_json(tmp_path, tiny_ckpt, ey
     assert result.exit_code == 0, result.output
     cfg = json.loads((tmp_path / "model" / "model.json").read_text())["fit"]
     assert (cfg["recipe"], cfg["pixel_fraction"], cfg["batch_size"]) == ("fast", 0.25, 1024)
-    est = SegmentationModel.load(tmp_path / "model").ensemble
+    est = SegmentationModel.load(tmp_path / "model").classifier
     assert (est.recipe, est.pixel_fraction, est.batch_size_) == ("fast", 0.25, 1024)
     assert est.n_iter_ == [len(training.batch_bounds(round(0.25 * cfg["n_pixels"]), 1024))] * 2  # one epoch
     bad = runner.invoke(main, [str(a) for a in fit[:12] + ["--pixel-fraction", 0, "--out", tmp_path / "m2"]])

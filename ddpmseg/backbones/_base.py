@@ -20,6 +20,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ddpmseg.backbones.configs import BackboneConfig, BackboneSpec, CheckpointRef
@@ -133,6 +134,20 @@ class Backbone:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, with this model's schedule."""
+        raise NotImplementedError
+
+    def betas(self) -> np.ndarray:
+        """The noise schedule's betas (float64, one per diffusion step): what the reverse process needs."""
+        raise NotImplementedError
+
+    def variance(self) -> str:
+        """How the reverse process's variance is set: ``learned`` (the output's second half, ADM's learned
+        sigmas), ``fixed_small`` or ``fixed_large``."""
+        raise NotImplementedError
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's whole output at integer timesteps ``t``: the noise estimate (plus the variance
+        channels of a model that learns them)."""
         raise NotImplementedError
 
     def forward_intermediates(

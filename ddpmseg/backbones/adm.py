@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from ddpmseg._optional import guided_diffusion
@@ -79,6 +80,18 @@ class AdmBackbone(Backbone):
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """guided-diffusion's own q_sample."""
         return self.diffusion.q_sample(x0, t, noise=noise)
+
+    def betas(self) -> np.ndarray:
+        return np.asarray(self.diffusion.betas, dtype=np.float64)
+
+    def variance(self) -> str:
+        return "learned" if self.config.learn_sigma else "fixed_small"  # guided-diffusion's create_gaussian_diffusion
+
+    @torch.inference_mode()
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.model.num_classes is not None:
+            raise DdpmsegError("this checkpoint is class-conditional; ddpmseg supports unconditional models only")
+        return self.model(x_t, self.diffusion._scale_timesteps(t)).float()
 
     @torch.inference_mode()
     def _forward_intermediates(

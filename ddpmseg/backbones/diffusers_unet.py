@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ddpmseg._optional import diffusers as import_diffusers
@@ -234,6 +235,25 @@ class DiffusersBackbone(Backbone):
         if self.scheduler is not None:
             return self.scheduler.add_noise(x0, noise, t)
         return self.diffusion.q_sample(x0, t, noise=noise)
+
+    def betas(self) -> np.ndarray:
+        if self.scheduler is not None:
+            return self.scheduler.betas.double().cpu().numpy()
+        return np.asarray(self.diffusion.betas, dtype=np.float64)
+
+    def variance(self) -> str:
+        if self.model.config.out_channels == 2 * self.model.config.in_channels:
+            return "learned"
+        kind = dict(self.config.scheduler or {}).get("variance_type", "fixed_small")
+        return "fixed_large" if str(kind).startswith("fixed_large") else "fixed_small"
+
+    @torch.inference_mode()
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        kind = dict(self.config.scheduler or {}).get("prediction_type", "epsilon")
+        if kind != "epsilon":
+            raise DdpmsegError(f"this model predicts {kind!r}, not the noise; the reverse process here needs an "
+                               "epsilon-prediction model")
+        return self.model(x_t, t).sample.float()
 
     @torch.inference_mode()
     def _forward_intermediates(

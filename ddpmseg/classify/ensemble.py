@@ -46,6 +46,7 @@ class Segmentation:
 
     labels: np.ndarray  # int64, majority vote
     uncertainty: np.ndarray  # float32, entropy of mean softmax - mean entropy
+    proba: np.ndarray | None = None  # float32 (K, S, S), the mean softmax (what calibration scores)
 
 
 def resolve_precision(precision: str, recipe: str, device: torch.device) -> torch.dtype:
@@ -352,14 +353,17 @@ class PixelEnsemble(BaseEstimator):
         for (h, w), z in per_res.items():
             hidden += F.interpolate(z.reshape(1, m * h1, h, w), size=(size, size), mode="bilinear", align_corners=False)[0]
         hidden = hidden.reshape(m, h1, size * size).transpose(1, 2) + bias[:, None, :]
-        labels, unc = [], []
+        labels, unc, proba = [], [], []
         for start in range(0, size * size, chunk):
-            lab, u = vote(module.head(hidden[:, start : start + chunk]))
+            logits = module.head(hidden[:, start : start + chunk])
+            lab, u = vote(logits)
             labels.append(lab)
             unc.append(u)
+            proba.append(logits.float().softmax(-1).mean(0))
         return Segmentation(
             labels=torch.cat(labels).reshape(size, size).cpu().numpy(),
             uncertainty=torch.cat(unc).reshape(size, size).float().cpu().numpy(),
+            proba=torch.cat(proba).T.reshape(-1, size, size).cpu().numpy(),
         )
 
     @property

@@ -1,12 +1,20 @@
 """What a user hands to ddpmseg: images, label maps and label sets, and the model's view of them.
 
-    images      list_images (ids = file stems, natural order), load_rgb (any mode -> RGB)
+    images      list_images (ids = file stems, natural order), take_shard (I/N), load_rgb (any mode -> RGB)
     preprocess  Preprocess: resize / crop to the model's S x S grid, and back
     masks       find_mask, load_mask (.npy, index or colour PNGs), check_labels, apply_min_pixels
     labelsets   LabelSet (names, colours, ignore label), load_label_set, list_label_sets
 """
 
-from ddpmseg.data.images import SUPPORTED_IMAGE_SUFFIXES, list_images, load_rgb, natural_key, open_image
+from ddpmseg.data.images import (
+    SUPPORTED_IMAGE_SUFFIXES,
+    list_images,
+    load_rgb,
+    natural_key,
+    open_image,
+    parse_shard,
+    take_shard,
+)
 from ddpmseg.data.labelsets import CSV_HEADER, LabelSet, list_label_sets, load_label_set
 from ddpmseg.data.masks import (
     COLOR_TOLERANCE,
@@ -37,6 +45,8 @@ __all__ = [
     "load_rgb",
     "natural_key",
     "open_image",
+    "parse_shard",
+    "take_shard",
     "prepare_mask",
     "preprocess_image",
     "restore_labels",

@@ -145,3 +145,24 @@ def load_rgb(path: str | Path) -> np.ndarray:
     else:  # L, 1, P, CMYK, YCbCr, LAB, HSV ...
         rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
     return np.ascontiguousarray(rgb.reshape(rgb.shape[0], rgb.shape[1], 3))
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N), 0 <= I < N, else a one-line error."""
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise DdpmsegError(f"--shard {shard!r}: give I/N, e.g. 0/4 for the first of four shares") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise DdpmsegError(f"--shard {shard}: I/N needs N >= 1 and 0 <= I < N (shares are numbered from 0)")
+    return i, n
+
+
+def take_shard(paths: Sequence[Path], shard: str | None) -> list[Path]:
+    """Share ``I/N`` of ``paths``: sorted by image id (natural order), every N-th from the I-th. The N
+    shares are disjoint and together are all of ``paths``, whatever order the inputs came in."""
+    if shard is None:
+        return list(paths)
+    i, n = parse_shard(shard)
+    ordered = sorted(paths, key=lambda p: (natural_key(p.stem), str(p)))
+    return ordered[i::n]

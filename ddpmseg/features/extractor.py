@@ -21,10 +21,11 @@ from ddpmseg.errors import DdpmsegError
 BlockMaps = Mapping[tuple[int, int], torch.Tensor]  # (t, block) -> (C, h, w)
 
 
-def make_noise(seed: int, size: int) -> torch.Tensor:
-    """The shared noise (1, 3, S, S), always drawn on the CPU so runs are portable."""
+def make_noise(seed: int, size: int, samples: int = 1) -> torch.Tensor:
+    """The shared noise (samples, 3, S, S): ``samples`` draws one after another from one generator seeded
+    by ``seed`` (the first is the paper's single noise), always on the CPU so runs are portable."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn((1, 3, size, size), generator=gen, dtype=torch.float32)
+    return torch.cat([torch.randn((1, 3, size, size), generator=gen, dtype=torch.float32) for _ in range(samples)])
 
 
 def extract_block_maps(
@@ -40,7 +41,8 @@ def extract_block_maps(
 
     The timesteps of the image run as one batch (or ``batch_size`` at a time,
     0 = all at once); each forward stops after the last requested block and
-    runs at ``precision`` (see ``Backbone.precision``).
+    runs at ``precision`` (see ``Backbone.precision``). ``noise`` (n, 3, S, S):
+    with n > 1 draws (``--noise-samples``) the maps are averaged over them.
     """
     if x0.ndim != 4 or x0.shape[0] != 1:
         raise DdpmsegError(f"an image tensor must have shape (1, 3, S, S), got {tuple(x0.shape)}")
@@ -48,20 +50,23 @@ def extract_block_maps(
         raise DdpmsegError(f"--batch-size must be 0 (all timesteps at once) or positive, got {batch_size}")
     device = backbone.device
     x0 = x0.to(device)
-    noise = noise.to(device)
     steps = list(steps)
     step_batch = batch_size or len(steps)
     out: dict[tuple[int, int], torch.Tensor] = {}
-    for start in range(0, len(steps), step_batch):
-        chunk = steps[start : start + step_batch]
-        t = torch.tensor(chunk, device=device, dtype=torch.long)
-        n = len(chunk)
-        x_t = backbone.q_sample(x0.expand(n, -1, -1, -1), t, noise.expand(n, -1, -1, -1))
-        with backbone.precision(precision):
-            maps = backbone.forward_intermediates(x_t, t, blocks)
-        for j, step in enumerate(chunk):
-            for b in blocks:
-                out[(step, b)] = maps[b][j].float().cpu()
+    for draw in noise.to(device):
+        for start in range(0, len(steps), step_batch):
+            chunk = steps[start : start + step_batch]
+            t = torch.tensor(chunk, device=device, dtype=torch.long)
+            n = len(chunk)
+            x_t = backbone.q_sample(x0.expand(n, -1, -1, -1), t, draw[None].expand(n, -1, -1, -1))
+            with backbone.precision(precision):
+                maps = backbone.forward_intermediates(x_t, t, blocks)
+            for j, step in enumerate(chunk):
+                for b in blocks:
+                    m = maps[b][j].float().cpu()
+                    out[(step, b)] = m if (step, b) not in out else out[(step, b)] + m
+    if len(noise) > 1:  # (inference tensors: no in-place updates outside inference mode)
+        out = {k: v / len(noise) for k, v in out.items()}
     return out
 
 

@@ -313,7 +313,8 @@ class DDPHead:
             raise DdpmsegError(f"the maps' keys {list(keys)} differ from the DDP head's {self.keys_}; "
                                "use features extracted with the model's settings")
         mean, unc = self.predict_proba_maps(maps, size)
-        return Segmentation(mean.argmax(0).numpy().astype(np.int64), unc.numpy().astype(np.float32))
+        return Segmentation(mean.argmax(0).numpy().astype(np.int64), unc.numpy().astype(np.float32),
+                            mean.numpy().astype(np.float32))
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

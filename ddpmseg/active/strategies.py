@@ -1,0 +1,67 @@
+"""Scores of unlabelled images and rankings of them (pure numpy; ``suggest`` and the benchmark share them).
+
+Per image, from the model's pixel map of mutual information between the
+prediction and the model (entropy of the mean softmax minus the mean entropy
+over the ensemble members, or over the DDP head's steps and generations):
+
+    uncertainty  the reference's score: the mean of the map's top 10 %
+    bald         BALD over the whole image: the map's mean (the expected information gain of
+                 labelling every pixel, pixels taken as independent)
+
+``diversity`` ranks by the uncertainty score but discounts images close to
+ones already picked (greedy: each pick maximises score x distance to the
+nearest pick, distances between standardised image embeddings), so five
+near-identical images are not all suggested.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ddpmseg.errors import DdpmsegError
+from ddpmseg.metrics import top_mean
+
+STRATEGIES = ("uncertainty", "bald", "diversity")
+TOP_FRACTION = 0.10
+
+
+def image_scores(mutual_information: np.ndarray) -> dict[str, float]:
+    """Both scores of one image's (H, W) mutual-information map."""
+    m = np.asarray(mutual_information, dtype=np.float64)
+    return {"uncertainty": top_mean(m, TOP_FRACTION), "bald": float(m.mean())}
+
+
+def embedding(maps: dict) -> np.ndarray:
+    """An image's descriptor: each block map's per-channel mean, concatenated (D floats)."""
+    return np.concatenate([np.asarray(v, dtype=np.float64).reshape(len(v), -1).mean(1) for v in maps.values()])
+
+
+def rank(scores: dict[str, np.ndarray], n: int, by: str = "uncertainty",
+         embeddings: np.ndarray | None = None) -> list[tuple[int, float]]:
+    """The ``n`` best images as (index, score): by ``scores[by]``, or greedily by diversity."""
+    if by not in STRATEGIES:
+        raise DdpmsegError(f"--by {by!r} is unknown: use one of {', '.join(STRATEGIES)}")
+    if n < 1:
+        raise DdpmsegError(f"--n {n}: suggest at least 1 image")
+    key = "uncertainty" if by == "diversity" else by
+    s = np.asarray(scores[key], dtype=np.float64)
+    n = min(n, len(s))
+    if by != "diversity":
+        order = np.argsort(-s, kind="stable")[:n]
+        return [(int(i), float(s[i])) for i in order]
+    if embeddings is None:
+        raise DdpmsegError("diversity ranking needs the images' embeddings")
+    e = np.asarray(embeddings, dtype=np.float64)
+    e = (e - e.mean(0)) / np.maximum(e.std(0), 1e-12)
+    weight = s / max(s.max(), 1e-12)
+    picked = [int(np.argmax(weight))]
+    out = [(picked[0], float(weight[picked[0]]))]
+    nearest = np.linalg.norm(e - e[picked[0]], axis=1)
+    while len(picked) < n:
+        value = weight * nearest / max(nearest.max(), 1e-12)
+        value[picked] = -np.inf
+        i = int(np.argmax(value))
+        picked.append(i)
+        out.append((i, float(value[i])))
+        nearest = np.minimum(nearest, np.linalg.norm(e - e[i], axis=1))
+    return out

@@ -1,0 +1,160 @@
+"""Scores of anomaly maps against binary masks (``ddpmseg evaluate-anomaly``).
+
+- pixel AUROC over every pixel of every image (scikit-learn's ``roc_auc_score``);
+- AUPRO: the area under the per-region-overlap curve up to 30 % false-positive
+  rate, divided by 0.3 (the MVTec AD convention): at each threshold, PRO is the
+  mean over every connected anomaly region (8-connectivity, all images) of the
+  fraction of its pixels above the threshold, FPR the fraction of normal pixels
+  above it; thresholds sweep the normal pixels' quantiles;
+- the best achievable Dice over thresholds (Pinaya et al.'s figure), pooled
+  over all pixels of all images, and the threshold that gives it;
+- image AUROC of the per-image scores (the mean of each map's top 1 %), when
+  some masks are empty (normal images) and some are not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ddpmseg import data
+from ddpmseg.anomaly.detect import image_score
+from ddpmseg.errors import DdpmsegError
+
+MAP_SUFFIX = "_anomaly.npy"
+MASK_NAMES = ("{}.png", "{}.npy", "{}_mask.png", "{}_mask.npy")
+
+
+def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.concatenate([np.asarray(m, bool).ravel() for m in masks])
+    if y.all() or not y.any():
+        raise DdpmsegError("pixel AUROC needs both anomalous and normal pixels in the masks")
+    return float(roc_auc_score(y, np.concatenate([np.asarray(a, np.float64).ravel() for a in maps])))
+
+
+def _positives_per_threshold(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """How many of ``values`` are >= each of the ascending ``thresholds``."""
+    return len(values) - np.searchsorted(np.sort(values), thresholds, side="left")
+
+
+def aupro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], max_fpr: float = 0.3, n_thresholds: int = 400) -> float:
+    from scipy.ndimage import label
+
+    normal = np.concatenate([np.asarray(a, np.float64)[~np.asarray(m, bool)] for a, m in zip(maps, masks)])
+    if normal.size == 0:
+        raise DdpmsegError("AUPRO needs normal pixels; every mask pixel is anomalous")
+    levels = np.linspace(1 - min(1.0, max_fpr * 1.2), 1.0, n_thresholds)
+    thresholds = np.unique(np.quantile(normal, levels))
+    fpr = _positives_per_threshold(normal, thresholds) / normal.size
+    overlaps = []
+    structure = np.ones((3, 3), dtype=bool)
+    for a, m in zip(maps, masks):
+        regions, n = label(np.asarray(m, bool), structure=structure)
+        a = np.asarray(a, np.float64)
+        for r in range(1, n + 1):
+            v = a[regions == r]
+            overlaps.append(_positives_per_threshold(v, thresholds) / v.size)
+    if not overlaps:
+        raise DdpmsegError("AUPRO needs anomalous regions; every mask is empty")
+    pro = np.mean(overlaps, axis=0)
+    # the curve from (0, 0), FPR ascending (thresholds descend), cut at max_fpr
+    order = np.argsort(fpr, kind="stable")
+    x, y = np.concatenate([[0.0], fpr[order]]), np.concatenate([[0.0], pro[order]])
+    keep = x <= max_fpr
+    xs, ys = x[keep], y[keep]
+    if xs[-1] < max_fpr:
+        xs, ys = np.append(xs, max_fpr), np.append(ys, np.interp(max_fpr, x, y))
+    return float(np.trapezoid(ys, xs) / max_fpr) if hasattr(np, "trapezoid") else float(np.trapz(ys, xs) / max_fpr)
+
+
+def best_dice(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], n_thresholds: int = 1000) -> tuple[float, float]:
+    """(best Dice, its threshold) over ``n_thresholds`` quantiles of all map values, pooled over pixels."""
+    v = np.concatenate([np.asarray(a, np.float64).ravel() for a in maps])
+    y = np.concatenate([np.asarray(m, bool).ravel() for m in masks])
+    if not y.any():
+        raise DdpmsegError("Dice needs anomalous pixels; every mask is empty")
+    thresholds = np.unique(np.quantile(v, np.linspace(0, 1, n_thresholds)))
+    predicted = _positives_per_threshold(v, thresholds)
+    tp = _positives_per_threshold(v[y], thresholds)
+    dice = 2 * tp / (predicted + y.sum())
+    i = int(np.argmax(dice))
+    return float(dice[i]), float(thresholds[i])
+
+
+def image_auroc(scores: Sequence[float], anomalous: Sequence[bool]) -> float | None:
+    """AUROC of per-image scores against "has an anomaly", or None when all images are of one kind."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(anomalous, bool)
+    if y.all() or not y.any():
+        return None
+    return float(roc_auc_score(y, np.asarray(scores, np.float64)))
+
+
+def load_binary_mask(path: Path, expected: tuple[int, int]) -> np.ndarray:
+    """A mask file (PNG of any mode or .npy) as (H, W) bool: non-zero = anomaly."""
+    if path.suffix == ".npy":
+        try:
+            m = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DdpmsegError(f"cannot read mask {path}: {' '.join(str(e).split())}") from None
+    else:
+        m = np.asarray(data.open_image(path, "mask"))
+    if m.ndim == 3:
+        m = m.any(axis=2)
+    if m.shape != expected:
+        raise DdpmsegError(f"mask {path} is {m.shape[1]}x{m.shape[0]} (WxH) but its map is {expected[1]}x{expected[0]}; "
+                           "give masks of the images' size")
+    return m != 0
+
+
+def evaluate_anomaly(maps_dir: str | Path, masks_dir: str | Path) -> dict[str, Any]:
+    """Score every ``NAME_anomaly.npy`` of ``maps_dir`` against ``masks_dir``'s NAME.png / .npy
+    (or NAME_mask.png / .npy); every map needs a mask (an empty one for a normal image)."""
+    maps_dir, masks_dir = Path(maps_dir), Path(masks_dir)
+    for d, what in ((maps_dir, "--maps"), (masks_dir, "--masks")):
+        if not d.is_dir():
+            raise DdpmsegError(f"{what} {d} is not a folder")
+    files = sorted(maps_dir.glob(f"*{MAP_SUFFIX}"), key=lambda p: data.natural_key(p.name))
+    if not files:
+        raise DdpmsegError(f"no *{MAP_SUFFIX} in {maps_dir}; write them with `ddpmseg anomaly ... --save-maps`")
+    names = [f.name[: -len(MAP_SUFFIX)] for f in files]
+    found = {n: next((masks_dir / p.format(n) for p in MASK_NAMES if (masks_dir / p.format(n)).is_file()), None)
+             for n in names}
+    missing = [n for n, p in found.items() if p is None]
+    if missing:
+        raise DdpmsegError(f"{len(missing)} of {len(names)} maps have no mask in {masks_dir} ({', '.join(missing[:3])}"
+                           f"{', ...' if len(missing) > 3 else ''}); give NAME.png or NAME.npy, empty for normal images")
+    maps, masks = [], []
+    for n, f in zip(names, files):
+        try:
+            a = np.load(f, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DdpmsegError(f"cannot read map {f}: {' '.join(str(e).split())}; rerun `ddpmseg anomaly`") from None
+        if a.ndim != 2 or not np.isfinite(a).all():
+            raise DdpmsegError(f"map {f} is not a finite 2-D array; rerun `ddpmseg anomaly`")
+        maps.append(a)
+        masks.append(load_binary_mask(found[n], a.shape))
+    anomalous = [bool(m.any()) for m in masks]
+    dice, threshold = best_dice(maps, masks)
+    return {
+        "pixel_auroc": pixel_auroc(maps, masks),
+        "aupro_30": aupro(maps, masks),
+        "best_dice": dice,
+        "best_dice_threshold": threshold,
+        "image_auroc": image_auroc([image_score(a) for a in maps], anomalous),
+        "n_images": len(maps),
+        "n_anomalous": int(sum(anomalous)),
+        "images": names,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [("pixel AUROC", result["pixel_auroc"]), ("AUPRO (FPR <= 0.3)", result["aupro_30"]),
+            ("best Dice", result["best_dice"]), ("  at threshold", result["best_dice_threshold"]),
+            ("image AUROC", result["image_auroc"])]
+    return "\n".join(f"{k:20s} {'n/a (all images of one kind)' if v is None else f'{v:.4f}'}" for k, v in rows)

@@ -1,0 +1,169 @@
+"""Anomaly maps: the metrics on hand-made cases, the reverse process against guided-diffusion's own
+sampling loop, and train-ddpm -> anomaly -> evaluate-anomaly on a made-up data set (AUROC above chance)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli_helpers import fails, ok
+from ddpmseg.anomaly import metrics
+from ddpmseg.anomaly.detect import image_score
+from ddpmseg.anomaly.heal import Healer, respaced_steps
+from ddpmseg.anomaly.synthetic import make_anomaly_dataset
+from ddpmseg.backbones import AdmConfig, create_backbone
+from ddpmseg.backbones.adm import build_diffusion, random_unet
+from ddpmseg.errors import DdpmsegError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# 32 px, two levels (32, 16), no attention (it would be at 4 px): trains on the CPU in well under a minute
+FLAGS = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+             num_head_channels=32, learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True)
+
+
+# -- metrics -----------------------------------------------------------------------------------
+def test_pixel_auroc_and_best_dice_on_a_hand_made_case():
+    maps = [np.array([[0.9, 0.1], [0.8, 0.2]]), np.array([[0.3, 0.05], [0.0, 0.6]])]
+    masks = [np.array([[1, 0], [1, 0]], bool), np.array([[0, 0], [0, 1]], bool)]
+    # positives 0.9, 0.8, 0.6; negatives 0.1, 0.2, 0.3, 0.05, 0.0: every positive above every negative
+    assert metrics.pixel_auroc(maps, masks) == 1.0
+    dice, threshold = metrics.best_dice(maps, masks)
+    assert dice == 1.0 and 0.3 < threshold <= 0.6
+    flipped = [1 - m for m in maps]
+    assert metrics.pixel_auroc(flipped, masks) == 0.0
+
+
+def test_aupro_perfect_random_and_region_weighting():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((40, 40), bool)
+    mask[5:25, 5:25] = True  # a big region (400 px)
+    mask[30:32, 30:32] = True  # a small one (4 px)
+    perfect = mask.astype(float) + 0.01 * rng.random(mask.shape)
+    assert metrics.aupro([perfect], [mask]) > 0.99
+    many = np.zeros((200, 200), bool)
+    for i in range(10):
+        for j in range(10):
+            many[20 * i + 5 : 20 * i + 12, 20 * j + 5 : 20 * j + 12] = True
+    # random: a region's expected overlap equals the FPR, so the normalised area to 0.3 is 0.15
+    assert abs(metrics.aupro([rng.random((200, 200))], [many]) - 0.15) < 0.015
+    # only the big region found: per-region overlap averages regions (0.5), pixel AUROC barely notices
+    big_only = np.where(mask & (np.arange(40)[:, None] < 28), 1.0, 0.0) + 0.01 * rng.random(mask.shape)
+    assert 0.45 < metrics.aupro([big_only], [mask]) < 0.6
+    assert metrics.pixel_auroc([big_only], [mask]) > 0.98
+
+
+def test_image_auroc_and_score():
+    assert image_score(np.arange(100.0).reshape(10, 10)) == 99.0  # the top 1 % of 100 pixels: one
+    assert image_score(np.arange(1000.0)) == np.mean(np.arange(990, 1000))
+    assert metrics.image_auroc([0.1, 0.2, 0.9], [False, False, True]) == 1.0
+    assert metrics.image_auroc([0.1, 0.2], [True, True]) is None
+
+
+# -- the reverse process ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def random_backbone(tmp_path_factory):
+    d = tmp_path_factory.mktemp("adm")
+    torch.save(random_unet(AdmConfig.from_flags(FLAGS), seed=0).state_dict(), d / "m.pt")
+    (d / "flags.json").write_text(json.dumps(FLAGS))
+    return create_backbone(d / "m.pt", flags=d / "flags.json", device="cpu")
+
+
+def test_respaced_steps():
+    assert respaced_steps(100, 5) == [0, 25, 50, 75, 100]
+    assert respaced_steps(3, 50) == [0, 1, 2, 3]
+    assert respaced_steps(250, 1) == [250]
+    with pytest.raises(DdpmsegError):
+        respaced_steps(10, 0)
+
+
+def test_ddim_healing_equals_guided_diffusions_own_ddim_loop(random_backbone):
+    """Starting at the last step of a 'ddimN' respacing, the healer's DDIM equals guided-diffusion's
+    ddim_sample_loop over that respacing (its own loop, its own timestep map)."""
+    b = random_backbone
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    noise = torch.randn(2, 3, 32, 32, generator=g)
+    spaced = build_diffusion(b.config, respacing="10")  # 10 steps evenly over 0..999: 0, 111, ..., 999
+    start = int(spaced.timestep_map[-1])
+    x_t = b.q_sample(x0, torch.full((2,), start), noise)
+    with torch.no_grad():
+        expect = spaced.ddim_sample_loop(b.model, x_t.shape, noise=x_t, clip_denoised=True, device=torch.device("cpu"))
+    healer = Healer(b, sample_steps=len(spaced.timestep_map))
+    assert sorted(healer.timesteps(start)) == [int(t) for t in spaced.timestep_map]
+    torch.testing.assert_close(healer.heal(x0, start, noise), expect.clamp(-1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_ancestral_healing_is_seeded_and_bad_starts_are_refused(random_backbone):
+    x0 = torch.zeros(1, 3, 32, 32)
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    a = Healer(random_backbone, ancestral=True, seed=3).heal(x0, 5, noise)
+    b = Healer(random_backbone, ancestral=True, seed=3).heal(x0, 5, noise)
+    c = Healer(random_backbone, ancestral=True, seed=4).heal(x0, 5, noise)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert Healer(random_backbone, ancestral=True).timesteps(5) == [5, 4, 3, 2, 1, 0]
+    with pytest.raises(DdpmsegError, match=r"--start-steps 1000 out of range: .* steps 1\.\.999"):
+        Healer(random_backbone).heal(x0, 1000, noise)
+
+
+# -- end to end ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory) -> Path:
+    return make_anomaly_dataset(tmp_path_factory.mktemp("textures"), n_train=48, n_good=6, n_defect=3, size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def normal_ddpm(tmp_path_factory, textures) -> Path:
+    """A tiny DDPM of the normal textures, trained by `ddpmseg train-ddpm` for a short CPU budget."""
+    d = tmp_path_factory.mktemp("normal")
+    (d / "flags.json").write_text(json.dumps(FLAGS))
+    ok("train-ddpm", textures / "train", "--out", d / "run", "--model-flags", d / "flags.json", "--steps", 300,
+       "--batch-size", 8, "--lr", 1e-3, "--save-every", 300, "--sample-every", 0, "--log-every", 50, "--device", "cpu")
+    return d / "run"
+
+
+def test_train_ddpm_then_anomaly_then_evaluate_anomaly(normal_ddpm, textures, tmp_path):
+    out = tmp_path / "maps"
+    said = ok("anomaly", textures / "test", "--ckpt", normal_ddpm, "--out", out, "--start-steps", "100,250",
+              "--sample-steps", 10, "--save-maps", "--device", "cpu")
+    assert "anomaly: 15 images" in said
+    names = sorted(p.stem for p in (textures / "test").glob("*.png"))
+    for n in names:
+        for kind in ("anomaly.png", "healed.png", "anomaly.npy"):
+            assert (out / f"{n}_{kind}").is_file(), (n, kind)
+    m = np.load(out / "blob_000_anomaly.npy")
+    assert m.shape == (32, 32) and m.dtype == np.float32 and (m >= 0).all()
+    rows = (out / "scores.csv").read_text().splitlines()
+    assert rows[0] == "image,score" and len(rows) == 1 + len(names)
+    result = json.loads(ok("evaluate-anomaly", "--maps", out, "--masks", textures / "masks", "--json"))
+    assert result["n_images"] == 15 and result["n_anomalous"] == 9
+    assert result["pixel_auroc"] > 0.75, result  # chance is 0.5
+    assert result["aupro_30"] > 0.2 and result["best_dice"] > 0.2, result
+    table = ok("evaluate-anomaly", "--maps", out, "--masks", textures / "masks")
+    assert "pixel AUROC" in table and "AUPRO" in table
+    # outputs are not replaced without --overwrite, and a missing mask is named
+    fails("anomaly", textures / "test", "--ckpt", normal_ddpm, "--out", out, match="would replace")
+    (textures / "masks" / "good_000.png").rename(tmp_path / "moved.png")
+    try:
+        fails("evaluate-anomaly", "--maps", out, "--masks", textures / "masks", match=("1 of 15 maps have no mask", "good_000"))
+    finally:
+        (tmp_path / "moved.png").rename(textures / "masks" / "good_000.png")
+
+
+def test_anomaly_bad_inputs(normal_ddpm, textures, tmp_path):
+    img = textures / "test" / "good_000.png"
+    fails("anomaly", img, "--ckpt", normal_ddpm, "--out", tmp_path / "a", "--start-steps", "100,100",
+          match="duplicated start step")
+    fails("anomaly", img, "--ckpt", normal_ddpm, "--out", tmp_path / "a", "--start-steps", "5000",
+          match="--start-steps 5000 out of range")
+    bad = tmp_path / "masks"
+    bad.mkdir()
+    maps = tmp_path / "maps"
+    ok("anomaly", img, "--ckpt", normal_ddpm, "--out", maps, "--start-steps", "50", "--sample-steps", 2, "--save-maps")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(bad / "good_000.png")
+    fails("evaluate-anomaly", "--maps", maps, "--masks", bad, match="is 10x10 (WxH) but its map is 32x32")
+    fails("evaluate-anomaly", "--maps", tmp_path, "--masks", bad, match="no *_anomaly.npy in")
