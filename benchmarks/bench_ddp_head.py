@@ -31,7 +31,6 @@ variant the mean and sample standard deviation over seeds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import tempfile
@@ -41,13 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import FASSEG, peak_rss_mb
-from ddpmseg import data
-from ddpmseg.features.cache import FeatureCache
-from ddpmseg.features.pixels import CachePixels
+from _common import FASSEG, heldout_score, peak_rss_mb
 from ddpmseg.heads import DDPConfig
-from ddpmseg.metrics import Calibration, SegmentationScore
-from ddpmseg.model import SegmentationModel
 from ddpmseg.pipeline import extract_features, fit_model
 
 TRAINED_STEPS = 2400  # bench_trained_features.py's default run
@@ -72,28 +66,16 @@ def _caches(kind: str, work: Path, train: list[Path], test: list[Path]) -> tuple
     return out
 
 
-def _score(model: SegmentationModel, test_cache: Path, labels: Path) -> dict:
-    """Held-out mIoU at the original size, ECE of the mean softmax on the grid, classifier s/image."""
-    labelset = model.labelset
-    score, calib, seconds = SegmentationScore(labelset.n_classes, labelset.ignore_index), Calibration(), 0.0
-    clf = model.classifier
-    with FeatureCache(test_cache) as cache:
-        size = cache.image_size
-        for image_id in cache.image_ids:
-            maps, pre = cache.block_maps(image_id), data.Preprocess.from_dict(cache.preprocess(image_id))
-            mask = data.load_mask(data.find_mask(image_id, labels), labelset, expected_size=pre.original_size)
-            t0 = time.perf_counter()
-            if hasattr(clf, "predict_proba_maps"):  # the DDP head
-                probs, _ = clf.predict_proba_maps(maps, size)
-                probs = probs.numpy()
-            else:
-                probs = clf.predict_proba(CachePixels([maps], cache.keys, size)).T.reshape(-1, size, size)
-            seconds += time.perf_counter() - t0
-            score.update(data.restore_labels(probs.argmax(0), pre, fill=255), mask)
-            calib.update(probs, data.prepare_mask(mask, pre))
-        n = len(cache.image_ids)
-    return {"heldout_miou": round(100 * score.result()["miou"], 2), "ece": round(calib.ece(), 4),
-            "classify_s_per_image": round(seconds / n, 3)}
+def _set_inference(model_dir: Path, steps: int, generations: int) -> None:
+    """Rewrite a DDP model's inference settings in model.json (its weights are unchanged)."""
+    path = model_dir / "model.json"
+    d = json.loads(path.read_text())
+    d["fit"]["ddp"].update(steps=steps, generations=generations)
+    path.write_text(json.dumps(d, indent=2))
+    state_path = model_dir / "tensors.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["ddp"]["config"].update(steps=steps, generations=generations)
+    torch.save(state, state_path)
 
 
 def main() -> None:
@@ -102,6 +84,8 @@ def main() -> None:
     ap.add_argument("--kinds", type=lambda s: s.split(","), default=["tiny", "trained"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=DDPConfig.iterations, help="DDP head training steps")
+    ap.add_argument("--width", type=int, default=DDPConfig.width, help="DDP head width (DDP's: 256)")
+    ap.add_argument("--heads", type=lambda s: s.split(","), default=["mlp", "ddp", "control"])
     args = ap.parse_args()
     torch.set_num_threads(2)
     images = sorted((args.data / "train" / "images").glob("*.png"))
@@ -113,18 +97,17 @@ def main() -> None:
         for kind in args.kinds:
             train_cache, test_cache = _caches(kind, work, train, test)
             for seed in range(args.seeds):
-                for head in ("mlp", "ddp", "control"):
-                    cfg = DDPConfig(iterations=args.iterations, diffusion=head != "control")
+                for head in args.heads:
+                    cfg = DDPConfig(iterations=args.iterations, width=args.width, diffusion=head != "control")
                     out = work / f"{kind}_{head}_{seed}"
                     fit = fit_model(train_cache, labels, out, classes=classes, seed=seed, device="cpu",
                                     head="mlp" if head == "mlp" else "ddp", ddp=cfg)
-                    model = SegmentationModel.load(out)
                     variants = [(head, None)] if head != "ddp" else [(f"ddp_s{s}_g{g}", (s, g)) for s, g in INFERENCE]
                     for name, inference in variants:
-                        if inference is not None:
-                            model.classifier.config = dataclasses.replace(cfg, steps=inference[0], generations=inference[1])
-                        r = {"benchmark": "ddp_head", "kind": kind, "seed": seed, "variant": name,
-                             "fit_seconds": round(fit.seconds, 1), **_score(model, test_cache, labels),
+                        if inference is not None:  # the same trained head, sampled another way
+                            _set_inference(out, *inference)
+                        r = {"benchmark": "ddp_head", "kind": kind, "seed": seed, "variant": name, "width": args.width,
+                             "fit_seconds": round(fit.seconds, 1), **heldout_score(out, test_cache, labels),
                              "peak_rss_mb": peak_rss_mb()}
                         results.setdefault((kind, name), []).append(r)
                         print(json.dumps(r), flush=True)

@@ -4,8 +4,10 @@
 
 Real images, real labels: FASSEG frontal02 (20 face photos, 6 classes; research
 use only, read in place and never copied). Everything goes through the
-library (``extract_features``, ``fit_model``, ``evaluate_model``), ten members,
-the same features and split for every recipe and seed:
+library (``extract_features``, ``fit_model``; the held-out photos are extracted
+once and scored from their cache as ``ddpmseg evaluate`` scores them: mIoU at
+the original size), ten members, the same features and split for every
+recipe and seed:
 
 ffhq_256  the full ffhq_256 ADM architecture (random weights: no pretrained
           checkpoint can be downloaded here), 256x256, 8448-dim features;
@@ -34,41 +36,43 @@ from pathlib import Path
 
 import torch
 
-from _common import FASSEG, mean_std
-from ddpmseg.pipeline import evaluate_model, extract_features, fit_model
+from _common import FASSEG, heldout_score, mean_std
+from ddpmseg.pipeline import extract_features, fit_model
 
 TRAINED_STEPS = 2400  # bench_trained_features.py's default run
 
 
-def _features(kind: str, work: Path, images: list[Path], n_train: int) -> tuple[Path, list[Path]]:
-    """(feature cache of the training photos, held-out photos) for ``kind``."""
+def _features(kind: str, work: Path, images: list[Path], n_train: int) -> tuple[Path, Path]:
+    """(feature cache of the training photos, feature cache of the held-out photos) for ``kind``."""
     train, test = images[:n_train], images[-10:]
-    feats = work / f"{kind}.h5"
+    feats, test_feats = work / f"{kind}.h5", work / f"{kind}_test.h5"
     if kind == "ffhq_256":
         from bench_extract import build_backbone
 
         ckpt = work / "ffhq_256_random.pt"
         torch.save(build_backbone("ffhq_256").model.state_dict(), ckpt)
-        extract_features(ckpt, train, feats, preset="ffhq_256", device="cpu")
+        kw: dict = dict(preset="ffhq_256")
     elif kind == "trained":
         from bench_trained_features import fasseg_ddpm
 
-        extract_features(fasseg_ddpm(TRAINED_STEPS, 400), train, feats, device="cpu")
+        ckpt, kw = fasseg_ddpm(TRAINED_STEPS, 400), {}
     elif kind == "tiny":
         from ddpmseg.demo import make_tiny_checkpoint
 
         ckpt, flags = make_tiny_checkpoint(work)
-        extract_features(ckpt, train, feats, model_flags=flags, device="cpu")
+        kw = dict(model_flags=flags)
     else:
         raise SystemExit(f"--kinds: unknown kind {kind!r}; use ffhq_256, trained or tiny")
-    return feats, test
+    extract_features(ckpt, train, feats, device="cpu", **kw)
+    extract_features(ckpt, test, test_feats, device="cpu", **kw)
+    return feats, test_feats
 
 
 def _run(args: argparse.Namespace, work: Path) -> None:
     images = sorted((args.data / "train" / "images").glob("*.png"))
     labels, classes = args.data / "train" / "labels", str(args.data / "classes.csv")
     for kind in args.kinds:
-        feats, test = _features(kind, work, images, args.ffhq_train if kind == "ffhq_256" else 10)
+        feats, test_feats = _features(kind, work, images, args.ffhq_train if kind == "ffhq_256" else 10)
         mious: dict[str, list[float]] = {}
         seconds: dict[str, list[float]] = {}
         for recipe in args.recipes:
@@ -78,11 +82,11 @@ def _run(args: argparse.Namespace, work: Path) -> None:
                 fit = fit_model(feats, labels, out, classes=classes, seed=seed, recipe=recipe, ensemble=args.ensemble,
                                 device="cpu")
                 seconds.setdefault(recipe, []).append(time.perf_counter() - t0)
-                miou = 100 * evaluate_model(out, test, labels, device="cpu")["miou"]
-                mious.setdefault(recipe, []).append(miou)
+                score = heldout_score(out, test_feats, labels)
+                mious.setdefault(recipe, []).append(score["heldout_miou"])
                 print(json.dumps({"benchmark": "fit_quality", "kind": kind, "recipe": recipe, "seed": seed,
-                                  "heldout_miou": round(miou, 2), "fit_seconds": round(seconds[recipe][-1], 1),
-                                  "train_images": len(fit.image_ids), "test_images": len(test),
+                                  **score, "fit_seconds": round(seconds[recipe][-1], 1),
+                                  "train_images": len(fit.image_ids), "test_images": 10,
                                   "labelled_pixels": fit.n_pixels, "epochs": fit.epochs,
                                   "steps_per_member": max(fit.n_iter), "pixels_per_member": max(fit.pixels_seen)}),
                       flush=True)

@@ -359,6 +359,8 @@ def extract(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
               help="ddp: crops per training step.")
 @click.option("--head-crop", type=click.IntRange(4), default=DDP.crop, show_default=True,
               help="ddp: crop side at the working resolution (the whole map when smaller).")
+@click.option("--head-width", type=click.IntRange(8), default=DDP.width, show_default=True,
+              help="ddp: the decoder's channels (DDP uses 256; 128 trains 3.5x faster on a CPU).")
 @click.option("--head-lr", type=click.FloatRange(0, min_open=True), default=DDP.lr, show_default=True,
               help="ddp: AdamW learning rate (warm-up, then linear decay).")
 @click.option("--head-diffusion/--no-head-diffusion", default=True, show_default=True,
@@ -369,13 +371,13 @@ def extract(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
 @_overwrite
 @click.pass_obj
 def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, recipe, ignore_index, min_pixels,
-        pixel_fraction, head, head_steps, generations, head_iterations, head_batch, head_crop, head_lr, head_diffusion,
-        device, out, overwrite) -> None:
+        pixel_fraction, head, head_steps, generations, head_iterations, head_batch, head_crop, head_width, head_lr,
+        head_diffusion, device, out, overwrite) -> None:
     """Train the pixel-classifier ensemble (or the DDP head) on cached features and masks."""
     from ddpmseg.pipeline import fit_model
 
     ddp = DDPConfig(steps=head_steps, generations=generations, iterations=head_iterations, batch_size=head_batch,
-                    crop=head_crop, lr=head_lr, diffusion=head_diffusion)
+                    crop=head_crop, width=head_width, lr=head_lr, diffusion=head_diffusion)
     s = fit_model(features, masks, out, labels=labels, classes=classes, ensemble=ensemble, seed=seed,
                   max_epochs=max_epochs, ignore_index=ignore_index, min_pixels=min_pixels, device=device,
                   progress=obj["progress"], recipe=recipe, pixel_fraction=pixel_fraction, overwrite=overwrite,

@@ -4,10 +4,11 @@ The public API (imported lazily, so ``import ddpmseg`` stays cheap):
     create_backbone, list_presets, get_preset, AdmConfig   backbones (one builder for both families)
     ExtractConfig, CacheRecord, ModelRecord                the typed records caches and models store
     FeatureCache, make_noise                               features and their cache
-    PixelEnsemble                                          the pixel classifier
+    PixelEnsemble, DDPHead                                 the pixel classifier; DDP's diffusion map decoder
     SegmentationModel                                      a fitted model directory
     extract_features, fit_model, predict_images,
     evaluate_model, kmeans_grid_image                      the pipeline steps the CLI calls
+    anomaly_maps, evaluate_anomaly, suggest_images, merge_caches   anomaly maps, active labelling, caches
 """
 
 from importlib import import_module
@@ -28,12 +29,17 @@ _EXPORTS = {
     "make_noise": "ddpmseg.features.extractor",
     "FeatureCache": "ddpmseg.features.cache",
     "PixelEnsemble": "ddpmseg.classify.ensemble",
+    "DDPHead": "ddpmseg.heads.ddp",
     "SegmentationModel": "ddpmseg.model",
     "extract_features": "ddpmseg.pipeline",
     "fit_model": "ddpmseg.pipeline",
     "predict_images": "ddpmseg.pipeline",
     "evaluate_model": "ddpmseg.pipeline",
     "kmeans_grid_image": "ddpmseg.pipeline",
+    "anomaly_maps": "ddpmseg.anomaly.detect",
+    "evaluate_anomaly": "ddpmseg.anomaly.metrics",
+    "suggest_images": "ddpmseg.active.suggest",
+    "merge_caches": "ddpmseg.features.cache",
 }
 
 __all__ = ["__version__", "DdpmsegError", *_EXPORTS]

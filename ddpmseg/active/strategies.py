@@ -9,9 +9,10 @@ over the ensemble members, or over the DDP head's steps and generations):
                  labelling every pixel, pixels taken as independent)
 
 ``diversity`` ranks by the uncertainty score but discounts images close to
-ones already picked (greedy: each pick maximises score x distance to the
-nearest pick, distances between standardised image embeddings), so five
-near-identical images are not all suggested.
+ones already picked or already labelled (greedy: each pick maximises score x
+distance to the nearest picked or labelled image, distances between
+standardised image embeddings), so five near-identical images are not all
+suggested, nor copies of what is labelled.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def embedding(maps: dict) -> np.ndarray:
     return np.concatenate([np.asarray(v, dtype=np.float64).reshape(len(v), -1).mean(1) for v in maps.values()])
 
 
-def rank(scores: dict[str, np.ndarray], n: int, by: str = "uncertainty",
-         embeddings: np.ndarray | None = None) -> list[tuple[int, float]]:
-    """The ``n`` best images as (index, score): by ``scores[by]``, or greedily by diversity."""
+def rank(scores: dict[str, np.ndarray], n: int, by: str = "uncertainty", embeddings: np.ndarray | None = None,
+         labelled: np.ndarray | None = None) -> list[tuple[int, float]]:
+    """The ``n`` best images as (index, score): by ``scores[by]``, or greedily by diversity (``embeddings``
+    of the candidates; ``labelled``: embeddings of images labelled already, if known)."""
     if by not in STRATEGIES:
         raise DdpmsegError(f"--by {by!r} is unknown: use one of {', '.join(STRATEGIES)}")
     if n < 1:
@@ -51,12 +53,20 @@ def rank(scores: dict[str, np.ndarray], n: int, by: str = "uncertainty",
         return [(int(i), float(s[i])) for i in order]
     if embeddings is None:
         raise DdpmsegError("diversity ranking needs the images' embeddings")
-    e = np.asarray(embeddings, dtype=np.float64)
-    e = (e - e.mean(0)) / np.maximum(e.std(0), 1e-12)
+    cand = np.asarray(embeddings, dtype=np.float64)
+    known = np.zeros((0, cand.shape[1])) if labelled is None else np.asarray(labelled, dtype=np.float64)
+    both = np.concatenate([cand, known])
+    both = (both - both.mean(0)) / np.maximum(both.std(0), 1e-12)
+    e, known = both[: len(cand)], both[len(cand) :]
     weight = s / max(s.max(), 1e-12)
-    picked = [int(np.argmax(weight))]
-    out = [(picked[0], float(weight[picked[0]]))]
-    nearest = np.linalg.norm(e - e[picked[0]], axis=1)
+    if len(known):
+        nearest = np.min(np.linalg.norm(e[:, None] - known[None], axis=2), axis=1)
+        picked: list[int] = []
+        out: list[tuple[int, float]] = []
+    else:  # the first pick is the most uncertain image
+        picked = [int(np.argmax(weight))]
+        out = [(picked[0], float(weight[picked[0]]))]
+        nearest = np.linalg.norm(e - e[picked[0]], axis=1)
     while len(picked) < n:
         value = weight * nearest / max(nearest.max(), 1e-12)
         value[picked] = -np.inf

@@ -2,7 +2,7 @@
 
 Each pool image runs through the model once (features, labels, the pixel
 map of mutual information); images the model was trained on are left out
-(by content). Writes ``suggest.csv`` (rank, image, score) and
+(by content) and, with ``--by diversity``, count as picked already. Writes ``suggest.csv`` (rank, image, score) and
 ``suggest.png``, a contact sheet with each suggested image beside its
 uncertainty map (one colour scale for all).
 """
@@ -59,8 +59,13 @@ def suggest_images(
     pool = [p for p in paths if p.stem not in trained]
     if not pool:
         raise DdpmsegError(f"every image given trained the model ({len(paths)}); give unlabelled images to rank")
-    for p in pool:  # fail on a bad image before any forward pass
+    for p in paths:  # fail on a bad image before any forward pass
         data.load_rgb(p)
+    labelled = []  # diversity: the training images given count as picked already
+    if by == "diversity":
+        for p in paths:
+            if p.stem in trained:
+                labelled.append(embedding(segmenter.analyse(p, keep_maps=True).maps))
     scores: dict[str, list[float]] = {"uncertainty": [], "bald": []}
     embeddings, thumbs = [], []
     for p in tqdm(pool, desc="suggest", unit="img", disable=not progress):
@@ -70,7 +75,8 @@ def suggest_images(
         if a.maps is not None:
             embeddings.append(embedding(a.maps))
         thumbs.append((_thumb(a.rgb), _thumb_map(a.uncertainty)))
-    picked = rank({k: np.asarray(v) for k, v in scores.items()}, n, by, np.stack(embeddings) if embeddings else None)
+    picked = rank({k: np.asarray(v) for k, v in scores.items()}, n, by, np.stack(embeddings) if embeddings else None,
+                  np.stack(labelled) if labelled else None)
     ranked = [(pool[i].stem, s) for i, s in picked]
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()

@@ -104,7 +104,7 @@ def anomaly_maps(
     out = check_writable(out, folder=True)
     kinds = [*OUTPUT_KINDS, *(("anomaly.npy",) if save_maps else ())]
     targets = [out / (f"{p.stem}_{k}" + ("" if k.endswith(".npy") else ".png")) for p in paths for k in kinds]
-    check_not_there([*targets, out / "scores.csv"], overwrite)
+    check_not_there(targets, overwrite)  # scores.csv gains these images' rows, keeping the others
     backbone = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
                                num_head_channels=num_head_channels)
     healer = Healer(backbone, sample_steps, ancestral, precision, seed)
