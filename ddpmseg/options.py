@@ -15,7 +15,7 @@ LAYER1_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")  # the fast recipe
 RECIPES: dict[str, str] = {  # fit recipe -> what it does (classify/training.py defines them)
     "reference": "the paper's: each member its own batches of 64",
     "fast": "members share batches of 1024, layer 1 as one (bf16) GEMM",
-    "tiles": "members share batches of image tiles, layer 1 at the block maps' native resolution; "
+    "tiles": "members share batches of 64 small image tiles, layer 1 at the block maps' native resolution; "
              "16 epochs, at most 2,000 steps, sooner on a loss plateau (the default)",
 }
 DEFAULT_RECIPE = "tiles"  # what `ddpmseg fit` uses (the estimator's own default stays "reference")

@@ -103,7 +103,7 @@ class PixelEnsemble(BaseEstimator):
     block maps' native resolution; needs a
     :class:`~ddpmseg.features.pixels.CachePixels`, and is what ``ddpmseg fit``
     uses by default); see :mod:`ddpmseg.classify.training`. ``batch_size`` /
-    ``lr`` default to the recipe's (64 / 1e-3, 1024 / 4e-3). ``patience`` is in
+    ``lr`` default to the recipe's (64 / 1e-3; fast 1024 / 4e-3; tiles 1024 / 2e-3). ``patience`` is in
     batches of 64 pixels (the fast recipe counts it in pixels; tiles stops by
     its own budget, ``max_epochs`` still caps it).
     ``pixel_fraction``: each epoch visits this fraction of the labelled

@@ -16,13 +16,17 @@ runs (:class:`Recipe`):
     everything after layer 1). lr 1e-3 x sqrt(1024/64) = 4e-3 (Adam's usual
     rule for a 16x batch); early-stopping patience counted in pixels
     (``patience * 64`` pixels, :func:`fast_patience_steps`).
-``"tiles"`` -- the default of ``ddpmseg fit``: the fast recipe's shared batches
-    and lr, but a batch is whole image tiles (16 x 16 pixels of a 256 grid, 4 a
-    step) and layer 1 runs on the block maps at their native resolution
-    (W·up(F) = up(W·F); :class:`_TileSteps`), ~10x fewer FLOPs a pixel than on
-    upsampled features. It stops by budget, not by the reference's rule: 16
-    epochs (the reference's 4 epochs' worth of lr x steps), at most 2,000 steps,
-    or sooner on a plateau of the smoothed training loss (:class:`PlateauStop`).
+``"tiles"`` -- the default of ``ddpmseg fit``: shared batches of 1024 pixels,
+    lr 2e-3, a batch made of 64 image tiles of 4 x 4 pixels (of a 256 grid)
+    drawn across the images; layer 1 runs on the block maps at their native
+    resolution (W·up(F) = up(W·F); :class:`_TileSteps`). It stops by budget,
+    not by the reference's rule: 16 epochs, at most 2,000 steps, or sooner on a
+    plateau of the smoothed training loss (:class:`PlateauStop`). Both tile
+    size and lr were chosen by held-out mIoU (benchmarks/bench_fit_quality.py,
+    README): bigger tiles are cheaper but a batch of few large tiles holds
+    correlated pixels, and BatchNorm then learns on statistics far from the
+    population's (16 x 16 tiles: -4.5 mIoU; 8 x 8: -2.3; 4 x 4 at lr 4e-3:
+    -1.3; at lr 2e-3: +0.4 against the reference recipe).
 """
 
 from __future__ import annotations
@@ -47,10 +51,10 @@ from ddpmseg.features.pixels import PixelSource
 log = logging.getLogger(__name__)
 
 REFERENCE_BATCH, REFERENCE_LR = 64, 1e-3
-# The tiles recipe's budget. 16 epochs at batch 1024 and lr 4e-3 take the reference's 4 epochs' worth
-# of lr x steps (4 x N/64 x 1e-3 = 16 x N/1024 x 4e-3); on large label sets 2,000 steps (2 M pixels
-# a member, ~1.5 epochs of 20 images at 256^2) end it first: neighbouring pixels are nearly redundant.
+# The tiles recipe's budget: 16 epochs on small label sets; on large ones 2,000 steps (2 M pixels a
+# member, ~1.5 epochs of 20 images at 256^2) end it first: neighbouring pixels are nearly redundant.
 TILES_EPOCHS, TILES_MAX_STEPS = 16, 2000
+TILES_LR, TILES_DIV = 2e-3, 64  # measured (see the module docstring): 4 x 4-pixel tiles of a 256 grid
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class Recipe:
     shared_batch: bool  # one batch for all members, layer 1 as one GEMM (bf16 allowed); else one batch each
     description: str
     tiled: bool = False  # batches of image tiles, layer 1 at the block maps' native resolution
-    tile_div: int = 16  # tiles: a tile's side is the model grid's side / tile_div
+    tile_div: int = TILES_DIV  # tiles: a tile's side is the model grid's side / tile_div (at least 2)
     epochs: int | None = None  # its own epoch budget (None: the estimator's max_epochs, the reference's early stop)
     max_steps: int | None = None  # a cap on steps (then a plateau of the training loss may stop it sooner)
 
@@ -73,8 +77,8 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         Recipe("reference", REFERENCE_BATCH, REFERENCE_LR, False, options.RECIPES["reference"]),
         Recipe("fast", 1024, REFERENCE_LR * math.sqrt(1024 / REFERENCE_BATCH), True, options.RECIPES["fast"]),
-        Recipe("tiles", 1024, REFERENCE_LR * math.sqrt(1024 / REFERENCE_BATCH), True, options.RECIPES["tiles"], tiled=True,
-               epochs=TILES_EPOCHS, max_steps=TILES_MAX_STEPS),
+        Recipe("tiles", 1024, TILES_LR, True, options.RECIPES["tiles"], tiled=True, epochs=TILES_EPOCHS,
+               max_steps=TILES_MAX_STEPS),
     )
 }
 
@@ -339,9 +343,10 @@ class _TileSteps(_SharedSteps):
     model grid); layer 1 at the native resolution of the block maps.
 
     Layer 1 is linear and bilinear upsampling is linear, so W·up(F) + b = up(W·F) + b:
-    for each tile, layer 1 runs on the few native positions under it (an 8448 x
-    2560 GEMM on ~1,800 positions per 64 x 64 tile of a 256 image instead of
-    4,096 upsampled pixels) and its output is upsampled to the tile's pixels
+    for each tile, layer 1 runs on the native positions under it (for a 4 x 4
+    tile of a 256 image: 3 x 3 positions of the 32^2 and 64^2 maps, which hold
+    90 % of the paper's 8448 channels, instead of 16 upsampled pixels) and its
+    output is upsampled to the tile's pixels
     (:meth:`~ddpmseg.features.pixels.CachePixels.tiles_layer1`); the gradient
     of W flows back through the same upsampling. Each epoch visits the tiles
     holding labelled pixels in a fresh order (``fraction`` of them).
