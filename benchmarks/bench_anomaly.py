@@ -80,8 +80,8 @@ def main() -> None:
         print(json.dumps({"benchmark": "anomaly_train", "steps": args.steps, "seconds": round(time.perf_counter() - t0),
                           "train_images": args.train}), flush=True)
         for seed in range(args.seeds):
-            for name, kw in SETTINGS:
-                out = work / f"maps_{len(rows)}_{seed}"
+            for i, (name, kw) in enumerate(SETTINGS):
+                out = work / f"maps_{i}_{seed}"
                 s = anomaly_maps([data / "test"], run, out, seed=seed, save_maps=True, device="cpu", **kw)
                 r = evaluate_anomaly(out, data / "masks")
                 row = {"benchmark": "anomaly", "setting": name, "seed": seed,
