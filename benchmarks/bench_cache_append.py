@@ -1,8 +1,8 @@
-"""Does adding images cost more as the cache grows? Appending 2 images to caches of 20 and 200 images.
+"""Does adding images cost more as the cache grows? Appending 2 images to caches of 20, 200 and 1,000 images.
 
-    python benchmarks/bench_cache_append.py [--sizes 20,200] [--repeats 3]
+    python benchmarks/bench_cache_append.py [--sizes 20,200,1000] [--repeats 5]
 
-The demo's tiny ADM (64 px, features ~0.6 MB per image) extracts distinct
+The demo's tiny ADM (64 px, features ~0.4 MB per image) extracts distinct
 random 64x64 images. For each cache kind (a single ``.h5`` file, a cache
 folder) and size N: extract N images, then time ``extract_features`` on 2
 new images (``--repeats`` times, each with 2 other new images: the median is
@@ -46,8 +46,8 @@ def _cache_bytes(path: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[20, 200])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[20, 200, 1000])
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="ddpmseg-append-") as tmp:
