@@ -83,8 +83,8 @@ class Server:
                 if server.drop_after is not None:
                     body = body[: server.drop_after]
                     self.close_connection = True
+                entry["sent"] = len(body)  # before writing: the client may return (and the test read this) first
                 self.wfile.write(body)
-                entry["sent"] = len(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
