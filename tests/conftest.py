@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-weight ADM checkpoints, the shared data sets, and one labelled world."""
+"""Shared fixtures: tiny random-weight ADM checkpoints, the vendored eyes8 set, and one labelled world."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import torch
 from ddpmseg.backbones import AdmConfig
 from ddpmseg.backbones.adm import random_unet
 from ddpmseg.demo import TINY_FLAGS
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-EYES8 = SHARED_DATA / "eyes8"
+from shared_data import EYES8
 
 
 def pytest_addoption(parser):
@@ -68,8 +66,8 @@ def tiny_ckpt(tmp_path_factory, tiny_config, tiny_flags) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def eyes8() -> Path:
-    if not EYES8.is_dir():
-        pytest.skip(f"shared data not found at {EYES8}")
+    """The 8 eye crops and masks vendored in tests/fixtures/eyes8 (MIT): never skipped."""
+    assert len(list(EYES8.glob("image_*.jpg"))) == 8 and len(list(EYES8.glob("image_mask*.npy"))) == 8, EYES8
     return EYES8
 
 

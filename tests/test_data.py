@@ -14,11 +14,7 @@ from ddpmseg import data
 from ddpmseg.demo import make_synthetic_dataset
 from ddpmseg.errors import DdpmsegError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-EYES = SHARED / "eyes8"
-FASSEG = SHARED / "fasseg-frontal02"
-needs_eyes = pytest.mark.skipif(not EYES.is_dir(), reason="shared eyes8 data not available")
-needs_fasseg = pytest.mark.skipif(not FASSEG.is_dir(), reason="shared fasseg data not available")
+from shared_data import EYES8 as EYES, FASSEG, LABELSETS, needs_fasseg, needs_labelsets
 
 
 def _rgb(h: int = 20, w: int = 30, seed: int = 0) -> np.ndarray:
@@ -230,7 +226,6 @@ def test_prepare_mask_wrong_size() -> None:
 
 
 # -- masks ----------------------------------------------------------------------------------
-@needs_eyes
 def test_eyes8_mask_lookup() -> None:
     images = data.list_images([EYES])
     assert [p.stem for p in images] == [f"image_{i}" for i in range(8)]
@@ -376,7 +371,6 @@ def test_min_pixels(count: int, kept: bool) -> None:
 
 
 # -- label sets -----------------------------------------------------------------------------
-SHARED_LABELSETS = Path(__file__).resolve().parents[2] / "shared" / "labelsets"
 SHIPPED = ["ffhq_34", "bedroom_28", "cat_15", "horse_21", "celeba_19", "ade_bedroom_30"]
 
 
@@ -391,11 +385,16 @@ def test_shipped_label_sets(name: str) -> None:
     assert ls.n_classes == n and len(ls.names) == n and ls.palette().shape == (n, 3)
     assert ls.palette().dtype == np.uint8 and ls.name == name
     assert data.load_label_set(f"{name}.csv") == ls
-    shared = SHARED_LABELSETS / f"{name}.csv"  # the project's source of the paper's label sets
-    if shared.is_file():
-        rows = [line.split(",") for line in shared.read_text().splitlines()[1:] if line.strip()]
-        assert [r[1] for r in rows] == list(ls.names)
-        assert [tuple(int(v) for v in r[2:]) for r in rows] == list(ls.colors)
+
+
+@needs_labelsets
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_label_sets_match_the_projects_source(name: str) -> None:
+    ls = data.load_label_set(name)
+    source = LABELSETS / f"{name}.csv"  # the project's source of the paper's label sets
+    rows = [line.split(",") for line in source.read_text().splitlines()[1:] if line.strip()]
+    assert [r[1] for r in rows] == list(ls.names)
+    assert [tuple(int(v) for v in r[2:]) for r in rows] == list(ls.colors)
 
 
 @pytest.mark.parametrize("ignore", [255, 0])
