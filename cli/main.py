@@ -1,40 +1,48 @@
 """``ddpmseg`` commands. Each only parses options, calls one library function and
-prints a summary line; errors become one line on stderr and a non-zero exit.
+prints a summary line; errors become one line on stderr and a non-zero exit: 1 for an
+error the message explains, 2 for a usage error (click's), 3 for a bug in ddpmseg
+(an internal error), 130 for Ctrl-C.
 
-This module imports neither torch nor the library at load time (``ddpmseg
---help`` stays instant, and the OpenMP settings chosen in ``main`` apply when
-torch starts); each command imports what it calls.
+At load time this module imports only torch-free settings (``ddpmseg.options``,
+the features' config modules, ``ddpmseg.runtime``), never torch (``ddpmseg
+--help`` stays instant, and the OpenMP settings ``main`` chooses with
+:func:`ddpmseg.runtime.configure_threads` apply when torch starts); each
+command imports what it calls.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import click
 
 from ddpmseg._text import few, plural
+from ddpmseg.anomaly import config as anomaly_config
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.options import (
     DEFAULT_BLOCKS,
+    DEFAULT_SEED,
     DEFAULT_STEPS,
+    EXTRACT_BATCH_SIZE,
+    KMEANS_K,
     MIN_PIXELS,
     PRECISIONS,
     PREPROCESS_MODES,
     DEFAULT_RECIPE,
     RECIPES,
     STORAGE_DTYPES,
+    SUGGEST_N,
+    SUGGEST_STRATEGIES,
 )
-from ddpmseg.heads.config import HEADS, DDPConfig
+from ddpmseg.runtime import configure_threads
+from ddpmseg.heads import head_names
 from ddpmseg.train.config import SCHEDULE_SAMPLERS, TRAIN_PRECISIONS, TRAIN_PREPROCESS, TrainConfig
 
 TRAIN = TrainConfig()
-DDP = DDPConfig()
 
 # What Ctrl-C leaves behind, by command (the message must say what is true).
 INTERRUPTED = {
@@ -59,65 +67,12 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _default_threads() -> int:
-    """The cores this process may use (its CPU affinity), not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-# Commands that run torch: they get the wait policy below.
+# Commands that run torch: they get configure_threads' automatic wait policy (ddpmseg/runtime.py).
 TORCH_COMMANDS = frozenset({"blocks", "convert", "extract", "fit", "predict", "evaluate", "kmeans", "demo", "train-ddpm",
                             "anomaly", "suggest"})
 
 
-def _others_busy(seconds: float = 0.2) -> bool | None:
-    """Whether other processes keep at least half a core busy (``/proc/stat`` over ``seconds``,
-    while this process sleeps); None where the system does not say."""
-    def snapshot() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return fields[3] + fields[4], sum(fields[:8])  # (idle + iowait, total) jiffies
-
-    try:
-        idle0, total0 = snapshot()
-        time.sleep(seconds)
-        idle1, total1 = snapshot()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    busy_cores = (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
-    return busy_cores >= 0.5
-
-
-def _set_wait_policy(command: str | None) -> None:
-    """OpenMP's wait policy for a torch command, unless the user chose one (benchmarks/bench_threads.py).
-
-    Threads that spin while they wait for work are fastest alone (a passive
-    wait made the eyes8 fit 2.4x slower) but take the cores from any other busy
-    process, and then both run several times (up to 50x) slower: wait
-    passively when other processes are busy at the start (or when that cannot
-    be seen), spin otherwise.
-    """
-    if command not in TORCH_COMMANDS or "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
-        return
-    if _others_busy() is not False:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        logging.getLogger("ddpmseg").debug("other processes are busy: OpenMP waits passively")
-
-
-def _set_threads(threads: int | None) -> None:
-    """torch's intra-op threads: ``--threads``, else the usable cores (when torch has not started yet)."""
-    if threads is not None and threads < 1:
-        raise DdpmsegError(f"--threads {threads}: give at least 1")
-    if "torch" in sys.modules:  # already running (an in-process caller): change only what was asked
-        if threads is not None:
-            sys.modules["torch"].set_num_threads(threads)
-        return
-    if threads is not None or "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(threads or _default_threads())
+INTERNAL_ERROR = 3  # the exit code of a bug (1: an error the message explains; 2: click's usage error; 130: Ctrl-C)
 
 
 class _Group(click.Group):
@@ -144,25 +99,27 @@ class _Group(click.Group):
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             click.echo(f"ddpmseg: error: {e.strerror or _one_line(e)}{where}; check the path and its permissions", err=True)
             ctx.exit(1)
-        except Exception as e:  # a bug: still one line unless --debug
+        except Exception as e:  # a bug: still one line unless --debug; its own exit code (2 is click's usage error)
             if debug:
                 traceback.print_exc()
-            click.echo(f"ddpmseg: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)", err=True)
-            ctx.exit(2)
+            click.echo(f"ddpmseg: internal error: {type(e).__name__}: {_one_line(e)}; this is a bug in ddpmseg: "
+                       "rerun with --debug and report the traceback", err=True)
+            ctx.exit(INTERNAL_ERROR)
 
 
+_device = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 _common_backbone = [
     click.option("--ckpt", "checkpoint", required=True, type=click.Path(path_type=Path), help="Checkpoint: a guided-diffusion state dict file, or a diffusers UNet2DModel folder / hub id."),
     click.option("--preset", default=None, help="Architecture preset (see `ddpmseg presets`); default: match or infer from the checkpoint."),
     click.option("--model-flags", type=click.Path(path_type=Path), default=None, help="JSON file of guided-diffusion flags for a custom architecture."),
     click.option("--image-size", type=click.IntRange(1), default=None, help="Image size a custom ADM was trained at (the weights cannot show it)."),
     click.option("--num-head-channels", type=click.IntRange(1), default=None, help="Channels per attention head of a custom ADM (the weights cannot show it)."),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+    _device,
 ]
 _common_extract = [
     click.option("--steps", default=",".join(map(str, DEFAULT_STEPS)), show_default=True, help="Diffusion timesteps."),
     click.option("--blocks", default="auto", show_default=True, help=f"Decoder (output_blocks) indices; auto: the paper's depths ({','.join(map(str, DEFAULT_BLOCKS))} of an 18-block decoder, the same fractions of another; see `ddpmseg blocks`)."),
-    click.option("--seed", default=0, show_default=True, help="Seed of the shared noise."),
+    click.option("--seed", default=DEFAULT_SEED, show_default=True, help="Seed of the shared noise."),
     click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=PREPROCESS_MODES[0], show_default=True, help="resize: plain resize to the model size; crop: short side then centre crop."),
     click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True, help="U-Net arithmetic: fp32 (the recipe), bf16 (~1.6x faster on CPUs with bf16 units, ~1.3% feature error), fp16 (CUDA only)."),
     click.option("--noise-samples", type=click.IntRange(1), default=1, show_default=True, help="Average the maps over this many seeded noise draws (1: the paper's single noise; N costs N forward passes)."),
@@ -242,8 +199,7 @@ def _skipped(names: list[str], word: str, words: str) -> str:
 def main(ctx: click.Context, debug: bool, quiet: bool, threads: int | None) -> None:
     """Label-efficient semantic segmentation on frozen diffusion-model features."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="ddpmseg: %(message)s")
-    _set_wait_policy(ctx.invoked_subcommand)
-    _set_threads(threads)
+    configure_threads(threads, wait_policy="auto" if ctx.invoked_subcommand in TORCH_COMMANDS else None)
     ctx.obj = {"progress": not quiet}
 
 
@@ -307,7 +263,7 @@ def blocks(checkpoint: Path, preset, model_flags, image_size, num_head_channels,
 @_apply(_common_backbone)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Feature file (HDF5), e.g. feats.h5.")
 @_apply(_common_extract)
-@click.option("--batch-size", default=0, show_default=True, help="Timesteps per forward pass (0 = all of an image's at once).")
+@click.option("--batch-size", default=EXTRACT_BATCH_SIZE, show_default=True, help="Timesteps per forward pass (0 = all of an image's at once).")
 @click.option("--storage", type=click.Choice(STORAGE_DTYPES), default=STORAGE_DTYPES[0], show_default=True, help="On-disk dtype of the block maps.")
 @_apply(_scale)
 @click.pass_obj
@@ -330,70 +286,111 @@ def extract(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
                + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
 
 
+# fit's options that set a head option (kept as aliases of --head-option for one release): name -> (head, key)
+HEAD_ALIASES = {
+    "ensemble": ("mlp", "n_members"), "recipe": ("mlp", "recipe"), "max_epochs": ("mlp", "max_epochs"),
+    "pixel_fraction": ("mlp", "pixel_fraction"), "head_steps": ("ddp", "steps"), "generations": ("ddp", "generations"),
+    "head_iterations": ("ddp", "iterations"), "head_batch": ("ddp", "batch_size"), "head_crop": ("ddp", "crop"),
+    "head_width": ("ddp", "width"), "head_lr": ("ddp", "lr"), "head_diffusion": ("ddp", "diffusion"),
+}
+
+
+def _head_options(head: str, pairs: tuple[str, ...], config_file: Path | None, aliases: dict) -> dict:
+    """The head's options from --head-config, --head-option KEY=VALUE and the alias flags (a key given
+    twice with two values is an error)."""
+    from ddpmseg.heads import read_config_file
+
+    found: dict[str, tuple[object, str]] = {}
+
+    def put(key: str, value: object, where: str) -> None:
+        if key in found and str(found[key][0]) != str(value):
+            raise DdpmsegError(f"{where} sets {key} to {value!r} but {found[key][1]} set it to {found[key][0]!r}; "
+                               "give it once")
+        found[key] = (value, where)
+
+    if config_file is not None:
+        for key, value in read_config_file(config_file).items():
+            put(str(key), value, f"--head-config {config_file}")
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise DdpmsegError(f"--head-option {pair!r}: write KEY=VALUE, e.g. --head-option steps=3 "
+                               "(`ddpmseg heads` lists each head's keys)")
+        put(key.strip(), value.strip(), f"--head-option {pair}")
+    for name, value in aliases.items():
+        if value is None:
+            continue
+        owner, key = HEAD_ALIASES[name]
+        flag = "--" + name.replace("_", "-")
+        if name == "head_diffusion":
+            flag = "--head-diffusion" if value else "--no-head-diffusion"
+        if owner != head:
+            raise DdpmsegError(f"{flag} is an option of --head {owner}, not of --head {head}; "
+                               f"use --head-option KEY=VALUE (`ddpmseg heads` lists the {head} head's keys)")
+        put(key, value, flag)
+    return {k: v for k, (v, _) in found.items()}
+
+
+@main.command()
+def heads() -> None:
+    """List the heads `fit --head` takes, each with its options and their defaults."""
+    from ddpmseg.heads import list_heads
+
+    for spec in list_heads():
+        click.echo(f"{spec.name}: {spec.summary}")
+        options = spec.options()
+        width, kinds = max(len(o.name) for o in options), max(len(o.type) for o in options)
+        for o in options:
+            default = "none" if o.default is None else str(o.default).lower() if isinstance(o.default, bool) else o.default
+            click.echo(f"  {o.name:{width}s}  {o.type:{kinds}s}  {str(default):7s}  {o.help}")
+    click.echo("set them with `ddpmseg fit --head NAME --head-option KEY=VALUE` (repeatable) or --head-config FILE.json")
+
+
 @main.command()
 @click.option("--features", required=True, type=click.Path(path_type=Path), help="Feature file from `ddpmseg extract`.")
 @click.option("--masks", required=True, type=click.Path(path_type=Path), help="Folder of label maps (.npy, label PNGs or colour PNGs with --classes).")
 @click.option("--labels", default=None, type=int, help="Use the first N labelled images (natural sort order).")
 @click.option("--classes", default=None, help="Label set: a shipped name (e.g. ffhq_34) or a CSV index,name,r,g,b.")
-@click.option("--ensemble", default=10, show_default=True, help="Number of MLPs in the ensemble.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--max-epochs", default=100, show_default=True)
-@click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
-              help="; ".join(f"{name}: {what}" for name, what in RECIPES.items()) + ".")
 @click.option("--ignore-index", default=None, type=int,
               help="Label neither trained nor scored (default: the label set's, else 255; bedroom_28: 0).")
 @click.option("--min-pixels", default=MIN_PIXELS, show_default=True, type=click.IntRange(0),
               help="A class covering fewer pixels of an image is ignored in that image (the reference's rule).")
-@click.option("--pixel-fraction", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Fraction of the labelled pixels (tiles recipe: of the tiles holding labels) visited per epoch, "
-                   "a fresh random subset each epoch.")
-@click.option("--head", type=click.Choice(list(HEADS)), default="mlp", show_default=True,
-              help="; ".join(f"{name}: {what}" for name, what in HEADS.items()) + ".")
-@click.option("--head-steps", type=click.IntRange(1), default=DDP.steps, show_default=True,
-              help="ddp: DDIM steps at inference (DDP reports 1, 3, 10).")
-@click.option("--generations", type=click.IntRange(1), default=DDP.generations, show_default=True,
-              help="ddp: noise draws averaged at inference (SegDiff's multiple generations).")
-@click.option("--head-iterations", type=click.IntRange(1), default=DDP.iterations, show_default=True,
-              help="ddp: training steps.")
-@click.option("--head-batch", type=click.IntRange(1), default=DDP.batch_size, show_default=True,
-              help="ddp: crops per training step.")
-@click.option("--head-crop", type=click.IntRange(4), default=DDP.crop, show_default=True,
-              help="ddp: crop side at the working resolution (the whole map when smaller).")
-@click.option("--head-width", type=click.IntRange(8), default=DDP.width, show_default=True,
-              help="ddp: the decoder's channels (DDP uses 256; 128 trains 3.5x faster on a CPU).")
-@click.option("--head-lr", type=click.FloatRange(0, min_open=True), default=DDP.lr, show_default=True,
-              help="ddp: AdamW learning rate (warm-up, then linear decay).")
-@click.option("--head-diffusion/--no-head-diffusion", default=True, show_default=True,
-              help="ddp: --no-head-diffusion trains and runs the same decoder on a zero label map, one step "
-                   "(the control without denoising).")
+@click.option("--head", type=click.Choice(head_names()), default="mlp", show_default=True,
+              help="The classifier on the features (`ddpmseg heads` lists each with its options).")
+@click.option("--head-option", "head_option", multiple=True, metavar="KEY=VALUE",
+              help="A setting of the head, e.g. n_members=10 (mlp) or steps=3 (ddp); repeatable.")
+@click.option("--head-config", type=click.Path(path_type=Path), default=None,
+              help="A JSON object of head settings, e.g. {\"steps\": 3}.")
+@click.option("--ensemble", type=click.IntRange(1), default=None, help="mlp: MLPs in the ensemble (= --head-option n_members=N; default 10).")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help=f"mlp: = --head-option recipe=NAME (default {DEFAULT_RECIPE}; `ddpmseg heads` says what each does).")
+@click.option("--max-epochs", type=click.IntRange(1), default=None, help="mlp: = --head-option max_epochs=N (default 100).")
+@click.option("--pixel-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="mlp: = --head-option pixel_fraction=F (default 1).")
+@click.option("--head-steps", type=click.IntRange(1), default=None, help="ddp: = --head-option steps=N.")
+@click.option("--generations", type=click.IntRange(1), default=None, help="ddp: = --head-option generations=N.")
+@click.option("--head-iterations", type=click.IntRange(1), default=None, help="ddp: = --head-option iterations=N.")
+@click.option("--head-batch", type=click.IntRange(1), default=None, help="ddp: = --head-option batch_size=N.")
+@click.option("--head-crop", type=click.IntRange(4), default=None, help="ddp: = --head-option crop=N.")
+@click.option("--head-width", type=click.IntRange(8), default=None, help="ddp: = --head-option width=N.")
+@click.option("--head-lr", type=click.FloatRange(0, min_open=True), default=None, help="ddp: = --head-option lr=X.")
+@click.option("--head-diffusion/--no-head-diffusion", default=None, help="ddp: = --head-option diffusion=true/false.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model folder to write.")
 @_overwrite
 @click.pass_obj
-def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, recipe, ignore_index, min_pixels,
-        pixel_fraction, head, head_steps, generations, head_iterations, head_batch, head_crop, head_width, head_lr,
-        head_diffusion, device, out, overwrite) -> None:
-    """Train the pixel-classifier ensemble (or the DDP head) on cached features and masks."""
+def fit(obj, features, masks, labels, classes, seed, ignore_index, min_pixels, head, head_option, head_config, device,
+        out, overwrite, **aliases) -> None:
+    """Train a head (the paper's MLP ensemble by default) on cached features and masks."""
     from ddpmseg.pipeline import fit_model
 
-    ddp = DDPConfig(steps=head_steps, generations=generations, iterations=head_iterations, batch_size=head_batch,
-                    crop=head_crop, width=head_width, lr=head_lr, diffusion=head_diffusion)
-    s = fit_model(features, masks, out, labels=labels, classes=classes, ensemble=ensemble, seed=seed,
-                  max_epochs=max_epochs, ignore_index=ignore_index, min_pixels=min_pixels, device=device,
-                  progress=obj["progress"], recipe=recipe, pixel_fraction=pixel_fraction, overwrite=overwrite,
-                  head=head, ddp=ddp)
-    if head == "ddp":
-        click.echo(f"fit: {plural(len(s.image_ids), 'image')}, {plural(s.n_pixels, 'pixel')}, "
-                   f"{plural(s.n_classes, 'class', 'classes')}, {s.seconds:.1f} s (DDP head"
-                   f"{'' if head_diffusion else ' without diffusion'}: {s.n_iter[0]:,} steps of {head_batch} crops, "
-                   f"final loss {s.final_loss:.3f}) -> {s.out}"
-                   + _skipped(s.unlabelled, "cached image without a mask", "cached images without a mask"))
-        return
-    steps = f"{min(s.n_iter):,}-{max(s.n_iter):,}" if min(s.n_iter) != max(s.n_iter) else f"{s.n_iter[0]:,}"
+    options = _head_options(head, head_option, head_config, aliases)
+    s = fit_model(features, masks, out, head=head, options=options, labels=labels, classes=classes, seed=seed,
+                  ignore_index=ignore_index, min_pixels=min_pixels, device=device, progress=obj["progress"],
+                  overwrite=overwrite)
     click.echo(f"fit: {plural(len(s.image_ids), 'image')}, {plural(s.n_pixels, 'pixel')}, "
-               f"{plural(s.n_classes, 'class', 'classes')}, {s.seconds:.1f} s ({s.recipe} recipe: "
-               f"{plural(s.epochs, 'epoch')}, {steps} steps and {max(s.pixels_seen) / 1e6:.2f} M pixels per member, "
-               f"final loss {s.final_loss:.3f}) -> {s.out}"
+               f"{plural(s.n_classes, 'class', 'classes')}, {s.seconds:.1f} s ({s.description}) -> {s.out}"
                + _skipped(s.unlabelled, "cached image without a mask", "cached images without a mask"))
 
 
@@ -402,7 +399,7 @@ def fit(obj, features, masks, labels, classes, ensemble, seed, max_epochs, recip
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--ckpt", "checkpoint", default=None, type=click.Path(path_type=Path), help="Checkpoint, if moved since fit.")
-@click.option("--device", default="auto", show_default=True)
+@_device
 @click.option("--legend/--no-legend", default=True, show_default=True,
               help="A legend of the classes beside the overlay and a colour bar beside the uncertainty map.")
 @click.option("--skip-done", is_flag=True,
@@ -431,7 +428,7 @@ def predict(obj, inputs, images, model_dir, out, checkpoint, device, legend, ski
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--masks", required=True, type=click.Path(path_type=Path))
 @click.option("--ckpt", "checkpoint", default=None, type=click.Path(path_type=Path), help="Checkpoint, if moved since fit.")
-@click.option("--device", default="auto", show_default=True)
+@_device
 @click.option("--out", default=None, type=click.Path(path_type=Path),
               help="Folder for reliability.png (calibration) and confusion.png (rows true, columns predicted).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -468,12 +465,12 @@ def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, out, as_
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
 @_apply(_images)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for suggest.csv and suggest.png.")
-@click.option("--n", "n", type=click.IntRange(1), default=5, show_default=True, help="Images to suggest.")
-@click.option("--by", type=click.Choice(["uncertainty", "bald", "diversity"]), default="uncertainty", show_default=True,
+@click.option("--n", "n", type=click.IntRange(1), default=SUGGEST_N, show_default=True, help="Images to suggest.")
+@click.option("--by", type=click.Choice(SUGGEST_STRATEGIES), default=SUGGEST_STRATEGIES[0], show_default=True,
               help="uncertainty: the reference's score (top 10 % of the pixel map); bald: the map's mean; "
                    "diversity: uncertainty, discounting images close to ones already picked.")
 @click.option("--ckpt", "checkpoint", default=None, type=click.Path(path_type=Path), help="Checkpoint, if moved since fit.")
-@click.option("--device", default="auto", show_default=True)
+@_device
 @_overwrite
 @click.pass_obj
 def suggest(obj, model_dir, inputs, images, out, n, by, checkpoint, device, overwrite) -> None:
@@ -493,7 +490,7 @@ def suggest(obj, model_dir, inputs, images, out, n, by, checkpoint, device, over
 @main.command()
 @click.argument("image", type=click.Path(path_type=Path))
 @_apply(_common_backbone)
-@click.option("--k", default=5, show_default=True, help="Clusters per cell.")
+@click.option("--k", default=KMEANS_K, show_default=True, help="Clusters per cell.")
 @_apply(_common_extract)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Grid PNG to write.")
 @_overwrite
@@ -537,7 +534,7 @@ def kmeans(obj, image, checkpoint, preset, model_flags, image_size, num_head_cha
 @click.option("--log-every", type=int, default=TRAIN.log_every, show_default=True, help="Steps between log.jsonl lines.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (with its own settings).")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader processes reading images.")
-@click.option("--device", default="auto", show_default=True)
+@_device
 @click.pass_context
 def train_ddpm(ctx: click.Context, inputs, images, out, image_size, preset, model_flags, init, resume, workers, device,
                **settings) -> None:
@@ -586,17 +583,18 @@ def merge(sources, out) -> None:
 @_apply(_images)
 @_apply(_common_backbone)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--start-steps", default="100,250,400", show_default=True,
+@click.option("--start-steps", default=",".join(map(str, anomaly_config.DEFAULT_START_STEPS)), show_default=True,
               help="Noise each image to each of these steps, heal it back, average the maps.")
-@click.option("--sample-steps", type=click.IntRange(1), default=50, show_default=True,
+@click.option("--sample-steps", type=click.IntRange(1), default=anomaly_config.DEFAULT_SAMPLE_STEPS, show_default=True,
               help="DDIM steps of each reverse process (evenly spaced from the start step to 0).")
 @click.option("--ancestral", is_flag=True, help="Full ancestral sampling (every step from the start; slow) instead of DDIM.")
 @click.option("--smooth", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Gaussian smoothing of the map (sigma in pixels of the model grid; 0: off).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the fixed noise (the one extract uses).")
-@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Images per forward pass.")
+@click.option("--seed", default=DEFAULT_SEED, show_default=True, help="Seed of the fixed noise (the one extract uses).")
+@click.option("--batch-size", type=click.IntRange(1), default=anomaly_config.DEFAULT_BATCH_SIZE, show_default=True,
+              help="Images per forward pass.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True)
-@click.option("--vmax", type=click.FloatRange(0, min_open=True), default=0.25, show_default=True,
+@click.option("--vmax", type=click.FloatRange(0, min_open=True), default=anomaly_config.DEFAULT_VMAX, show_default=True,
               help="Map value drawn brightest in the PNGs (one scale for every image).")
 @click.option("--save-maps", is_flag=True, help="Also write NAME_anomaly.npy (float32, original size) for evaluate-anomaly.")
 @_overwrite
@@ -613,6 +611,8 @@ def anomaly(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
     n = max(s.n_images, 1)
     click.echo(f"anomaly: {plural(s.n_images, 'image')} -> {s.out} ({s.seconds / n:.2f} s/image; scores in "
                f"{s.out / 'scores.csv'})"
+               + (f"; {100 * s.above_vmax:.2g} % of map pixels above --vmax {s.vmax:g} (drawn at the top colour"
+                  + ("): raise --vmax to see them" if s.above_vmax >= 0.01 else ")") if s.above_vmax > 0 else "")
                + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
 
 

@@ -4,11 +4,13 @@ The public API (imported lazily, so ``import ddpmseg`` stays cheap):
     create_backbone, list_presets, get_preset, AdmConfig   backbones (one builder for both families)
     ExtractConfig, CacheRecord, ModelRecord                the typed records caches and models store
     FeatureCache, make_noise                               features and their cache
-    PixelEnsemble, DDPHead                                 the pixel classifier; DDP's diffusion map decoder
+    get_head, list_heads                                   the head registry (fit --head NAME)
+    PixelEnsemble, DDPHead                                 the heads: the paper's MLP ensemble; DDP's decoder
     SegmentationModel                                      a fitted model directory
     extract_features, fit_model, predict_images,
     evaluate_model, kmeans_grid_image                      the pipeline steps the CLI calls
     anomaly_maps, evaluate_anomaly, suggest_images, merge_caches   anomaly maps, active labelling, caches
+    configure_threads                                      torch's CPU threads: call before torch starts
 """
 
 from importlib import import_module
@@ -28,7 +30,9 @@ _EXPORTS = {
     "ModelRecord": "ddpmseg.records",
     "make_noise": "ddpmseg.features.extractor",
     "FeatureCache": "ddpmseg.features.cache",
-    "PixelEnsemble": "ddpmseg.classify.ensemble",
+    "PixelEnsemble": "ddpmseg.heads.mlp",
+    "get_head": "ddpmseg.heads",
+    "list_heads": "ddpmseg.heads",
     "DDPHead": "ddpmseg.heads.ddp",
     "SegmentationModel": "ddpmseg.model",
     "extract_features": "ddpmseg.pipeline",
@@ -40,6 +44,7 @@ _EXPORTS = {
     "evaluate_anomaly": "ddpmseg.anomaly.metrics",
     "suggest_images": "ddpmseg.active.suggest",
     "merge_caches": "ddpmseg.features.cache",
+    "configure_threads": "ddpmseg.runtime",
 }
 
 __all__ = ["__version__", "DdpmsegError", *_EXPORTS]

@@ -1,13 +1,15 @@
-"""A fitted segmentation model folder: its record plus the classifier (the pixel ensemble or a head).
+"""A fitted segmentation model folder: its record plus the fitted head.
 
 A model directory holds
     model.json    the ModelRecord (readable): ddpmseg version, backbone (family,
                   preset, config), checkpoint (name, path, sha256), extraction
-                  settings, classes (names, colours), fit settings (``fit.head``:
-                  mlp or ddp) and training images
-    tensors.pt    {"ensemble": PixelEnsemble.state_dict() | "ddp": DDPHead.state_dict(),
-                   "noise": (1,3,S,S)} (tensors and plain values only: loads with weights_only=True)
-Both files are written atomically (temp file + rename).
+                  settings, classes (names, colours), fit (training images, the
+                  head's name and its options, ``fit.head_config``)
+    tensors.pt    {<the head's state key>: its learned state, "noise": (1,3,S,S)} (the
+                  mlp head's key is "ensemble"; tensors and plain values only: loads
+                  with weights_only=True)
+Both files are written atomically (temp file + rename). Which head, and how it
+is saved and loaded, comes from the head registry (:mod:`ddpmseg.heads`).
 """
 
 from __future__ import annotations
@@ -16,18 +18,15 @@ import json
 import pickle
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import Any
 
 import torch
 
 from ddpmseg._io import check_writable, write_atomic
-from ddpmseg.classify.ensemble import PixelEnsemble
 from ddpmseg.data import LabelSet
 from ddpmseg.errors import DdpmsegError
+from ddpmseg.heads import get_head, head_names
 from ddpmseg.records import ModelRecord
-
-if TYPE_CHECKING:
-    from ddpmseg.heads.ddp import DDPHead
 
 MODEL_FILES = ("model.json", "tensors.pt")
 # what torch.load raises for a truncated or foreign tensors.pt
@@ -37,9 +36,9 @@ _TENSOR_FILE_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, 
 class SegmentationModel:
     """What ``ddpmseg fit`` writes and ``predict`` / ``evaluate`` read."""
 
-    def __init__(self, record: ModelRecord, classifier: Union[PixelEnsemble, "DDPHead"], noise: torch.Tensor) -> None:
+    def __init__(self, record: ModelRecord, classifier: Any, noise: torch.Tensor) -> None:
         self.record = record
-        self.classifier = classifier  # anything with predict_block_maps(maps, keys, size) -> Segmentation
+        self.classifier = classifier  # the fitted head: predict_block_maps(maps, keys, size) -> Segmentation
         self.noise = noise
 
     @property
@@ -56,8 +55,7 @@ class SegmentationModel:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DdpmsegError(f"cannot create model folder {directory}: {e.strerror}") from None
-        key = "ensemble" if self.record.fit.head == "mlp" else self.record.fit.head
-        tensors = {key: self.classifier.state_dict(), "noise": self.noise.cpu()}
+        tensors = {get_head(self.record.fit.head).key: self.classifier.state_dict(), "noise": self.noise.cpu()}
         write_atomic(directory / "tensors.pt", lambda p: torch.save(tensors, p))
         text = json.dumps(self.record.to_dict(), indent=2, sort_keys=True)
         write_atomic(directory / "model.json", lambda p: p.write_text(text + "\n"))
@@ -83,11 +81,13 @@ class SegmentationModel:
         except _TENSOR_FILE_ERRORS as e:
             reason = " ".join(str(e).split())[:160]
             raise DdpmsegError(f"{directory}/tensors.pt is damaged ({type(e).__name__}: {reason}); rerun `ddpmseg fit`") from None
-        key = "ensemble" if record.fit.head == "mlp" else record.fit.head
-        if not isinstance(tensors, dict) or not {key, "noise"} <= tensors.keys():
+        if record.fit.head not in head_names():
+            raise DdpmsegError(f"{directory}/model.json was fitted with the head {record.fit.head!r}, which this ddpmseg "
+                               f"does not have (its heads: {', '.join(head_names())}); upgrade ddpmseg")
+        spec = get_head(record.fit.head)
+        if not isinstance(tensors, dict) or not {spec.key, "noise"} <= tensors.keys():
             raise DdpmsegError(f"{directory}/tensors.pt is not a ddpmseg model's tensors file; rerun `ddpmseg fit`")
-        if record.fit.head == "ddp":
-            from ddpmseg.heads.ddp import DDPHead
-
-            return cls(record, DDPHead.from_state_dict(tensors["ddp"], device=str(device)), tensors["noise"])
-        return cls(record, PixelEnsemble.from_state_dict(tensors["ensemble"], device=device), tensors["noise"])
+        config = spec.make_config(record.fit.head_config, where=f"{directory}/model.json fit.head_config")
+        head = spec.load(tensors[spec.key], config, device=str(device), n_classes=record.labelset.n_classes,
+                         ignore_index=record.fit.ignore_index, random_state=record.fit.seed)
+        return cls(record, head, tensors["noise"])

@@ -1,4 +1,5 @@
-"""The steps of ddpmseg, one function each (the CLI calls exactly these).
+"""The steps of ddpmseg, one function each (the CLI calls exactly these); the work on one image
+that they share with the Ray workers is in :mod:`ddpmseg.workers`.
 
 extract_features  images -> feature cache (HDF5)
 fit_model         feature cache + masks -> model folder
@@ -13,7 +14,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,33 +22,16 @@ from tqdm.auto import tqdm
 
 from ddpmseg import data, viz
 from ddpmseg._io import check_not_there, check_writable, file_sha256
-from ddpmseg.model import MODEL_FILES
-from ddpmseg.backbones import Backbone, backbone_from_record, create_backbone, precision_dtype, resolve_device
-from ddpmseg.classify.ensemble import PixelEnsemble
+from ddpmseg.backbones import create_backbone, resolve_device
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.features.cache import FeatureCache, FeatureWriter
+from ddpmseg.features.cache import FeatureCache
 from ddpmseg.features.extractor import extract_block_maps, make_noise
-from ddpmseg.features.pixels import CachePixels
-from ddpmseg.heads import HEADS, DDPConfig
-from ddpmseg.heads.ddp import DDPHead
+from ddpmseg.heads import ImageMaps, config_dict, get_head
 from ddpmseg.metrics import Calibration, SegmentationScore, present_miou, top_mean
-from ddpmseg.model import SegmentationModel
-from ddpmseg.options import DEFAULT_RECIPE, MIN_PIXELS
-from ddpmseg.records import CacheRecord, ExtractConfig, FitConfig, ModelRecord
-
-def _checked_settings(backbone: Backbone, config: ExtractConfig) -> ExtractConfig:
-    """``config`` with its steps and blocks validated for ``backbone`` (no blocks: the backbone's
-    :meth:`~ddpmseg.backbones.Backbone.default_blocks`); its precision checked on the device."""
-    steps = backbone.check_steps(config.steps)
-    blocks = backbone.check_blocks(config.blocks or backbone.default_blocks())
-    precision_dtype(config.precision, backbone.device)
-    return dataclasses.replace(config, steps=tuple(steps), blocks=tuple(blocks))
-
-
-def _load_image(path: Path, size: int, mode: str) -> tuple[np.ndarray, torch.Tensor, data.Preprocess]:
-    rgb = data.load_rgb(path)
-    x0, pre = data.preprocess_image(rgb, size, mode)
-    return rgb, x0, pre
+from ddpmseg.model import MODEL_FILES, SegmentationModel
+from ddpmseg.options import MIN_PIXELS
+from ddpmseg.records import ExtractConfig, FitConfig, ModelRecord
+from ddpmseg.workers import OUTPUT_KINDS, Analysis, Extractor, Segmenter, checked_settings, load_image
 
 
 # -- extract -----------------------------------------------------------------------
@@ -62,60 +46,12 @@ class ExtractSummary:
     not_images: list[str] = field(default_factory=list)  # folder entries that are not images
 
 
-def _same_image(path: Path, digest: str, cached: tuple[str, str | None]) -> bool:
-    """Whether ``path`` (of file digest ``digest``) is the image cached under its id."""
-    source, sha = cached
-    if sha is not None:
-        return sha == digest
-    # a 0.1.0 cache stored no digest: the same file, or a readable copy with the same content
-    old = Path(source)
-    return old.resolve() == path.resolve() or (old.is_file() and file_sha256(old) == digest)
-
-
 ENGINES = ("local", "ray")
 
 
 def _check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise DdpmsegError(f"--engine {engine!r} is unknown: use one of {', '.join(ENGINES)}")
-
-
-class Extractor:
-    """A backbone and a cache writer: what ``extract`` runs, in one process or in each Ray worker."""
-
-    def __init__(self, checkpoint: str | Path, out: str | Path, config: ExtractConfig = ExtractConfig(), *,
-                 preset: str | None = None, model_flags: str | Path | None = None, image_size: int | None = None,
-                 num_head_channels: int | None = None, device: str = "auto", batch_size: int = 0) -> None:
-        if batch_size < 0:
-            raise DdpmsegError(f"--batch-size must be 0 (all timesteps at once) or positive, got {batch_size}")
-        self.out, self.batch_size = Path(out), batch_size
-        self.backbone = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
-                                        num_head_channels=num_head_channels)
-        self.config = _checked_settings(self.backbone, config)
-        self.noise = make_noise(self.config.seed, self.backbone.image_size, self.config.noise_samples)
-        self.writer = FeatureWriter(out, CacheRecord(self.config, self.backbone.spec, self.backbone.checkpoint), self.noise)
-
-    def todo(self, paths: Sequence[Path]) -> list[tuple[Path, str]]:
-        """(path, sha256) of the images not cached yet; an id cached for other content is an error."""
-        done = self.writer.done()
-        todo: list[tuple[Path, str]] = []
-        for p in paths:
-            digest = file_sha256(p)
-            if p.stem not in done:
-                todo.append((p, digest))
-            elif not _same_image(p, digest, done[p.stem]):
-                raise DdpmsegError(
-                    f"image {p} has the id {p.stem!r} of another image in {self.out} (cached from {done[p.stem][0]}, "
-                    "other content); ids are file stems: rename one of them, or extract into another --out"
-                )
-        return todo
-
-    def add(self, path: Path, digest: str) -> None:
-        """Extract one image into the cache (its own file, written atomically)."""
-        _, x0, pre = _load_image(path, self.backbone.image_size, self.config.preprocess)
-        c = self.config
-        maps = extract_block_maps(self.backbone, x0, self.noise, c.steps, c.blocks, self.batch_size, c.precision)
-        self.writer.add(path.stem, maps, str(path.resolve()), pre.to_dict(), digest)
 
 
 def _extract_summary(out: Path, new: int, skipped: int, seconds: float, not_images: list[str]) -> ExtractSummary:
@@ -189,12 +125,11 @@ class FitSummary:
     n_pixels: int
     n_classes: int
     seconds: float
-    n_iter: list[int] = field(default_factory=list)
+    head: str = "mlp"
+    description: str = ""  # the head's one line on its fit (recipe, steps, final loss, ...)
+    n_iter: list[int] = field(default_factory=list)  # steps (the mlp head: per member)
+    final_loss: float = float("nan")
     unlabelled: list[str] = field(default_factory=list)  # cached images without a mask
-    recipe: str = ""
-    epochs: int = 0  # epochs begun (the longest member's)
-    pixels_seen: list[int] = field(default_factory=list)  # labelled pixels each member trained on
-    final_loss: float = float("nan")  # the members' mean last batch loss
 
 
 def _labelled_ids(cache: FeatureCache, masks: Path) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -228,35 +163,30 @@ def fit_model(
     masks: str | Path,
     out: str | Path,
     *,
+    head: str = "mlp",
+    options: Mapping[str, Any] | None = None,
     labels: int | None = None,
     classes: str | None = None,
-    ensemble: int = 10,
     seed: int = 0,
-    max_epochs: int = 100,
     ignore_index: int | None = None,
     min_pixels: int = MIN_PIXELS,
     device: str = "auto",
     progress: bool = False,
-    recipe: str = DEFAULT_RECIPE,
-    pixel_fraction: float = 1.0,
     overwrite: bool = False,
-    head: str = "mlp",
-    ddp: DDPConfig | None = None,
 ) -> FitSummary:
-    """Train the pixel ensemble (``head="mlp"``) or the DDP head (``head="ddp"``, settings ``ddp``)
-    on the labelled images of a feature cache.
+    """Fit the head ``head`` (see :func:`ddpmseg.heads.get_head`; ``options``: its options, e.g.
+    ``{"n_members": 10, "recipe": "reference"}`` for the MLP ensemble) on the labelled images of a
+    feature cache, and save the model folder ``out``.
 
     ``ignore_index``: the label neither trained nor scored (default: the label
     set's, 255 without one; Bedroom-28's is 0). ``min_pixels``: a class
     covering fewer pixels of an image is ignored in that image (the
-    reference's 20). ``recipe``/``pixel_fraction``: see
-    :class:`~ddpmseg.classify.PixelEnsemble`.
+    reference's 20).
     """
-    if head not in HEADS:
-        raise DdpmsegError(f"--head {head!r} is unknown: use one of {', '.join(HEADS)}")
-    ddp = (ddp or DDPConfig()) if head == "ddp" else None
+    spec = get_head(head)
+    config = spec.make_config(options)  # every setting checked before any work
     masks = Path(masks)
-    check_writable(out, folder=True)  # before any training
+    check_writable(out, folder=True)
     check_not_there([Path(out) / f for f in MODEL_FILES], overwrite, "--out")
     if min_pixels < 0:
         raise DdpmsegError(f"--min-pixels must be 0 or more, got {min_pixels}")
@@ -280,130 +210,30 @@ def fit_model(
         ids = [i for i, _ in pairs]
         digests = [cache.sha256(i) or "" for i in ids]
         maps = [cache.block_maps(i) for i in ids]
-        y = np.concatenate([m.reshape(-1) for m in label_maps])
-        if int((y != ignore_index).sum()) < 2:
+        n_pixels = int(sum((m != ignore_index).sum() for m in label_maps))
+        if n_pixels < 2:
             raise DdpmsegError(
                 f"the {len(ids)} masks used from {masks} label fewer than two pixels ({ignore_index} = ignore; "
                 f"a class under {min_pixels} pixels of an image is ignored there); give masks that label the images"
             )
-        cache_record, cache_record_size = cache.record, cache.image_size
+        cache_record, size = cache.record, cache.image_size
         noise = torch.from_numpy(cache.noise)
     start = time.perf_counter()
-    if head == "ddp":
-        est: PixelEnsemble | DDPHead = DDPHead(labelset.n_classes, ddp, ignore_index, seed, str(resolve_device(device)),
-                                               progress).fit(maps, label_maps)
-        n_iter, batch, lr, seen = [est.n_iter_], ddp.batch_size, ddp.lr, [est.n_iter_ * ddp.batch_size * ddp.crop**2]
-        final, epochs, precision = float(np.mean(est.loss_curve_[-50:])), 0, "fp32"
-    else:
-        est = PixelEnsemble(
-            n_classes=labelset.n_classes,
-            n_members=ensemble,
-            max_epochs=max_epochs,
-            ignore_index=ignore_index,
-            random_state=seed,
-            device=str(resolve_device(device)),
-            progress=progress,
-            recipe=recipe,
-            pixel_fraction=pixel_fraction,
-        ).fit(CachePixels(maps, cache_record.extract.keys, cache_record_size), y)
-        n_iter, batch, lr, seen = list(est.n_iter_), est.batch_size_, est.lr_, list(est.pixels_seen_)
-        final, epochs, precision = float(np.mean(est.final_loss_)), max(len(c) for c in est.loss_curve_), est.precision_
+    est = spec.build(config, n_classes=labelset.n_classes, ignore_index=ignore_index, random_state=seed,
+                     device=str(resolve_device(device)), progress=progress)
+    est.fit(ImageMaps(maps, tuple(cache_record.extract.keys), size), label_maps)
     seconds = time.perf_counter() - start
-    fit = FitConfig(
-        images=tuple(ids),
-        masks=str(masks.resolve()),
-        image_sha256=tuple(digests),
-        ensemble=ensemble,
-        seed=seed,
-        max_epochs=max_epochs,
-        ignore_index=ignore_index,
-        min_pixels=min_pixels,
-        recipe=recipe,
-        pixel_fraction=pixel_fraction,
-        batch_size=batch,
-        lr=lr,
-        precision=precision,
-        n_pixels=int((y != ignore_index).sum()),
-        n_iter=tuple(n_iter),
-        head=head,
-        ddp=ddp,
-    )
+    n_iter = [int(v) for v in np.atleast_1d(est.n_iter_)]
+    fit = FitConfig(images=tuple(ids), masks=str(masks.resolve()), image_sha256=tuple(digests), seed=seed,
+                    ignore_index=ignore_index, min_pixels=min_pixels, n_pixels=n_pixels, n_iter=tuple(n_iter),
+                    head=head, head_config=config_dict(spec.fitted_config(est)))
     record = ModelRecord(cache_record.backbone, cache_record.checkpoint, cache_record.extract, labelset, fit)
     SegmentationModel(record, est, noise).save(out)
-    return FitSummary(Path(out), ids, fit.n_pixels, labelset.n_classes, seconds, n_iter, unlabelled,
-                      recipe if head == "mlp" else head, epochs, seen, final)
+    return FitSummary(Path(out), ids, n_pixels, labelset.n_classes, seconds, head, est.describe(), n_iter,
+                      float(np.mean(est.final_loss_)), unlabelled)
 
 
 # -- predict / evaluate --------------------------------------------------------------
-@dataclass
-class Analysis:
-    """One image through a model: ``rgb``, ``labels`` and ``uncertainty`` at the original size, the
-    extraction ``seconds``, the model-grid :class:`~ddpmseg.classify.ensemble.Segmentation` (labels,
-    uncertainty, mean softmax) and the preprocessing record that maps the grid back."""
-
-    rgb: np.ndarray
-    labels: np.ndarray
-    uncertainty: np.ndarray
-    seconds: float
-    grid: Any
-    pre: data.Preprocess
-    maps: Any = None  # the native block maps, when asked for (analyse(keep_maps=True))
-
-    def proba(self) -> tuple[np.ndarray, np.ndarray]:
-        """The mean softmax (K, H, W) at the original size, and where the model saw the image (H, W)."""
-        inside = data.restore_labels(np.zeros(self.grid.labels.shape, np.int64), self.pre, fill=1) == 0
-        return data.restore_map(self.grid.proba, self.pre, fill=0.0), inside
-
-
-class Segmenter:
-    """A fitted model plus its backbone, ready to segment image files."""
-
-    def __init__(self, model_dir: str | Path, checkpoint: str | Path | None = None, device: str = "auto") -> None:
-        dev = resolve_device(device)
-        self.model = SegmentationModel.load(model_dir, device=dev)
-        r = self.model.record
-        self.backbone = backbone_from_record(r.backbone, r.checkpoint, checkpoint, dev, where=f"{model_dir}/model.json")
-        self.extract = r.extract
-
-    def analyse(self, path: Path, keep_maps: bool = False) -> "Analysis":
-        """Everything predict, evaluate and suggest need of one image (see :class:`Analysis`)."""
-        size = self.backbone.image_size
-        rgb, x0, pre = _load_image(path, size, self.extract.preprocess)
-        t0 = time.perf_counter()
-        e = self.extract
-        maps = extract_block_maps(self.backbone, x0, self.model.noise, e.steps, e.blocks, precision=e.precision)
-        seconds = time.perf_counter() - t0
-        seg = self.model.classifier.predict_block_maps(maps, self.model.keys, size)
-        labels = data.restore_labels(seg.labels, pre, fill=255)
-        unc = data.restore_map(seg.uncertainty, pre, fill=0.0)
-        return Analysis(rgb, labels, unc, seconds, seg, pre, maps if keep_maps else None)
-
-    def segment(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """(rgb, labels, uncertainty) at the original size, and the extraction seconds."""
-        a = self.analyse(path)
-        return a.rgb, a.labels, a.uncertainty, a.seconds
-
-    def write_outputs(self, path: Path, out: Path, legend: bool = True) -> float:
-        """Segment ``path`` and write its three PNGs into ``out`` (each atomically, the labels last, so
-        an image whose labels PNG exists is finished); the extraction seconds."""
-        rgb, labels, unc, seconds = self.segment(path)
-        labelset = self.model.labelset
-        palette = labelset.palette()
-        overlay = viz.overlay(rgb, labels, palette)
-        heat, top = viz.heatmap(unc)
-        if legend:
-            present = [c for c in range(labelset.n_classes) if (labels == c).any()]
-            overlay = viz.with_legend(overlay, [labelset.names[c] for c in present], palette[present])
-            heat = viz.with_colorbar(heat, top, "uncertainty")
-        viz.save_png_atomic(out / f"{path.stem}_overlay.png", overlay)
-        viz.save_png_atomic(out / f"{path.stem}_uncertainty.png", heat)
-        viz.save_label_png(out / f"{path.stem}_labels.png", labels, palette)
-        return seconds
-
-
-OUTPUT_KINDS = ("labels", "overlay", "uncertainty")
-
-
 @dataclass
 class PredictSummary:
     out: Path
@@ -573,13 +403,13 @@ def kmeans_grid_image(
         raise DdpmsegError(f"--k {k}: k-means needs at least 2 clusters; choose another k")
     backbone = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
                                num_head_channels=num_head_channels)
-    config = _checked_settings(backbone, config)
+    config = checked_settings(backbone, config)
     smallest = min(backbone.blocks()[b].resolution for b in config.blocks) ** 2
     if not 2 <= k <= smallest:
         raise DdpmsegError(f"--k {k}: k-means needs 2 <= k <= {smallest} (the pixels of the smallest block map); "
                            "choose another k")
     size = backbone.image_size
-    rgb, x0, pre = _load_image(image, size, config.preprocess)
+    rgb, x0, pre = load_image(image, size, config.preprocess)
     noise = make_noise(config.seed, size, config.noise_samples)
     maps = extract_block_maps(backbone, x0, noise, config.steps, config.blocks, precision=config.precision)
     h, w = rgb.shape[:2]

@@ -3,7 +3,8 @@
     CacheRecord   feats.h5 root attributes: format, format_version, ddpmseg_version and
                   config = {"extract": ExtractConfig, "backbone": BackboneSpec, "checkpoint": CheckpointRef}
     ModelRecord   model.json: format, format_version, ddpmseg_version, backbone, checkpoint,
-                  extract, classes (name, names, colours), fit (FitConfig)
+                  extract, classes (name, names, colours), fit (FitConfig: the training
+                  images, the common settings, the head's name and its options)
 
 Every record has ``to_dict`` / ``from_dict`` (JSON-ready values, tuples as
 lists) and reads the files of earlier releases: missing fields take the
@@ -22,11 +23,12 @@ from ddpmseg._version import __version__
 from ddpmseg.backbones.configs import BackboneSpec, CheckpointRef
 from ddpmseg.data.labelsets import LabelSet
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.heads.config import HEADS, DDPConfig
 from ddpmseg.options import DEFAULT_STEPS, IGNORE_INDEX, MIN_PIXELS, PRECISIONS, PREPROCESS_MODES, STORAGE_DTYPES
 
 CACHE_FORMAT, CACHE_VERSION = "ddpmseg-features", 1
-MODEL_FORMAT, MODEL_VERSION = "ddpmseg-model", 2  # 1: 0.1.0's model.json (no format_version field)
+MODEL_FORMAT, MODEL_VERSION = "ddpmseg-model", 3
+# model.json formats: 1 = 0.1.0 (no format_version field); 2 = the MLP ensemble's settings as fields of ``fit``
+# and the DDP head's in ``fit.ddp``; 3 = every head's options in ``fit.head_config``.
 
 
 def _check_version(found: int, supported: int, what: str) -> None:
@@ -157,43 +159,41 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# format 1 / 2 fields of ``fit`` that were the MLP ensemble's options (model.json 3: fit.head_config)
+_MLP_FIELDS = {"ensemble": "n_members", "recipe": "recipe", "max_epochs": "max_epochs", "pixel_fraction": "pixel_fraction",
+               "batch_size": "batch_size", "lr": "lr", "precision": "precision"}
+
+
 @dataclass(frozen=True)
 class FitConfig:
-    """model.json's ``fit`` section: the fit's settings and what they were applied to."""
+    """model.json's ``fit`` section: what was fitted on which images, the head and its options.
+
+    ``head_config`` holds the head's options as JSON values (the fields of the
+    head's config dataclass, derived values resolved); :func:`ddpmseg.heads.get_head`
+    turns it back into that dataclass.
+    """
 
     images: tuple[str, ...]
     masks: str
     image_sha256: tuple[str, ...] = ()  # of each training image's file ("" if its cache had none: 0.1.0)
-    ensemble: int = 10
     seed: int = 0
-    max_epochs: int = 100
     ignore_index: int = IGNORE_INDEX
     min_pixels: int = MIN_PIXELS
-    recipe: str = "reference"
-    pixel_fraction: float = 1.0
-    batch_size: int = 64
-    lr: float = 1e-3
-    precision: str = "fp32"
     n_pixels: int = 0
     n_iter: tuple[int, ...] = field(default_factory=tuple)
-    head: str = "mlp"  # "mlp" (the ensemble above) or "ddp" (the settings in ``ddp``)
-    ddp: DDPConfig | None = None
+    head: str = "mlp"
+    head_config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise DdpmsegError(f"fit.head {self.head!r} is unknown: use one of {', '.join(HEADS)}")
-        if self.head == "ddp" and self.ddp is None:
-            object.__setattr__(self, "ddp", DDPConfig())
-        if isinstance(self.ddp, Mapping):
-            object.__setattr__(self, "ddp", DDPConfig.from_dict(self.ddp))
         object.__setattr__(self, "images", tuple(str(i) for i in self.images))
         object.__setattr__(self, "image_sha256", tuple(str(h) for h in self.image_sha256))
         object.__setattr__(self, "n_iter", tuple(int(i) for i in self.n_iter))
+        object.__setattr__(self, "head_config", json.loads(json.dumps(dict(self.head_config))))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {**d, "images": list(self.images), "image_sha256": list(self.image_sha256), "n_iter": list(self.n_iter),
-                "ddp": self.ddp.to_dict() if self.ddp is not None else None}
+                "head_config": dict(self.head_config)}
 
     def training_images(self, ids: list[str], sha256s: list[str]) -> list[str]:
         """Which of the images ``ids`` (with file digests ``sha256s``) this model was trained on:
@@ -207,6 +207,15 @@ class FitConfig:
         for key in ("images", "masks"):
             if key not in d:
                 raise KeyError(f"fit.{key}")
+        d = dict(d)
+        if "head_config" not in d:  # formats 1 and 2
+            head = d.get("head", "mlp")
+            if head == "ddp":
+                d["head_config"] = d.get("ddp") or {}
+            else:
+                # format 1 (0.1.0) knew only the reference recipe and saved no recipe
+                old = {"recipe": "reference", **d}
+                d["head_config"] = {new: old[k] for k, new in _MLP_FIELDS.items() if k in old}
         return cls(**{k: v for k, v in d.items() if k in _field_names(cls)})
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ddpmseg.backbones.adm import random_unet
 from ddpmseg.backbones import AdmConfig
-from ddpmseg.classify.ensemble import PixelEnsemble
+from ddpmseg.heads.mlp import PixelEnsemble
 from ddpmseg.cli.main import main
 from cli_helpers import fails, ok
 from ddpmseg.features.cache import FeatureCache, parts_dir

@@ -13,10 +13,11 @@ import sklearn.exceptions
 import torch
 from torch import nn
 
-from ddpmseg.classify import ArrayPixels, PixelEnsemble
-from ddpmseg.classify import ensemble as ens
+from ddpmseg.classify import ArrayPixels
+from ddpmseg.heads.mlp import PixelEnsemble
+from ddpmseg.heads import mlp as ens
 from ddpmseg.classify import members, training
-from ddpmseg.classify.ensemble import NotFittedError, vote
+from ddpmseg.heads.mlp import NotFittedError, vote
 from ddpmseg.classify.members import StackedMLP, make_mlp
 from ddpmseg.classify.training import EarlyStop
 from ddpmseg.errors import DdpmsegError
@@ -228,7 +229,22 @@ def test_vote_majority_and_ties_to_smallest_label():
     labels, unc = vote(logits)
     # pixel 0: 2,2,1,0 -> 2 ; pixel 1: 1,0,1,0 tie -> 0 ; pixel 2: 2,1,2,1 tie -> 1 ; pixel 3: 0,3,3,0 tie -> 0
     assert labels.tolist() == [2, 0, 1, 0]
-    assert torch.all(unc >= 0)
+    # each member puts a = e^3 / (e^3 + 3) on its vote and b = 1 / (e^3 + 3) on the 3 others:
+    # mutual information = entropy of the mean softmax - the members' (equal) entropy
+    a, b = math.exp(3) / (math.exp(3) + 3), 1 / (math.exp(3) + 3)
+    member = -(a * math.log(a) + 3 * b * math.log(b))
+    for pixel in range(4):
+        assert unc[pixel].item() == pytest.approx(_entropy_of_the_mean(votes[:, pixel].tolist(), 4, a, b) - member,
+                                                  abs=1e-6)
+    # written out for pixel 1 (votes 1,0,1,0): the mean puts (a+b)/2 on two classes and b on the other two
+    assert unc[1].item() == pytest.approx(
+        -2 * (a + b) / 2 * math.log((a + b) / 2) - 2 * b * math.log(b) - member, abs=1e-6)
+
+
+def _entropy_of_the_mean(votes: list[int], k: int, a: float, b: float) -> float:
+    """Entropy of the mean of member softmaxes that put ``a`` on their vote and ``b`` elsewhere."""
+    mean = [(votes.count(c) * a + (len(votes) - votes.count(c)) * b) / len(votes) for c in range(k)]
+    return -sum(p * math.log(p) for p in mean)
 
 
 def test_uncertainty_hand_value():
@@ -251,7 +267,14 @@ def test_predict_is_majority_of_member_argmax(fitted):
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(proba, torch.softmax(logits, -1).mean(0).numpy(), atol=1e-6)
     unc = est.uncertainty(x)
-    assert unc.shape == (len(x),) and np.all(unc >= 0) and unc.max() > 0
+    # mutual information of the members, written out in float64 from their logits
+    lg = logits.double().numpy()
+    p = np.exp(lg - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    mean = p.mean(0)
+    expected = -(mean * np.log(mean)).sum(-1) + (p * np.log(p)).sum(-1).mean(0)
+    assert unc.shape == (len(x),) and unc.max() > 1e-5  # members fitted from different seeds disagree a little
+    np.testing.assert_allclose(unc, np.maximum(expected, 0.0), rtol=0.02, atol=1e-6)  # float32 differences of ~1.4
 
 
 def test_identical_members_have_zero_uncertainty(fitted):

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpmseg.classify import ArrayPixels, PixelEnsemble, training
+from ddpmseg.classify import ArrayPixels, training
+from ddpmseg.heads.mlp import PixelEnsemble
 from ddpmseg.classify.training import PlateauStop, tile_plan
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.pixels import CachePixels

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ddpmseg import data, viz
 from ddpmseg._io import check_not_there, check_writable, file_sha256, write_atomic
-from ddpmseg.active.strategies import embedding, image_scores, rank
+from ddpmseg.active.strategies import DEFAULT_N, DEFAULT_STRATEGY, embedding, image_scores, rank
 from ddpmseg.errors import DdpmsegError
 
 THUMB = 160  # contact sheet: the longer side of each image and map
@@ -40,15 +40,15 @@ def suggest_images(
     images: Sequence[str | Path],
     out: str | Path,
     *,
-    n: int = 5,
-    by: str = "uncertainty",
+    n: int = DEFAULT_N,
+    by: str = DEFAULT_STRATEGY,
     checkpoint: str | Path | None = None,
     device: str = "auto",
     progress: bool = False,
     overwrite: bool = False,
 ) -> Suggestion:
     """Rank the pool ``images`` by ``by`` (uncertainty, bald, diversity: :mod:`ddpmseg.active.strategies`)."""
-    from ddpmseg.pipeline import Segmenter
+    from ddpmseg.workers import Segmenter
 
     rank({"uncertainty": np.zeros(1), "bald": np.zeros(1)}, n, by, np.zeros((1, 1)))  # check n and by first
     paths = data.list_images(images)
@@ -90,30 +90,45 @@ def suggest_images(
     return Suggestion(out, ranked, len(pool), sorted(trained))
 
 
+def _fit(img: Image.Image) -> np.ndarray:
+    """``img`` resized so its longer side is THUMB: small images are enlarged (nearest neighbour) too."""
+    f = THUMB / max(img.size)
+    size = (max(1, round(img.width * f)), max(1, round(img.height * f)))
+    return np.asarray(img.resize(size, Image.NEAREST if f > 1 else Image.BILINEAR))
+
+
 def _thumb(rgb: np.ndarray) -> np.ndarray:
-    img = Image.fromarray(rgb)
-    img.thumbnail((THUMB, THUMB), Image.BILINEAR)
-    return np.asarray(img)
+    return _fit(Image.fromarray(rgb))
 
 
 def _thumb_map(m: np.ndarray) -> np.ndarray:
-    img = Image.fromarray(np.asarray(m, dtype=np.float32), mode="F")
-    img.thumbnail((THUMB, THUMB), Image.BILINEAR)
-    return np.asarray(img)
+    return _fit(Image.fromarray(np.asarray(m, dtype=np.float32), mode="F"))
 
 
 def _contact_sheet(rows: list[tuple[tuple[np.ndarray, np.ndarray], str, float]], vmax: float, by: str) -> Image.Image:
-    """One row per suggestion: rank, name and score above the image and its uncertainty map; a colour bar."""
+    """One row per suggestion: rank, name and score above the image and its uncertainty map (captions
+    wrapped to the row's width, never cut); column headings; a colour bar."""
     font = viz._font(12)
-    line = 18
+    line = viz._line_height(font)
+    gap = 6
     h = max(t[0].shape[0] for t, _, _ in rows)
     w = max(t[0].shape[1] for t, _, _ in rows)
-    sheet = Image.new("RGB", (2 * w + 3 * 6, len(rows) * (h + line + 6) + 6), (255, 255, 255))
+    cell_w = 2 * w + gap
+    captions = [viz.wrap_text(f"{r + 1}. {name}", font, cell_w) + viz.wrap_text(f"{by} score {score:.4g}", font, cell_w)
+                for r, (_, name, score) in enumerate(rows)]
+    heights = [len(c) * line + h + 2 * gap for c in captions]
+    sheet = Image.new("RGB", (cell_w + 2 * gap, gap + line + sum(heights)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for r, ((img, unc), name, score) in enumerate(rows):
-        y = 6 + r * (h + line + 6)
-        draw.text((6, y), f"{r + 1}. {name}  ({by} {score:.4g})", fill=(0, 0, 0), font=font)
-        sheet.paste(Image.fromarray(img), (6, y + line))
+    viz._text(draw, (gap, gap), "image", font)
+    viz._text(draw, (2 * gap + w, gap), "uncertainty", font)
+    y = gap + line
+    for ((img, unc), _, _), caption in zip(rows, captions):
+        y += gap
+        for i, text in enumerate(caption):
+            viz._text(draw, (gap, y + i * line), text, font)
+        y += len(caption) * line
+        sheet.paste(Image.fromarray(img), (gap, y))
         heat, _ = viz.heatmap(unc, vmax=vmax)
-        sheet.paste(Image.fromarray(heat), (12 + w, y + line))
-    return viz.with_colorbar(np.asarray(sheet), vmax, "uncertainty")
+        sheet.paste(Image.fromarray(heat), (2 * gap + w, y))
+        y += h + gap
+    return viz.with_colorbar(np.asarray(sheet), vmax, "uncertainty\n(nats, one scale\nfor all rows)")

@@ -97,7 +97,7 @@ class PredictWorker:
 
     def __init__(self, model_dir: str, out: str, checkpoint: str | None, device: str, legend: bool, overwrite: bool,
                  cpus: int) -> None:
-        from ddpmseg.pipeline import Segmenter
+        from ddpmseg.workers import Segmenter
 
         _worker_threads(cpus)
         self.segmenter = Segmenter(model_dir, checkpoint, device)
@@ -122,7 +122,7 @@ class ExtractWorker:
     """One actor: an Extractor (backbone + cache writer) built once; extracts each (path, sha256) given."""
 
     def __init__(self, kwargs: dict[str, Any], cpus: int) -> None:
-        from ddpmseg.pipeline import Extractor
+        from ddpmseg.workers import Extractor
 
         _worker_threads(cpus)
         self.extractor = Extractor(**kwargs)

@@ -73,6 +73,41 @@ def bilinear_taps(dst: torch.Tensor, in_size: int, out_size: int) -> tuple[torch
     return i0, i1, src - i0
 
 
+def resolution_groups(shapes: Sequence[tuple[int, int, int]]) -> dict[tuple[int, int], tuple[list[int], torch.Tensor]]:
+    """Maps of (C, h, w) ``shapes`` grouped by native resolution: {(h, w): (their indices, the feature
+    rows of a (D, out) layer-1 weight their channels use)}, in order of first appearance.
+
+    Layer 1 is linear and bilinear upsampling is linear with weights summing to
+    one, so W·up(F) + b = up(W·F) + b: layer 1 can run on each group's native
+    maps and only its outputs be upsampled (training on tiles and prediction both do).
+    """
+    offsets = np.cumsum([0] + [c for c, _, _ in shapes])
+    groups: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
+    for i, (_, h, w) in enumerate(shapes):
+        members, _ = groups.get((h, w), ([], None))
+        members.append(i)
+        groups[(h, w)] = (members, torch.cat([torch.arange(offsets[j], offsets[j + 1]) for j in members]))
+    return groups
+
+
+def layer1_by_resolution(maps: Mapping[tuple[int, int], Any], keys: Sequence[tuple[int, int]],
+                         weight: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+    """``W·F`` of one image's block maps at their native resolutions: {(h, w): (out, h * w)} float32,
+    the maps of one resolution summed (see :func:`resolution_groups`). ``weight``: (D, out), its rows
+    in the (t, block) order of ``keys``."""
+    feats = [torch.as_tensor(maps[k]).to(device=weight.device, dtype=torch.float32) for k in keys]
+    d = sum(f.shape[0] for f in feats)
+    if d != weight.shape[0]:
+        raise DdpmsegError(f"features have {d} channels but the classifier expects {weight.shape[0]}; refit the model")
+    offsets = np.cumsum([0] + [f.shape[0] for f in feats])
+    out: dict[tuple[int, int], torch.Tensor] = {}
+    for (h, w), (members, _) in resolution_groups([tuple(f.shape) for f in feats]).items():
+        for j in members:  # one GEMM per map, summed in key order
+            z = torch.mm(weight[offsets[j] : offsets[j + 1]].T, feats[j].reshape(-1, h * w))
+            out[(h, w)] = out[(h, w)] + z if (h, w) in out else z
+    return out
+
+
 class CachePixels:
     """A ``PixelSource`` over images' native block maps.
 
@@ -100,13 +135,7 @@ class CachePixels:
             self._res.append((h, w))
         self.n_features = sum(t.shape[1] for t in self._tables)
         # per native resolution: its tables and the rows of a (D, out) layer-1 weight their channels use
-        offsets = np.cumsum([0] + [t.shape[1] for t in self._tables])
-        self._groups: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
-        for i, res in enumerate(self._res):
-            members, _ = self._groups.get(res, ([], None))
-            members.append(i)
-            rows = torch.cat([torch.arange(offsets[j], offsets[j + 1]) for j in members])
-            self._groups[res] = (members, rows)
+        self._groups = resolution_groups([(t.shape[1], h, w) for t, (h, w) in zip(self._tables, self._res)])
 
     def __len__(self) -> int:
         return self.n_images * self.size * self.size

@@ -1,7 +1,9 @@
 """DDP's diffusion map decoder (Ji et al., ICCV 2023) as a head on frozen diffusion features.
 
-    head = DDPHead(n_classes=6, random_state=0).fit(maps, labels)   # maps: per image {(t, block): (C, h, w)}
-    seg = head.predict_block_maps(maps[0], keys, size)                # Segmentation(labels, uncertainty)
+    head = DDPHead(n_classes=6, steps=3, random_state=0).fit(ImageMaps(maps, keys, size), labels)
+    seg = head.predict_block_maps(maps[0], keys, size)     # Segmentation(labels, uncertainty, proba)
+
+``fit --head ddp`` builds it from :class:`DDPConfig` (every field is also a keyword of DDPHead).
 
 The recipe, from DDP's public code (``../shared/METHODS.md``):
 
@@ -35,25 +37,77 @@ native maps are held in RAM).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.base import BaseEstimator
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpmseg.classify.ensemble import Segmentation
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.heads.config import DDPConfig
+from ddpmseg.heads._base import HeadSpec, ImageMaps, NotFittedError, Segmentation, check_config
+from ddpmseg.heads._uncertainty import entropy, mutual_information
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT, STATE_VERSION = "ddpmseg-ddp-head", 1
+STATE_FORMAT = "ddpmseg-ddp-head"
+STATE_VERSION = 2  # 1: the settings were also saved in the state (model.json holds them alone since 2)
 WARMUP = 50  # steps of linear lr warm-up
 Key = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class DDPConfig:
+    """How the DDP head is built, trained and sampled (``fit --head ddp --head-option key=value``;
+    model.json's ``fit.head_config``).
+
+    ``resolution`` 0 means "derive it": a quarter of the model grid, at least 32
+    (64 for a 256 model, as DDP's 1/4-resolution decoder) and at most the grid.
+    ``diffusion=False`` is the control: the same decoder trained and run on a
+    zero label map at a fixed time, one step (no denoising).
+    """
+
+    width: int = field(default=128, metadata={"help": "the decoder's channels (DDP: 256, 3.5x slower on a CPU)"})
+    depth: int = field(default=4, metadata={"help": 'residual conv blocks with time FiLM (DDP: 6 deformable-attention layers)'})
+    resolution: int = field(default=0, metadata={"help": 'working resolution; 0: a quarter of the model grid, at least 32, at most the grid'})
+    bit_scale: float = field(default=0.01, metadata={"help": "label embedding (sigmoid(e) * 2 - 1) * bit_scale (DDP's)"})
+    aux_weight: float = field(default=0.4, metadata={"help": "weight of the auxiliary CE of a 1x1 classifier on the fused features (DDP's FCN head)"})
+    diffusion: bool = field(default=True, metadata={"help": 'false: the control, the same decoder on a zero label map, one step (no denoising)'})
+    iterations: int = field(default=1500, metadata={"help": 'training steps'})
+    batch_size: int = field(default=4, metadata={"help": 'crops per training step'})
+    crop: int = field(default=32, metadata={"help": 'crop side at the working resolution (the whole map when smaller)'})
+    lr: float = field(default=1e-3, metadata={"help": 'AdamW learning rate: 50 steps of warm-up, then linear decay to 0'})
+    weight_decay: float = field(default=1e-4, metadata={"help": 'AdamW weight decay'})
+    steps: int = field(default=3, metadata={"help": 'DDIM steps at inference (DDP reports 1, 3, 10)'})
+    generations: int = field(default=1, metadata={"help": "noise draws averaged at inference (SegDiff's multiple generations)"})
+    time_difference: float = field(default=1.0, metadata={"help": "DDP's asymmetric time pairs (td)"})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.width >= 8 and self.width % 8 == 0, f"width {self.width} must be a multiple of 8"),
+            (self.depth >= 1, f"depth {self.depth} must be at least 1"),
+            (self.resolution >= 0, f"resolution {self.resolution} must be 0 (derived) or positive"),
+            (self.bit_scale > 0, f"bit_scale {self.bit_scale} must be positive"),
+            (self.aux_weight >= 0, f"aux_weight {self.aux_weight} must be 0 or more"),
+            (self.iterations >= 1, f"iterations {self.iterations} must be at least 1"),
+            (self.batch_size >= 1, f"batch_size {self.batch_size} must be at least 1"),
+            (self.crop >= 4, f"crop {self.crop} must be at least 4"),
+            (self.lr > 0, f"lr {self.lr} must be positive"),
+            (self.weight_decay >= 0, f"weight_decay {self.weight_decay} must be 0 or more"),
+            (self.steps >= 1, f"steps {self.steps} must be at least 1"),
+            (self.generations >= 1, f"generations {self.generations} must be at least 1"),
+            (self.time_difference >= 0, f"time_difference {self.time_difference} must be 0 or more"),
+        ]
+        check_config(checks, "ddp")
+
+    def working_resolution(self, size: int) -> int:
+        return self.resolution or min(size, max(32, size // 4))
 
 
 # -- the schedule ----------------------------------------------------------------------------
@@ -150,39 +204,64 @@ def resized_features(maps: Mapping[Key, Any], keys: Sequence[Key], r: int) -> to
     return torch.cat(out)
 
 
-def _mutual_information(probs: torch.Tensor) -> torch.Tensor:
-    """(N, K, ...) softmaxes of N samples -> entropy of their mean minus their mean entropy (N = 1: the entropy)."""
-    mean = probs.mean(0)
-    total = -torch.xlogy(mean, mean).sum(0)
+def _uncertainty(probs: torch.Tensor) -> torch.Tensor:
+    """(N, K, ...) softmaxes of N samples -> their mutual information (N = 1: the entropy)."""
     if len(probs) == 1:
-        return total
-    return (total + torch.xlogy(probs, probs).sum(1).mean(0)).clamp_min_(0.0)
+        return entropy(probs[0], 0)
+    return mutual_information(probs, 1)
 
 
-class DDPHead:
-    """The DDP head as an estimator: ``fit(maps, labels)``, ``predict_block_maps(maps, keys, size)``.
+class DDPHead(BaseEstimator):
+    """The DDP head as an estimator: ``fit(X, y)``, ``predict_block_maps(maps, keys, size)``.
 
-    ``maps``: per image a {(t, block): (C, h, w)} dict of native block maps
-    (the cache's; every image with the same keys); ``labels``: per image an
-    (S, S) integer label map on the model grid, ``ignore_index`` where
-    unlabelled. Learned state ends in ``_``.
+    ``X``: an :class:`~ddpmseg.heads.ImageMaps` (per image a {(t, block): (C, h, w)}
+    dict of native block maps, every image with the same keys); ``y``: per image
+    an (S, S) integer label map on the model grid, ``ignore_index`` where
+    unlabelled. Every :class:`DDPConfig` field is a keyword; learned state ends in ``_``.
     """
 
-    def __init__(self, n_classes: int, config: DDPConfig = DDPConfig(), ignore_index: int = 255,
+    def __init__(self, n_classes: int | None = None, *, width: int = 128, depth: int = 4, resolution: int = 0,
+                 bit_scale: float = 0.01, aux_weight: float = 0.4, diffusion: bool = True, iterations: int = 1500,
+                 batch_size: int = 4, crop: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, steps: int = 3,
+                 generations: int = 1, time_difference: float = 1.0, ignore_index: int = 255,
                  random_state: int = 0, device: str = "cpu", progress: bool = False) -> None:
         self.n_classes = n_classes
-        self.config = config
+        self.width = width
+        self.depth = depth
+        self.resolution = resolution
+        self.bit_scale = bit_scale
+        self.aux_weight = aux_weight
+        self.diffusion = diffusion
+        self.iterations = iterations
+        self.batch_size = batch_size
+        self.crop = crop
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.steps = steps
+        self.generations = generations
+        self.time_difference = time_difference
         self.ignore_index = ignore_index
         self.random_state = random_state
         self.device = device
         self.progress = progress
 
+    @property
+    def config(self) -> DDPConfig:
+        """The settings as a (validated) :class:`DDPConfig`."""
+        return DDPConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DDPConfig)})
+
     # -- fitting ----------------------------------------------------------------------------
-    def fit(self, maps: Sequence[Mapping[Key, Any]], labels: Sequence[np.ndarray]) -> "DDPHead":
+    def fit(self, X: ImageMaps, y: Sequence[np.ndarray]) -> "DDPHead":
+        """Train the decoder on the images' maps ``X`` and label maps ``y``; returns self."""
+        if not isinstance(X, ImageMaps):
+            raise DdpmsegError(f"DDP head: X must be an ImageMaps (the images' block maps), got {type(X).__name__}")
+        maps, labels = X.maps, y
         if not maps or len(maps) != len(labels):
             raise DdpmsegError(f"DDP head: got {len(maps)} images' maps and {len(labels)} label maps; give one each")
-        cfg, k = self.config, self.n_classes
-        keys = list(maps[0].keys())
+        if self.n_classes is None or self.n_classes < 1:
+            raise DdpmsegError(f"DDP head: n_classes {self.n_classes} must be at least 1")
+        cfg, k = self.config, int(self.n_classes)
+        keys = list(X.keys)
         size = int(np.asarray(labels[0]).shape[-1])
         r = cfg.working_resolution(size)
         if size % r:
@@ -240,7 +319,8 @@ class DDPHead:
         self.n_features_in_ = n_features
         self.loss_curve_ = losses
         self.n_iter_ = cfg.iterations
-        log.info("DDP head: %d steps, final loss %.4f", cfg.iterations, np.mean(losses[-50:]))
+        self.final_loss_ = float(np.mean(losses[-50:]))
+        log.info("DDP head: %d steps, final loss %.4f", cfg.iterations, self.final_loss_)
         return self
 
     @staticmethod
@@ -262,9 +342,12 @@ class DDPHead:
         module.std.copy_(torch.cat(stds))
 
     # -- prediction ---------------------------------------------------------------------------
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "module_")
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "module_"):
-            raise DdpmsegError("This DDPHead is not fitted yet: call fit(maps, labels) first.")
+            raise NotFittedError("This DDPHead is not fitted yet: call fit(X, y) first.")
 
     @torch.inference_mode()
     def sample(self, maps: Mapping[Key, Any], steps: int | None = None, generations: int | None = None,
@@ -302,7 +385,7 @@ class DDPHead:
         """(mean last-step softmax (K, S, S), uncertainty (S, S)) at the model grid ``size``."""
         probs = self.sample(maps)
         mean = probs[-1].mean(0)
-        unc = _mutual_information(probs.flatten(0, 1))
+        unc = _uncertainty(probs.flatten(0, 1))
         up = lambda a: F.interpolate(a[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
         return up(mean).cpu(), up(unc[None])[0].cpu()
 
@@ -316,32 +399,53 @@ class DDPHead:
         return Segmentation(mean.argmax(0).numpy().astype(np.int64), unc.numpy().astype(np.float32),
                             mean.numpy().astype(np.float32))
 
+    def describe(self) -> str:
+        """One line on the fit: steps, crops, final loss."""
+        self._check_fitted()
+        cfg = self.config
+        return (f"DDP head{'' if cfg.diffusion else ' without diffusion'}: {self.n_iter_:,} steps of "
+                f"{cfg.batch_size} crops, final loss {self.final_loss_:.3f} (mean of the last 50 steps)")
+
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The learned state (the settings are :meth:`get_params`, saved in model.json)."""
         self._check_fitted()
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION,
-            "config": self.config.to_dict(), "n_classes": self.n_classes, "ignore_index": self.ignore_index,
-            "random_state": int(self.random_state), "keys": [list(k) for k in self.keys_], "size": self.size_,
+            "keys": [list(k) for k in self.keys_], "size": self.size_,
             "resolution": self.resolution_, "n_features_in": self.n_features_in_,
             "loss_curve": [float(v) for v in self.loss_curve_],
             "module": {k: v.cpu() for k, v in self.module_.state_dict().items()},
         }
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any], device: str = "cpu") -> "DDPHead":
-        if state.get("format") != STATE_FORMAT:
+    def from_state_dict(cls, state: Mapping[str, Any], device: str = "cpu", **params: Any) -> "DDPHead":
+        """A fitted head from :meth:`state_dict` and its settings ``params`` (those of :meth:`get_params`;
+        a version-1 state carries its own)."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise DdpmsegError("not a DDP head's state; rerun `ddpmseg fit --head ddp`")
-        cfg = DDPConfig.from_dict(state["config"])
-        head = cls(int(state["n_classes"]), cfg, int(state["ignore_index"]), int(state["random_state"]), str(device))
-        module = DDPDecoder(int(state["n_features_in"]), head.n_classes, cfg)
-        module.load_state_dict(state["module"])
+        if int(state.get("version", 1)) > STATE_VERSION:
+            raise DdpmsegError(f"DDP head state version {state['version']} is newer than this ddpmseg supports; "
+                               "upgrade ddpmseg")
+        saved: dict[str, Any] = dict(state.get("config", {}))  # version 1
+        saved.update({k: state[k] for k in ("n_classes", "ignore_index", "random_state") if k in state})
+        known = set(cls().get_params())
+        head = cls(**{**{k: v for k, v in saved.items() if k in known},
+                      **{k: v for k, v in params.items() if k in known}, "device": str(device)})
+        try:
+            module = DDPDecoder(int(state["n_features_in"]), int(head.n_classes), head.config)
+            module.load_state_dict(state["module"])
+        except KeyError as e:
+            raise DdpmsegError(f"DDP head state lacks {e}; it is damaged: fit the model again") from None
+        except RuntimeError as e:
+            raise DdpmsegError(f"DDP head state does not fit its settings ({str(e).splitlines()[0]}); fit again") from None
         head.module_ = module.to(device).eval()
         head.keys_ = [tuple(int(v) for v in k) for k in state["keys"]]
         head.size_, head.resolution_ = int(state["size"]), int(state["resolution"])
         head.n_features_in_ = int(state["n_features_in"])
         head.loss_curve_ = list(state.get("loss_curve", []))
-        head.n_iter_ = cfg.iterations
+        head.n_iter_ = head.iterations
+        head.final_loss_ = float(np.mean(head.loss_curve_[-50:])) if head.loss_curve_ else float("nan")
         return head
 
     def to(self, device: str | torch.device) -> "DDPHead":
@@ -349,3 +453,6 @@ class DDPHead:
         self.module_.to(device)
         self.device = str(device)
         return self
+
+
+HEAD = HeadSpec("ddp", "DDP's diffusion map decoder: conv blocks that denoise the label map", DDPConfig, DDPHead)

@@ -1,32 +1,35 @@
-"""The paper's pixel classifier as a scikit-learn-style estimator: an ensemble of MLPs.
+"""The paper's pixel classifier as a head: an ensemble of MLPs on per-pixel diffusion features.
 
-    est = PixelEnsemble(n_classes=34, random_state=0).fit(X, y)   # X: (N, D) array or a PixelSource
+    est = PixelEnsemble(n_classes=34, random_state=0).fit(X, y)   # X: ImageMaps, an (N, D) array or a PixelSource
     est.predict(X)              # (N,) majority vote of the members' argmax (ties: smallest label)
     est.predict_proba(X)        # (N, K) mean softmax
     est.uncertainty(X)          # (N,) entropy of the mean softmax - mean member entropy
     est.predict_block_maps(maps, keys, size)   # one image from its native-resolution block maps
 
-Members and their stacking: :mod:`ddpmseg.classify.members`; the recipes and
-the training loop: :mod:`ddpmseg.classify.training`.
+``fit --head mlp`` (the default) builds it from :class:`MLPConfig`. Members and
+their stacking: :mod:`ddpmseg.classify.members`; the recipes and the training
+loop: :mod:`ddpmseg.classify.training`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator
-from sklearn.exceptions import NotFittedError as _SkNotFittedError
 
+from ddpmseg._text import plural
 from ddpmseg.classify.members import StackedMLP, default_hidden
 from ddpmseg.classify.training import RECIPES, REFERENCE_BATCH, REFERENCE_LR, train_members
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.features.pixels import PixelSource, as_pixel_source
-from ddpmseg.options import LAYER1_PRECISIONS
+from ddpmseg.features.pixels import CachePixels, PixelSource, as_pixel_source, layer1_by_resolution
+from ddpmseg.heads._base import HeadSpec, ImageMaps, NotFittedError, Segmentation, check_config
+from ddpmseg.heads._uncertainty import mutual_information
+from ddpmseg.options import DEFAULT_RECIPE, LAYER1_PRECISIONS, RECIPES as RECIPE_HELP
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +39,35 @@ PREDICT_CHUNK = 65536  # rows per prediction chunk, at most ...
 PREDICT_CHUNK_BYTES = 256 << 20  # ... and at most this many bytes of float32 features
 
 
-class NotFittedError(DdpmsegError, _SkNotFittedError):
-    """Raised when a PixelEnsemble is used before ``fit``."""
+@dataclass(frozen=True)
+class MLPConfig:
+    """The MLP ensemble's options (``fit --head mlp --head-option key=value``; model.json's ``fit.head_config``)."""
 
+    n_members: int = field(default=10, metadata={"help": "MLPs in the ensemble (the paper: 10)"})
+    recipe: str = field(default=DEFAULT_RECIPE, metadata={
+        "help": "; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items())})
+    max_epochs: int = field(default=100, metadata={"help": "epoch cap (tiles stops by its own budget: 16 epochs, "
+                                                           "at most 2,000 steps)"})
+    pixel_fraction: float = field(default=1.0, metadata={"help": "fraction of the labelled pixels (tiles: of the "
+                                                                 "labelled tiles) visited per epoch"})
+    batch_size: Optional[int] = field(default=None, metadata={"help": "pixels (tiles: tile pixels) per step; none: "
+                                                                      "the recipe's (64 / 1024 / 1024)"})
+    lr: Optional[float] = field(default=None, metadata={"help": "Adam learning rate; none: the recipe's "
+                                                                "(1e-3 / 4e-3 / 2e-3)"})
+    precision: str = field(default="auto", metadata={"help": "layer 1 of the shared-batch recipes: auto (bf16 where "
+                                                             "the device has fast bf16 kernels), fp32, bf16"})
 
-@dataclass
-class Segmentation:
-    """One image's prediction at the model's resolution (S, S)."""
-
-    labels: np.ndarray  # int64, majority vote
-    uncertainty: np.ndarray  # float32, entropy of mean softmax - mean entropy
-    proba: np.ndarray | None = None  # float32 (K, S, S), the mean softmax (what calibration scores)
+    def __post_init__(self) -> None:
+        check_config([
+            (self.n_members >= 1, f"n_members {self.n_members} must be at least 1"),
+            (self.recipe in RECIPES, f"recipe {self.recipe!r} is unknown: use one of {', '.join(RECIPES)}"),
+            (self.max_epochs >= 1, f"max_epochs {self.max_epochs} must be at least 1"),
+            (0 < self.pixel_fraction <= 1, f"pixel_fraction {self.pixel_fraction} must be in (0, 1]"),
+            (self.batch_size is None or self.batch_size >= 2, f"batch_size {self.batch_size} must be at least 2"),
+            (self.lr is None or self.lr > 0, f"lr {self.lr} must be positive"),
+            (self.precision in LAYER1_PRECISIONS, f"precision {self.precision!r}: use one of "
+                                                  f"{', '.join(LAYER1_PRECISIONS)}"),
+        ], "mlp")
 
 
 def resolve_precision(precision: str, recipe: str, device: torch.device) -> torch.dtype:
@@ -84,11 +105,7 @@ def vote(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _uncertainty(logits: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    member_entropy = -(p * logp).sum(-1).mean(0)
-    mean_p = p.mean(0)
-    mean_entropy = -torch.xlogy(mean_p, mean_p).sum(-1)
-    return (mean_entropy - member_entropy).clamp_min_(0.0)
+    return mutual_information(logp.exp(), -1, log_probs=logp)
 
 
 class PixelEnsemble(BaseEstimator):
@@ -148,8 +165,16 @@ class PixelEnsemble(BaseEstimator):
 
     # -- fitting ------------------------------------------------------------------------
     def fit(self, X: Any, y: Any) -> "PixelEnsemble":
-        """Train the ensemble on pixels ``X`` with labels ``y``; returns self."""
+        """Train the ensemble on pixels ``X`` with labels ``y``; returns self.
+
+        ``X``: an :class:`~ddpmseg.heads.ImageMaps` (every head's input; ``y`` then holds one (S, S)
+        label map per image), an (N, D) array or a :class:`~ddpmseg.features.pixels.PixelSource`
+        (``y``: N labels)."""
         self._check_hyperparameters()
+        if isinstance(X, ImageMaps):
+            if len(y) != len(X):
+                raise DdpmsegError(f"got {len(X)} images' maps and {len(y)} label maps; give one each")
+            X, y = CachePixels(X.maps, X.keys, X.size), np.concatenate([np.asarray(m).reshape(-1) for m in y])
         source = as_pixel_source(X)
         labels = self._check_labels(y, len(source))
         keep = np.flatnonzero(labels != self.ignore_index)
@@ -334,22 +359,8 @@ class PixelEnsemble(BaseEstimator):
         module = self.module_.eval()
         weight, bias = module.w1, module.b1  # (M, D, H1), (M, H1)
         m, d, h1 = weight.shape
-        device = weight.device
-        per_res: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> sum of W_k F_k, (M*H1, h*w)
-        col = 0
-        for k in keys:
-            f = torch.as_tensor(maps[k]).to(device=device, dtype=torch.float32)
-            c, h, w = f.shape
-            w_k = weight[:, col : col + c].permute(1, 0, 2).reshape(c, m * h1)  # member-major columns
-            z = torch.mm(w_k.T, f.reshape(c, h * w))
-            if (h, w) in per_res:
-                per_res[(h, w)] += z
-            else:
-                per_res[(h, w)] = z
-            col += c
-        if col != d:
-            raise DdpmsegError(f"features have {col} channels but the classifier expects {d}; refit the model")
-        hidden = torch.zeros((m * h1, size, size), dtype=torch.float32, device=device)
+        per_res = layer1_by_resolution(maps, keys, weight.permute(1, 0, 2).reshape(d, m * h1))
+        hidden = torch.zeros((m * h1, size, size), dtype=torch.float32, device=weight.device)
         for (h, w), z in per_res.items():
             hidden += F.interpolate(z.reshape(1, m * h1, h, w), size=(size, size), mode="bilinear", align_corners=False)[0]
         hidden = hidden.reshape(m, h1, size * size).transpose(1, 2) + bias[:, None, :]
@@ -404,8 +415,9 @@ class PixelEnsemble(BaseEstimator):
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], device: str | torch.device = "cpu") -> "PixelEnsemble":
-        """Rebuild a fitted estimator from :meth:`state_dict` (module placed on ``device``)."""
+    def from_state_dict(cls, state: dict[str, Any], device: str | torch.device = "cpu", **params: Any) -> "PixelEnsemble":
+        """Rebuild a fitted estimator from :meth:`state_dict` (module placed on ``device``); ``params``
+        (e.g. a model folder's settings) override the hyperparameters saved in the state."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise DdpmsegError("not a PixelEnsemble state dict; pass what PixelEnsemble.state_dict() returned")
         if state.get("version", 0) > STATE_VERSION:
@@ -414,8 +426,9 @@ class PixelEnsemble(BaseEstimator):
             )
         known = set(cls().get_params())
         try:
-            params = {k: v for k, v in state["params"].items() if k in known}  # 0.1.0's "fused" switch is gone
-            params.setdefault("recipe", "reference")  # saved before the fast recipe existed
+            saved = {k: v for k, v in state["params"].items() if k in known}  # 0.1.0's "fused" switch is gone
+            saved.setdefault("recipe", "reference")  # saved before the fast recipe existed
+            params = {**saved, **{k: v for k, v in params.items() if k in known}, "device": str(device)}
             if params.get("hidden") is not None:
                 params["hidden"] = tuple(params["hidden"])
             est = cls(**params)
@@ -435,9 +448,22 @@ class PixelEnsemble(BaseEstimator):
         est.final_loss_ = list(state.get("final_loss_", []))
         est.best_loss_ = list(state.get("best_loss_", []))
         est.loss_curve_ = [list(c) for c in state.get("loss_curve_", [])]
-        est.batch_size_ = int(state.get("batch_size_", params.get("batch_size") or REFERENCE_BATCH))
-        est.lr_ = float(state.get("lr_", params.get("lr") or REFERENCE_LR))
+        est.batch_size_ = int(state.get("batch_size_", saved.get("batch_size") or REFERENCE_BATCH))
+        est.lr_ = float(state.get("lr_", saved.get("lr") or REFERENCE_LR))
         est.precision_ = str(state.get("precision_", "fp32"))
         est.classes_ = np.arange(est.n_classes_)
         est.module_ = module.to(torch.device(device)).eval()
         return est
+
+    def describe(self) -> str:
+        """One line on the fit: recipe, epochs, steps and pixels per member, final loss."""
+        self._check_fitted()
+        lo, hi = min(self.n_iter_), max(self.n_iter_)
+        steps = f"{lo:,}-{hi:,}" if lo != hi else f"{lo:,}"
+        epochs = max((len(c) for c in self.loss_curve_), default=0)
+        pixels = max(self.pixels_seen_, default=0)
+        return (f"{self.recipe} recipe: {plural(epochs, 'epoch')}, {steps} steps and {pixels / 1e6:.2f} M pixels per "
+                f"member, final loss {float(np.mean(self.final_loss_)):.3f} (the members' mean last batch loss)")
+
+
+HEAD = HeadSpec("mlp", "the paper's ensemble of pixel MLPs (the default)", MLPConfig, PixelEnsemble, state_key="ensemble")

@@ -1,0 +1,192 @@
+"""What every head shares: its registry entry, the inputs of ``fit`` and the output of prediction.
+
+A head is one module ``ddpmseg/heads/<name>.py`` that defines
+
+- a config dataclass (torch-free; its fields are the head's options, each with a
+  ``metadata={"help": ...}``): what ``fit --head-option key=value`` sets,
+  ``ddpmseg heads`` lists and model.json stores as ``fit.head_config``;
+- an estimator with the scikit-learn contract: every config field, plus
+  ``n_classes``, ``ignore_index``, ``random_state``, ``device`` and
+  ``progress``, is an ``__init__`` keyword stored unchanged (so ``get_params``
+  and ``sklearn.base.clone`` work); ``fit(X, y)`` takes an :class:`ImageMaps`
+  and one (S, S) label map per image and returns self; learned state ends in
+  ``_`` (``n_iter_`` and ``final_loss_`` at least); an unfitted estimator
+  raises :class:`NotFittedError`; ``predict_block_maps(maps, keys, size)``
+  gives a :class:`Segmentation`; ``describe()`` is a one-line summary of the
+  fit; ``state_dict()`` / ``from_state_dict(state, device, **params)`` hold
+  the learned state (tensors.pt) while the settings live in model.json;
+- ``HEAD = HeadSpec(name, summary, Config, Estimator)``.
+
+The registry (:func:`ddpmseg.heads.get_head`) finds heads by module name, so
+adding a head is one new file plus its tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from sklearn.exceptions import NotFittedError as _SkNotFittedError
+
+from ddpmseg.errors import DdpmsegError
+
+Key = tuple[int, int]  # (timestep, decoder block)
+COMMON_PARAMS = ("n_classes", "ignore_index", "random_state", "device", "progress")  # fit sets these, not options
+
+
+class NotFittedError(DdpmsegError, _SkNotFittedError):
+    """Raised when a head is used before ``fit``."""
+
+
+@dataclass
+class Segmentation:
+    """One image's prediction at the model's resolution (S, S)."""
+
+    labels: np.ndarray  # int64
+    uncertainty: np.ndarray  # float32, >= 0 (nats)
+    proba: np.ndarray | None = None  # float32 (K, S, S), the mean softmax (what calibration scores)
+
+
+@dataclass(frozen=True)
+class ImageMaps:
+    """``X`` of every head's ``fit``: per image its native block maps {(t, block): (C, h, w)}, the
+    (t, block) order of the features (``keys``) and the side of the model grid (``size``)."""
+
+    maps: Sequence[Mapping[Key, Any]]
+    keys: tuple[Key, ...]
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+
+def _convert(value: Any, kind: Any, where: str) -> Any:
+    """``value`` (a string from the command line, or a JSON value) as the field type ``kind``."""
+    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            return str(value)
+    except ValueError:
+        pass
+    else:
+        return value
+    name = getattr(kind, "__name__", str(kind))
+    raise DdpmsegError(f"{where}: {value!r} is not a valid {name}{' (or none)' if optional else ''}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a head, as ``ddpmseg heads`` lists it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A head's registry entry: its name, a one-line summary, its config dataclass and estimator class.
+    ``state_key``: the key of its learned state in tensors.pt (default: the name)."""
+
+    name: str
+    summary: str
+    config: type
+    estimator: type
+    state_key: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.state_key or self.name
+
+    def options(self) -> list[Option]:
+        hints = typing.get_type_hints(self.config)
+        out = []
+        for f in dataclasses.fields(self.config):
+            kind = hints[f.name]
+            optional = typing.get_origin(kind) is typing.Union
+            base = next((a for a in typing.get_args(kind) if a is not type(None)), kind) if optional else kind
+            out.append(Option(f.name, getattr(base, "__name__", str(base)) + (" or none" if optional else ""),
+                              f.default, f.metadata.get("help", "")))
+        return out
+
+    def make_config(self, options: Mapping[str, Any] | None = None, where: str = "--head-option") -> Any:
+        """The head's config from ``options`` (strings from the command line or JSON values); an unknown
+        key or a value of the wrong type is a one-line error naming the valid keys."""
+        options = dict(options or {})
+        hints = typing.get_type_hints(self.config)
+        names = [f.name for f in dataclasses.fields(self.config)]
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            raise DdpmsegError(f"{where} {unknown[0]}: the {self.name} head has no option {unknown[0]!r}; "
+                               f"its options are {', '.join(names)} (see `ddpmseg heads`)")
+        values = {k: _convert(v, hints[k], f"{where} {k} ({self.name} head)") for k, v in options.items()}
+        return self.config(**values)
+
+    def build(self, config: Any, **common: Any) -> Any:
+        """An unfitted estimator with the settings of ``config`` and the ``common`` ones (COMMON_PARAMS)."""
+        return self.estimator(**dataclasses.asdict(config), **common)
+
+    def fitted_config(self, estimator: Any) -> Any:
+        """The config a fitted ``estimator`` ran with, derived values resolved (``batch_size_`` over
+        ``batch_size``, and so on)."""
+        values = {f.name: getattr(estimator, f.name + "_", getattr(estimator, f.name))
+                  for f in dataclasses.fields(self.config)}
+        return self.config(**values)
+
+    def load(self, state: Mapping[str, Any], config: Any, device: str = "cpu", **common: Any) -> Any:
+        """A fitted estimator from its learned ``state`` and its ``config``."""
+        return self.estimator.from_state_dict(state, device=device, **dataclasses.asdict(config), **common)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON-ready values (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The JSON object of ``--head-config FILE``."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except OSError as e:
+        raise DdpmsegError(f"--head-config {path}: cannot read it ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DdpmsegError(f"--head-config {path} is not JSON ({e}); write one object such as {{\"steps\": 3}}") from None
+    if not isinstance(value, dict):
+        raise DdpmsegError(f"--head-config {path} holds a {type(value).__name__}; write one JSON object such as "
+                           "{\"steps\": 3}")
+    return value
+
+
+def check_config(checks: Sequence[tuple[bool, str]], head: str) -> None:
+    """Raise the first failed check's message as ``<head> head: <message>``."""
+    for ok, msg in checks:
+        if not ok:
+            raise DdpmsegError(f"{head} head: {msg}")
