@@ -20,13 +20,15 @@ needs to reach random's final mIoU.
 Calibration (features of ``--noise-samples`` N = 1, 4, 8 draws, extracted
 for all 20 photos; fits on the 10 pool photos, 3 seeds): held-out ECE of the
 ensemble's mean softmax and the mean ECE of its single members (before
-averaging), held-out mIoU, extraction seconds per photo.
+averaging), both as ``ddpmseg evaluate`` computes it (15 bins,
+``ddpmseg.metrics.Calibration``, at the photos' original size), held-out
+mIoU, extraction seconds per photo. Everything printed is saved in
+benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -35,13 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import FASSEG
+from _common import FASSEG, Results, add_to_calibration, calibration
 from ddpmseg import data
 from ddpmseg.active.strategies import embedding, image_scores, rank
-from ddpmseg.classify import PixelEnsemble
+from ddpmseg.heads.mlp import PixelEnsemble
 from ddpmseg.features.cache import FeatureCache
 from ddpmseg.features.pixels import CachePixels
-from ddpmseg.metrics import Calibration, SegmentationScore
+from ddpmseg.metrics import SegmentationScore
 from ddpmseg.pipeline import extract_features
 from ddpmseg.records import ExtractConfig
 
@@ -79,17 +81,17 @@ class World:
         return PixelEnsemble(n_classes=self.labelset.n_classes, random_state=seed, recipe="tiles").fit(src, y)
 
     def score(self, est: PixelEnsemble, ids: list[str]) -> tuple[float, float, float]:
-        """(held-out mIoU, ECE of the mean softmax, mean member ECE) over ``ids``."""
-        k, size = self.labelset.n_classes, self.cache.image_size
-        s, ens = SegmentationScore(k, 255), Calibration()
-        members = [Calibration() for _ in range(est.n_members_)]
+        """(held-out mIoU, ECE of the mean softmax, mean member ECE) over ``ids`` (ECE as `evaluate`)."""
+        k, size, ignore = self.labelset.n_classes, self.cache.image_size, self.labelset.ignore_index
+        s, ens = SegmentationScore(k, ignore), calibration(ignore)
+        members = [calibration(ignore) for _ in range(est.n_members_)]
         for i in ids:
             seg = est.predict_block_maps(self.maps[i], self.cache.keys, size)
             s.update(data.restore_labels(seg.labels, self.pre[i]), self.truth[i])
-            ens.update(seg.proba, self.grid[i])
+            add_to_calibration(ens, seg.proba, self.pre[i], self.truth[i])
             logits = est.predict_member_logits(CachePixels([self.maps[i]], self.cache.keys, size))  # (M, S*S, K)
             for m, z in zip(members, logits):
-                m.update(z.softmax(-1).T.reshape(k, size, size).numpy(), self.grid[i])
+                add_to_calibration(m, z.softmax(-1).T.reshape(k, size, size).numpy(), self.pre[i], self.truth[i])
         return 100 * s.result()["miou"], ens.ece(), float(np.mean([m.ece() for m in members]))
 
 
@@ -129,26 +131,26 @@ def main() -> None:
     images = sorted((args.data / "train" / "images").glob("*.png"))
     labels = args.data / "train" / "labels"
     labelset = data.load_label_set(str(args.data / "classes.csv"))
-    with tempfile.TemporaryDirectory(prefix="ddpmseg-active-") as tmp:
+    with Results("active", args) as out, tempfile.TemporaryDirectory(prefix="ddpmseg-active-") as tmp:
         work = Path(tmp)
         for kind in args.kinds:
             ckpt, kw = _checkpoint(kind, work)
             worlds = {}
             for n in args.noise_samples:
                 t0 = time.perf_counter()
-                out = work / f"{kind}_n{n}.h5"
-                extract_features(ckpt, images, out, config=ExtractConfig(noise_samples=n), device="cpu", **kw)
+                feats = work / f"{kind}_n{n}.h5"
+                extract_features(ckpt, images, feats, config=ExtractConfig(noise_samples=n), device="cpu", **kw)
                 seconds = (time.perf_counter() - t0) / len(images)
-                worlds[n] = World(out, labels, labelset)
+                worlds[n] = World(feats, labels, labelset)
                 pool, test = worlds[n].ids[:10], worlds[n].ids[-10:]
                 rows = [worlds[n].score(worlds[n].fit(pool, seed), test) for seed in range(args.seeds)]
-                line = {"benchmark": "calibration", "kind": kind, "noise_samples": n,
-                        "extract_s_per_image": round(seconds, 3)}
+                line = {"kind": kind, "noise_samples": n, "extract_s_per_image": round(seconds, 3),
+                        "ece_at": "original size"}
                 for j, key in enumerate(("heldout_miou", "ece_ensemble", "ece_members")):
                     vals = [r[j] for r in rows]
                     line[f"{key}_mean"] = round(statistics.mean(vals), 4)
                     line[f"{key}_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
-                print(json.dumps(line), flush=True)
+                out.row("calibration", **line)
             world = worlds[args.noise_samples[0]]
             pool, test = world.ids[:10], world.ids[-10:]
             curves: dict[str, list[list[float]]] = {}
@@ -156,18 +158,16 @@ def main() -> None:
                 for seed in range(args.seeds):
                     curve = active_run(world, pool, test, strategy, seed, args.rounds)
                     curves.setdefault(strategy, []).append(curve)
-                    print(json.dumps({"benchmark": "active", "kind": kind, "strategy": strategy, "seed": seed,
-                                      "labelled": list(range(2, 2 + len(curve))),
-                                      "heldout_miou": [round(v, 2) for v in curve]}), flush=True)
+                    out.row("active", kind=kind, strategy=strategy, seed=seed, labelled=list(range(2, 2 + len(curve))),
+                            heldout_miou=[round(v, 2) for v in curve])
             target = statistics.mean(c[-1] for c in curves["random"])
             for strategy, cs in curves.items():
                 mean = np.mean(cs, axis=0)
                 reach = next((2 + i for i, v in enumerate(mean) if v >= target), None)
-                print(json.dumps({"benchmark": "active_summary", "kind": kind, "strategy": strategy,
-                                  "mean_curve": [round(float(v), 2) for v in mean],
-                                  "std_curve": [round(float(v), 2) for v in np.std(cs, axis=0, ddof=1)],
-                                  "area": round(float(mean.mean()), 2),
-                                  "labels_to_reach_random_final": reach}), flush=True)
+                out.row("active_summary", kind=kind, strategy=strategy, labelled=list(range(2, 2 + len(mean))),
+                        mean_curve=[round(float(v), 2) for v in mean],
+                        std_curve=[round(float(v), 2) for v in np.std(cs, axis=0, ddof=1)],
+                        area=round(float(mean.mean()), 2), labels_to_reach_random_final=reach)
             for w in worlds.values():
                 w.cache.close()
 

@@ -18,12 +18,12 @@ mean-image  the per-pixel distance (mean over channels of |x - m|) to the mean
 random      a uniform random map (chance: AUROC 0.5)
 
 Prints one JSON object per (setting, seed) and a summary (mean, sample std).
+Everything printed is saved in benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _common import Results
 from ddpmseg.anomaly.detect import anomaly_maps
 from ddpmseg.anomaly.metrics import evaluate_anomaly
 from ddpmseg.anomaly.synthetic import make_anomaly_dataset
@@ -69,7 +70,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     rows: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="ddpmseg-anomaly-") as tmp:
+    metrics = ("pixel_auroc", "aupro_30", "best_dice", "image_auroc")
+    with Results("anomaly", args) as log, tempfile.TemporaryDirectory(prefix="ddpmseg-anomaly-") as tmp:
         work = Path(tmp)
         data = make_anomaly_dataset(work / "data", args.train, args.good, args.defects, args.size, seed=0)
         t0 = time.perf_counter()
@@ -77,36 +79,30 @@ def main() -> None:
         train_ddpm([data / "train"], run, TrainConfig(steps=args.steps, batch_size=16, lr=2e-4, save_every=args.steps,
                                                       sample_every=args.steps, n_samples=16, sample_steps=50),
                    image_size=args.size, device="cpu")
-        print(json.dumps({"benchmark": "anomaly_train", "steps": args.steps, "seconds": round(time.perf_counter() - t0),
-                          "train_images": args.train}), flush=True)
+        log.row("anomaly_train", steps=args.steps, seconds=round(time.perf_counter() - t0), train_images=args.train)
         for seed in range(args.seeds):
             for i, (name, kw) in enumerate(SETTINGS):
                 out = work / f"maps_{i}_{seed}"
                 s = anomaly_maps([data / "test"], run, out, seed=seed, save_maps=True, device="cpu", **kw)
                 r = evaluate_anomaly(out, data / "masks")
-                row = {"benchmark": "anomaly", "setting": name, "seed": seed,
-                       "s_per_image": round(s.seconds / s.n_images, 3),
-                       **{k: (None if r[k] is None else round(r[k], 4))
-                          for k in ("pixel_auroc", "aupro_30", "best_dice", "image_auroc")}}
+                row = log.row("anomaly", setting=name, seed=seed, s_per_image=round(s.seconds / s.n_images, 3),
+                              **{k: (None if r[k] is None else round(r[k], 4)) for k in metrics})
                 rows.setdefault(name, []).append(row)
-                print(json.dumps(row), flush=True)
             for name in ("mean-image", "random"):
                 out = work / f"base_{name}_{seed}"
                 _baseline(name, data, out, seed)
                 r = evaluate_anomaly(out, data / "masks")
-                row = {"benchmark": "anomaly", "setting": f"baseline: {name}", "seed": seed,
-                       **{k: (None if r[k] is None else round(r[k], 4))
-                          for k in ("pixel_auroc", "aupro_30", "best_dice", "image_auroc")}}
+                row = log.row("anomaly", setting=f"baseline: {name}", seed=seed,
+                              **{k: (None if r[k] is None else round(r[k], 4)) for k in metrics})
                 rows.setdefault(row["setting"], []).append(row)
-                print(json.dumps(row), flush=True)
-    for name, rs in rows.items():
-        summary = {"benchmark": "anomaly_summary", "setting": name, "seeds": len(rs)}
-        for k in ("pixel_auroc", "aupro_30", "best_dice", "image_auroc", "s_per_image"):
-            vals = [r[k] for r in rs if r.get(k) is not None]
-            if vals:
-                summary[f"{k}_mean"] = round(statistics.mean(vals), 4)
-                summary[f"{k}_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
-        print(json.dumps(summary), flush=True)
+        for name, rs in rows.items():
+            summary = {"setting": name, "seeds": len(rs)}
+            for k in (*metrics, "s_per_image"):
+                vals = [r[k] for r in rs if r.get(k) is not None]
+                if vals:
+                    summary[f"{k}_mean"] = round(statistics.mean(vals), 4)
+                    summary[f"{k}_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
+            log.row("anomaly_summary", **summary)
 
 
 if __name__ == "__main__":

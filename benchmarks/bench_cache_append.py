@@ -9,13 +9,13 @@ new images (``--repeats`` times, each with 2 other new images: the median is
 printed), against the same call on an empty cache in the same run (what
 extracting the 2 images costs by itself). The difference is what the cache's
 size adds: a single file is rewritten through a full copy at the end of each
-run (crash safety), a folder only gains the new images' files.
+run (crash safety), a folder only gains the new images' files. Everything
+printed is saved in benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _common import Results
 from ddpmseg.demo import make_tiny_checkpoint
 from ddpmseg.pipeline import extract_features
 
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    with tempfile.TemporaryDirectory(prefix="ddpmseg-append-") as tmp:
+    with Results("cache_append", args) as log, tempfile.TemporaryDirectory(prefix="ddpmseg-append-") as tmp:
         work = Path(tmp)
         ckpt, flags = make_tiny_checkpoint(work)
         kw = dict(model_flags=flags, device="cpu")
@@ -72,11 +73,9 @@ def main() -> None:
                     extract_features(ckpt, new, out, **kw)
                     times.append(time.perf_counter() - t0)
                 append = statistics.median(times)
-                print(json.dumps({"benchmark": "cache_append", "kind": kind, "cache_images": n,
-                                  "cache_mb": round(_cache_bytes(out) / 2**20, 1), "append_2_seconds": round(append, 3),
-                                  "empty_cache_2_seconds": round(empty, 3),
-                                  "overhead_seconds": round(append - empty, 3),
-                                  "ratio_to_empty": round(append / empty, 2)}), flush=True)
+                log.row("cache_append", kind=kind, cache_images=n, cache_mb=round(_cache_bytes(out) / 2**20, 1),
+                        append_2_seconds=round(append, 3), empty_cache_2_seconds=round(empty, 3),
+                        overhead_seconds=round(append - empty, 3), ratio_to_empty=round(append / empty, 2))
 
 
 if __name__ == "__main__":

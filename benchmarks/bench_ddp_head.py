@@ -21,11 +21,13 @@ ddp      the DDP head, then inference at 1, 3 and 10 steps with 1 and 8
 control  the same head trained and run without diffusion (a zero label map at
          a fixed time, one step): what the decoder alone gives
 
-Prints one JSON object per (kind, seed, head, inference): held-out mIoU at the
-photos' original size (as ``ddpmseg evaluate`` scores), expected calibration
-error of the mean softmax (15 bins, on the model grid), fit seconds and the
-classifier's seconds per image (features from the cache); then per kind and
-variant the mean and sample standard deviation over seeds.
+Prints one JSON object per (kind, seed, head, inference): held-out mIoU and
+the expected calibration error of the mean softmax, both at the photos'
+original size as ``ddpmseg evaluate`` scores them (ECE: 15 bins,
+``ddpmseg.metrics.Calibration``), fit seconds and the classifier's seconds per
+image (features from the cache); then per kind and variant the mean and
+sample standard deviation over seeds. Everything printed is saved in
+benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -37,11 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from _common import FASSEG, heldout_score, peak_rss_mb
-from ddpmseg.heads import DDPConfig
+from _common import FASSEG, Results, heldout_score, peak_rss_mb
 from ddpmseg.pipeline import extract_features, fit_model
 
 TRAINED_STEPS = 2400  # bench_trained_features.py's default run
@@ -70,12 +70,14 @@ def _set_inference(model_dir: Path, steps: int, generations: int) -> None:
     """Rewrite a DDP model's inference settings in model.json (its weights are unchanged)."""
     path = model_dir / "model.json"
     d = json.loads(path.read_text())
-    d["fit"]["ddp"].update(steps=steps, generations=generations)
+    d["fit"]["head_config"].update(steps=steps, generations=generations)  # model.json format 3
     path.write_text(json.dumps(d, indent=2))
-    state_path = model_dir / "tensors.pt"
-    state = torch.load(state_path, weights_only=True)
-    state["ddp"]["config"].update(steps=steps, generations=generations)
-    torch.save(state, state_path)
+
+
+def _width(model_dir: Path) -> int | None:
+    """The DDP head's width as model.json records it (None for the MLP ensemble)."""
+    config = json.loads((model_dir / "model.json").read_text())["fit"].get("head_config") or {}
+    return config.get("width")
 
 
 def main() -> None:
@@ -83,8 +85,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=FASSEG)
     ap.add_argument("--kinds", type=lambda s: s.split(","), default=["tiny", "trained"])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--iterations", type=int, default=DDPConfig.iterations, help="DDP head training steps")
-    ap.add_argument("--width", type=int, default=DDPConfig.width, help="DDP head width (DDP's: 256)")
+    ap.add_argument("--iterations", type=int, default=None, help="DDP head training steps (default: the head's)")
+    ap.add_argument("--width", type=int, default=None, help="DDP head width (default: the head's; DDP's: 256)")
     ap.add_argument("--heads", type=lambda s: s.split(","), default=["mlp", "ddp", "control"])
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -92,32 +94,35 @@ def main() -> None:
     labels, classes = args.data / "train" / "labels", str(args.data / "classes.csv")
     train, test = images[:10], images[-10:]
     results: dict[tuple[str, str], list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="ddpmseg-ddp-") as tmp:
+    with Results("ddp_head", args) as out, tempfile.TemporaryDirectory(prefix="ddpmseg-ddp-") as tmp:
         work = Path(tmp)
         for kind in args.kinds:
             train_cache, test_cache = _caches(kind, work, train, test)
             for seed in range(args.seeds):
                 for head in args.heads:
-                    cfg = DDPConfig(iterations=args.iterations, width=args.width, diffusion=head != "control")
-                    out = work / f"{kind}_{head}_{seed}"
-                    fit = fit_model(train_cache, labels, out, classes=classes, seed=seed, device="cpu",
-                                    head="mlp" if head == "mlp" else "ddp", ddp=cfg)
+                    model = work / f"{kind}_{head}_{seed}"
+                    if head == "mlp":
+                        fit = fit_model(train_cache, labels, model, classes=classes, seed=seed, device="cpu", head="mlp")
+                    else:
+                        options = {"diffusion": head != "control", **{k: v for k, v in (("iterations", args.iterations),
+                                                                                         ("width", args.width)) if v is not None}}
+                        fit = fit_model(train_cache, labels, model, classes=classes, seed=seed, device="cpu", head="ddp",
+                                        options=options)
                     variants = [(head, None)] if head != "ddp" else [(f"ddp_s{s}_g{g}", (s, g)) for s, g in INFERENCE]
                     for name, inference in variants:
                         if inference is not None:  # the same trained head, sampled another way
-                            _set_inference(out, *inference)
-                        r = {"benchmark": "ddp_head", "kind": kind, "seed": seed, "variant": name, "width": args.width,
-                             "fit_seconds": round(fit.seconds, 1), **heldout_score(out, test_cache, labels),
-                             "peak_rss_mb": peak_rss_mb()}
+                            _set_inference(model, *inference)
+                        r = out.row("ddp_head", kind=kind, seed=seed, variant=name, width=_width(model),
+                                    fit_seconds=round(fit.seconds, 1), **heldout_score(model, test_cache, labels),
+                                    peak_rss_mb=peak_rss_mb(), fit=fit.description)
                         results.setdefault((kind, name), []).append(r)
-                        print(json.dumps(r), flush=True)
-    for (kind, name), rows in results.items():
-        summary = {"benchmark": "ddp_head_summary", "kind": kind, "variant": name, "seeds": len(rows)}
-        for key in ("heldout_miou", "ece", "fit_seconds", "classify_s_per_image"):
-            vals = [r[key] for r in rows]
-            summary[f"{key}_mean"] = round(statistics.mean(vals), 4)
-            summary[f"{key}_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
-        print(json.dumps(summary), flush=True)
+        for (kind, name), rows in results.items():
+            summary = {"kind": kind, "variant": name, "width": rows[0]["width"], "seeds": len(rows), "ece_at": "original size"}
+            for key in ("heldout_miou", "ece", "fit_seconds", "classify_s_per_image"):
+                vals = [r[key] for r in rows]
+                summary[f"{key}_mean"] = round(statistics.mean(vals), 4)
+                summary[f"{key}_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
+            out.row("ddp_head_summary", **summary)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ forward (--batch-size 1), channels_last memory format, one thread.
 
 Also printed: the FLOPs each mode spends per image (torch's FlopCounterMode,
 counted on the untimed warm-up image), the achieved GFLOP/s, and this CPU's
-dense matmul rate in fp32 and bf16 measured in the same run.
+dense matmul rate in fp32 and bf16 measured in the same run. Everything
+printed is saved in benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import peak_rss_mb, run_in_child
+from _common import Results, peak_rss_mb, run_in_child
 
 STEPS, BLOCKS = (50, 150, 250), (5, 6, 7, 8, 12)
 MODES = {
@@ -179,26 +179,25 @@ def main() -> None:
     from ddpmseg.backbones import get_preset
 
     family = get_preset(args.preset).family
-    rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
-    print(json.dumps({"benchmark": "matmul_peak", "threads": torch.get_num_threads(),
-                      **{f"{k}_gflops": round(v, 1) for k, v in rates.items()}}), flush=True)
-    modes = list(MODES) + (list(EXPLORE) if args.explore else [])
-    results = {}
-    for mode in modes:
-        r = run_in_child(_child, mode, args.preset, args.images)
-        precision = (MODES | EXPLORE)[mode].get("precision", "fp32")
-        r["fraction_of_matmul_peak"] = round(r["achieved_gflops"] / rates[precision], 3)
-        results[mode] = r
-        print(json.dumps({"benchmark": "extract", **r}), flush=True)
-    naive = results["naive"]["seconds_per_image"]
-    print(json.dumps({"benchmark": "extract_speedup", "preset": args.preset,
-                      **{m: round(naive / r["seconds_per_image"], 2) for m, r in results.items() if m != "naive"}}),
-          flush=True)
-    if family == "adm" and not args.no_cache_size:
-        disk = cache_file_bytes(args.preset)
-        naive_bytes = results["naive"]["bytes_per_image"]
-        print(json.dumps({"benchmark": "cache_size", "cache_bytes_per_image": disk,
-                          "naive_bytes_per_image": naive_bytes, "ratio": round(naive_bytes / disk, 1)}))
+    with Results("extract", args) as out:
+        rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+        out.row("matmul_peak", threads=torch.get_num_threads(), **{f"{k}_gflops": round(v, 1) for k, v in rates.items()})
+        modes = list(MODES) + (list(EXPLORE) if args.explore else [])
+        results = {}
+        for mode in modes:
+            r = run_in_child(_child, mode, args.preset, args.images)
+            precision = (MODES | EXPLORE)[mode].get("precision", "fp32")
+            r["fraction_of_matmul_peak"] = round(r["achieved_gflops"] / rates[precision], 3)
+            results[mode] = r
+            out.row("extract", **r)
+        naive = results["naive"]["seconds_per_image"]
+        out.row("extract_speedup", preset=args.preset,
+                **{m: round(naive / r["seconds_per_image"], 2) for m, r in results.items() if m != "naive"})
+        if family == "adm" and not args.no_cache_size:
+            disk = cache_file_bytes(args.preset)
+            naive_bytes = results["naive"]["bytes_per_image"]
+            out.row("cache_size", preset=args.preset, cache_bytes_per_image=disk, naive_bytes_per_image=naive_bytes,
+                    ratio=round(naive_bytes / disk, 1))
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ fit settings for both precisions), and a summary per precision (mean and
 sample standard deviation over seeds). Random weights give low absolute mIoU:
 what matters is the gap between precisions against the spread over seeds.
 Held-out images are classified from their cached maps exactly as `predict`
-does (no second extraction).
+does (no second extraction). Everything printed is saved in
+benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _common import FASSEG, mean_std
+from _common import FASSEG, Results, mean_std
 from bench_extract import build_backbone
 from ddpmseg import data
 from ddpmseg.features.cache import FeatureCache
@@ -60,7 +60,7 @@ def map_errors(fp32: Path, bf16: Path) -> list[float]:
     return errs
 
 
-def _run(args: argparse.Namespace, work: Path) -> None:
+def _run(args: argparse.Namespace, work: Path, out: Results) -> None:
     images = sorted((args.data / "train" / "images").glob("*.png"))
     labels = args.data / "train" / "labels"
     classes = str(args.data / "classes.csv")
@@ -73,25 +73,23 @@ def _run(args: argparse.Namespace, work: Path) -> None:
         t0 = time.perf_counter()
         extract_features(ckpt, train + test, caches[precision], config=ExtractConfig(precision=precision),
                          preset="ffhq_256", device="cpu")
-        print(json.dumps({"benchmark": "precision_extract", "precision": precision, "images": len(train + test),
-                          "seconds_per_image": round((time.perf_counter() - t0) / len(train + test), 1)}), flush=True)
+        out.row("precision_extract", precision=precision, images=len(train + test),
+                seconds_per_image=round((time.perf_counter() - t0) / len(train + test), 1))
     errs = map_errors(caches["fp32"], caches["bf16"])
-    print(json.dumps({"benchmark": "precision_feature_error", "maps": len(errs),
-                      "mean_rel_error": round(statistics.mean(errs), 4), "max_rel_error": round(max(errs), 4)}),
-          flush=True)
+    out.row("precision_feature_error", maps=len(errs), mean_rel_error=round(statistics.mean(errs), 4),
+            max_rel_error=round(max(errs), 4))
     results: dict[str, list[float]] = {}
     for precision, feats in caches.items():
         for seed in range(args.seeds):
-            out = work / f"model_{precision}_{seed}"
-            fit_model(feats, labels, out, labels=len(train), classes=classes, seed=seed, recipe=args.recipe,
-                      pixel_fraction=args.pixel_fraction, device="cpu")
-            miou = heldout_miou(out, feats, test, labels)
+            model = work / f"model_{precision}_{seed}"
+            fit_model(feats, labels, model, labels=len(train), classes=classes, seed=seed, device="cpu", head="mlp",
+                      options={"recipe": args.recipe, "pixel_fraction": args.pixel_fraction})
+            miou = heldout_miou(model, feats, test, labels)
             results.setdefault(precision, []).append(miou)
-            print(json.dumps({"benchmark": "precision_quality", "precision": precision, "seed": seed,
-                              "heldout_miou": round(miou, 4)}), flush=True)
+            out.row("precision_quality", precision=precision, seed=seed, heldout_miou=round(miou, 4))
     for precision, mious in results.items():
-        print(json.dumps({"benchmark": "precision_quality_summary", "precision": precision, **mean_std(mious)}),
-              flush=True)
+        out.row("precision_quality_summary", precision=precision, recipe=args.recipe,
+                pixel_fraction=args.pixel_fraction, train_images=len(train), **mean_std(mious))
 
 
 def main() -> None:
@@ -103,8 +101,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="fast", choices=["fast", "reference"])
     ap.add_argument("--pixel-fraction", type=float, default=0.25)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ddpmseg-precq-") as tmp:
-        _run(args, Path(tmp))
+    with Results("precision_quality", args) as out, tempfile.TemporaryDirectory(prefix="ddpmseg-precq-") as tmp:
+        _run(args, Path(tmp), out)
 
 
 if __name__ == "__main__":

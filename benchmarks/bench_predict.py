@@ -13,13 +13,14 @@ naive:   the reference's way: full forward per timestep with hooks, every block
 ddpmseg: `ddpmseg predict` (predict_images): early-stopped extraction, layer 1
          of the MLPs applied at each block's native resolution, label /
          overlay / uncertainty PNGs written at the original size.
+
+Everything printed is saved in benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import peak_rss_mb, run_in_child
+from _common import Results, peak_rss_mb, run_in_child
 from bench_extract import build_backbone, naive_features
 
 N_CLASSES = 34
@@ -37,7 +38,7 @@ N_CLASSES = 34
 def write_model(folder: Path, preset: str, precision: str) -> tuple[Path, Path]:
     """(checkpoint, model folder) for ``preset`` with random weights, as `ddpmseg fit` lays them out."""
     from ddpmseg.backbones import create_backbone
-    from ddpmseg.classify.ensemble import PixelEnsemble
+    from ddpmseg.heads.mlp import PixelEnsemble
     from ddpmseg.data import LabelSet
     from ddpmseg.features.extractor import make_noise
     from ddpmseg.model import SegmentationModel
@@ -53,7 +54,7 @@ def write_model(folder: Path, preset: str, precision: str) -> tuple[Path, Path]:
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(512, n_features, generator=g), torch.randint(0, N_CLASSES, (512,), generator=g)
     est = PixelEnsemble(n_classes=N_CLASSES, max_epochs=1, random_state=0).fit(X, y)
-    fit = FitConfig(images=(), masks="", ensemble=10, max_epochs=1)
+    fit = FitConfig(images=(), masks="")  # the default head's settings: 10 MLPs, as the estimator above
     record = ModelRecord(backbone.spec, backbone.checkpoint, extract, LabelSet.default(N_CLASSES), fit)
     model_dir = SegmentationModel(record, est, make_noise(0, backbone.image_size)).save(folder / "model")
     return ckpt, model_dir
@@ -80,7 +81,7 @@ def _child(mode: str, preset: str, ckpt: Path, model_dir: Path, images: list[Pat
         n = s.n_images
         result = {"seconds_per_image": s.seconds / n, "extract_seconds_per_image": s.extract_seconds / n}
     else:
-        from ddpmseg.classify.ensemble import vote
+        from ddpmseg.heads.mlp import vote
         from ddpmseg.data import load_rgb, preprocess_image
         from ddpmseg.features.extractor import make_noise
         from ddpmseg.model import SegmentationModel
@@ -115,17 +116,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2, help="timed images per mode (after one warm-up)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="ddpmseg's extraction precision")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
+    with Results("predict", args) as out, tempfile.TemporaryDirectory() as d:
         folder = Path(d)
         ckpt, model_dir = write_model(folder, args.preset, args.precision)
         images = write_images(folder, args.images + 1, 256)
         results = {}
         for mode in ("naive", "ddpmseg"):
             results[mode] = run_in_child(_child, mode, args.preset, ckpt, model_dir, images)
-            print(json.dumps({"benchmark": "predict", "precision": "fp32" if mode == "naive" else args.precision,
-                              **results[mode]}), flush=True)
-    ratio = results["naive"]["seconds_per_image"] / results["ddpmseg"]["seconds_per_image"]
-    print(json.dumps({"benchmark": "predict_speedup", "precision": args.precision, "ratio": round(ratio, 2)}))
+            out.row("predict", preset=args.preset, precision="fp32" if mode == "naive" else args.precision, **results[mode])
+        ratio = results["naive"]["seconds_per_image"] / results["ddpmseg"]["seconds_per_image"]
+        out.row("predict_speedup", preset=args.preset, precision=args.precision, ratio=round(ratio, 2))
 
 
 if __name__ == "__main__":

@@ -8,21 +8,19 @@ The demo's tiny ADM and a model fitted on 3 eyes (eyes8); ``predict`` of
 threads), and Ray Data actor pools of ``--workers`` actors of 1 CPU each on a
 local Ray started by the run (``ray.init(num_cpus=2)``, counted in the time).
 Fixed overhead and per-image cost come from a straight line through the two
-image counts (wall = fixed + n x per-image).
+image counts (wall = fixed + n x per-image). Everything printed is saved in
+benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from _common import peak_rss_mb, run_in_child
-
-EYES8 = Path(__file__).resolve().parents[2] / "shared" / "data" / "eyes8"
+from _common import EYES8, Results, peak_rss_mb, run_in_child
 
 
 def _child(mode: str, workers: int, images: Path, model: Path, out: Path, queue) -> None:
@@ -55,7 +53,7 @@ def main() -> None:
     from ddpmseg.demo import make_tiny_checkpoint
     from ddpmseg.pipeline import extract_features, fit_model
 
-    with tempfile.TemporaryDirectory(prefix="ddpmseg-ray-") as tmp:
+    with Results("ray", args) as log, tempfile.TemporaryDirectory(prefix="ddpmseg-ray-") as tmp:
         work = Path(tmp)
         ckpt, flags = make_tiny_checkpoint(work)
         lab = work / "lab"
@@ -64,7 +62,7 @@ def main() -> None:
             shutil.copy(EYES8 / f"image_{i}.jpg", lab)
             shutil.copy(EYES8 / f"image_mask{i}.npy", lab)
         extract_features(ckpt, [lab], work / "f.h5", model_flags=flags, device="cpu")
-        fit_model(work / "f.h5", lab, work / "model", device="cpu", ensemble=10)
+        fit_model(work / "f.h5", lab, work / "model", device="cpu", head="mlp", options={"n_members": 10})
         results = {}
         for n in args.images:
             imgs = work / f"imgs{n}"
@@ -74,16 +72,15 @@ def main() -> None:
             for mode, workers in [("plain", 1)] + [("ray", w) for w in args.workers]:
                 r = run_in_child(_child, mode, workers, imgs, work / "model", work / f"out_{mode}{workers}_{n}")
                 results[(mode, workers, n)] = r
-                print(json.dumps({"benchmark": "ray_predict", **r}), flush=True)
+                log.row("ray_predict", **r)
         lo, hi = min(args.images), max(args.images)
         for mode, workers in [("plain", 1)] + [("ray", w) for w in args.workers]:
             a, b = results[(mode, workers, lo)]["wall_seconds"], results[(mode, workers, hi)]["wall_seconds"]
             per = (b - a) / (hi - lo)
             plain = (results[("plain", 1, hi)]["wall_seconds"] - results[("plain", 1, lo)]["wall_seconds"]) / (hi - lo)
-            print(json.dumps({"benchmark": "ray_summary", "mode": mode, "workers": workers,
-                              "fixed_seconds": round(a - per * lo, 2), "s_per_image": round(per, 3),
-                              "images_per_s": round(1 / per, 2) if per > 0 else None,
-                              "per_image_vs_plain": round(per / plain, 2) if plain > 0 else None}), flush=True)
+            log.row("ray_summary", mode=mode, workers=workers, fixed_seconds=round(a - per * lo, 2),
+                    s_per_image=round(per, 3), images_per_s=round(1 / per, 2) if per > 0 else None,
+                    per_image_vs_plain=round(per / plain, 2) if plain > 0 else None)
 
 
 if __name__ == "__main__":

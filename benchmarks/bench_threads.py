@@ -25,7 +25,8 @@ fit_ffhq       the paper's classifier on its feature shapes (8448 dims, 34 class
 Each workload runs ``--repeat`` times in its child (the ffhq ones at most twice) and reports the median.
 
 Prints one JSON object per run and a summary with the PASSIVE / default
-ratios (a ratio > 1 is a gain), idle and loaded.
+ratios (a ratio > 1 is a gain), idle and loaded. Everything printed is saved
+in benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import textwrap
 import time
 from pathlib import Path
 
-EYES8 = Path(__file__).resolve().parents[2] / "shared" / "data" / "eyes8"
+from _common import EYES8, Results
 
 CHILD = textwrap.dedent("""
     import json, statistics, sys, time
@@ -59,20 +60,20 @@ CHILD = textwrap.dedent("""
         return (time.perf_counter() - t0) / s.new
 
     def fit():
-        s = fit_model(work / "feats.h5", Path(sys.argv[5]), work / f"model_{time.time_ns()}", ensemble=10, max_epochs=1,
-                      pixel_fraction=fraction, device="cpu")
+        s = fit_model(work / "feats.h5", Path(sys.argv[5]), work / f"model_{time.time_ns()}", device="cpu", head="mlp",
+                      options={"recipe": "reference", "n_members": 10, "max_epochs": 1, "pixel_fraction": fraction})
         return sum(s.n_iter) / s.seconds
 
     def fit_ffhq():
         sys.path.insert(0, sys.argv[7])
         import numpy as np
-        from bench_fit import KEYS, SIZE, _labels, _maps
-        from ddpmseg.classify.ensemble import PixelEnsemble
+        from bench_fit import KEYS, SIZE, _budget_labels, _labels, _maps
+        from ddpmseg.heads.mlp import PixelEnsemble
         from ddpmseg.features.pixels import CachePixels
         source = CachePixels(_maps(2), KEYS, SIZE)
-        y = _labels(source, 2, 2, 2048)
+        y = _budget_labels(_labels(source, 2), 2048)
         t0 = time.perf_counter()
-        est = PixelEnsemble(n_classes=34, max_epochs=1, random_state=0).fit(source, y)
+        est = PixelEnsemble(n_classes=34, max_epochs=1, random_state=0, recipe="reference").fit(source, y)
         return sum(est.n_iter_) / (time.perf_counter() - t0)
 
     def extract_ffhq():
@@ -134,7 +135,7 @@ def main() -> None:
     from ddpmseg.demo import make_tiny_checkpoint
     from ddpmseg.pipeline import extract_features
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with Results("threads", args) as log, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ckpt, flags = make_tiny_checkpoint(work)
         extract_features(ckpt, sorted(EYES8.glob("image_*.jpg")), work / "feats.h5", model_flags=flags, device="cpu")
@@ -155,9 +156,8 @@ def main() -> None:
                             competitor.kill()
                             competitor.wait()
                     results[(workload, load, policy)] = r
-                    print(json.dumps({"benchmark": "threads", "workload": workload, "machine": load,
-                                      "wait_policy": policy, **{k: round(v, 3) if isinstance(v, float) else v
-                                                                for k, v in r.items()}}), flush=True)
+                    log.row("threads", workload=workload, machine=load, wait_policy=policy,
+                            **{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
         keys = {"extract": ("seconds_per_image", False), "fit": ("member_steps_per_s", True),
                 "extract_ffhq": ("seconds_per_image", False), "fit_ffhq": ("member_steps_per_s", True)}
         base = args.policies.split(",")[0]
@@ -167,9 +167,9 @@ def main() -> None:
                 d = results[(workload, load, base)][key]
                 for policy in args.policies.split(",")[1:]:
                     p = results[(workload, load, policy)][key]
-                    print(json.dumps({"benchmark": "threads_summary", "workload": workload, "machine": load,
-                                      "metric": key, base: round(d, 3), policy: round(p, 3),
-                                      f"speedup_vs_{base}": round(p / d if higher_is_better else d / p, 2)}), flush=True)
+                    log.row("threads_summary", workload=workload, machine=load, metric=key, baseline=base,
+                            policy=policy, baseline_value=round(d, 3), policy_value=round(p, 3),
+                            speedup=round(p / d if higher_is_better else d / p, 2))
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ and the pixel classifier (reference recipe, 10 members) fitted on the first
 
 Prints one JSON object per fit and a summary per weights (mean and sample
 standard deviation of the held-out mIoU over seeds, per-class IoU means).
+Everything printed is saved in benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from _common import FASSEG
+from _common import FASSEG, Results
 from ddpmseg.backbones.adm import build_unet, random_unet
 from ddpmseg.pipeline import evaluate_model, extract_features, fit_model
 from ddpmseg.records import ExtractConfig
@@ -64,13 +65,18 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=10, help="labelled photos the classifier is fitted on")
     ap.add_argument("--blocks", default="auto", help="decoder blocks (auto: the paper's depths for this decoder)")
     args = ap.parse_args()
+    with Results("trained_features", args) as out:
+        _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: Results) -> None:
     t0 = time.perf_counter()
     run = fasseg_ddpm(args.steps, args.save_every)
     train_seconds = time.perf_counter() - t0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    print(json.dumps({"benchmark": "train_ddpm", "run": str(run), "steps": args.steps, "seconds_here": round(train_seconds),
-                      "images_per_s": round(statistics.median(r["images_per_s"] for r in log), 1),
-                      "final_loss": log[-1]["loss"], "samples": str(sorted(run.glob("samples_*.png"))[-1])}), flush=True)
+    out.row("train_ddpm", run=str(run), steps=args.steps, seconds_here=round(train_seconds),
+            images_per_s=round(statistics.median(r["images_per_s"] for r in log), 1), final_loss=log[-1]["loss"],
+            samples=str(sorted(run.glob("samples_*.png"))[-1]))
 
     images = sorted((FASSEG / "train" / "images").glob("*.png"))
     labels, classes = FASSEG / "train" / "labels", str(FASSEG / "classes.csv")
@@ -93,17 +99,16 @@ def main() -> None:
             scores, per_class = [], []
             for seed in range(args.seeds):
                 model = work / f"{name}_{seed}"
-                f = fit_model(feats, labels, model, classes=classes, seed=seed, recipe="reference", device="cpu")
+                f = fit_model(feats, labels, model, classes=classes, seed=seed, device="cpu", head="mlp",
+                              options={"recipe": "reference"})
                 r = evaluate_model(model, test, labels, device="cpu")
                 scores.append(100 * r["miou"])
                 per_class.append(r["per_class"])
-                print(json.dumps({"benchmark": "trained_features", "weights": name, "seed": seed,
-                                  "heldout_miou": round(scores[-1], 2), "fit_seconds": round(f.seconds, 1)}), flush=True)
+                out.row("trained_features", weights=name, seed=seed, heldout_miou=round(scores[-1], 2),
+                        fit_seconds=round(f.seconds, 1))
             classes_mean = {c: round(100 * statistics.mean(p[c] for p in per_class), 1) for c in per_class[0]}
-            print(json.dumps({"benchmark": "trained_features_summary", "weights": name, "seeds": args.seeds,
-                              "miou_mean": round(statistics.mean(scores), 2),
-                              "miou_std": round(statistics.stdev(scores), 2) if len(scores) > 1 else 0.0,
-                              "per_class": classes_mean}), flush=True)
+            out.row("trained_features_summary", weights=name, seeds=args.seeds, miou_mean=round(statistics.mean(scores), 2),
+                    miou_std=round(statistics.stdev(scores), 2) if len(scores) > 1 else 0.0, per_class=classes_mean)
 
 
 if __name__ == "__main__":
