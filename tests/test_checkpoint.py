@@ -152,7 +152,17 @@ def test_file_sha256_matches_hashlib_and_is_cached(tmp_path, monkeypatch):
 
 
 def test_check_state_dict_accepts_matching_state(tiny_state):
-    ck.check_state_dict(build_unet(TINY), tiny_state, expected="tiny", source="t.pt")
+    model = build_unet(TINY)
+    assert ck.check_state_dict(model, tiny_state, expected="tiny", source="t.pt") is None
+    # what it accepts loads strictly: no key missing or left over, every tensor copied
+    loaded = model.load_state_dict(tiny_state, strict=True)
+    assert loaded.missing_keys == [] and loaded.unexpected_keys == []
+    assert all(torch.equal(v, tiny_state[k]) for k, v in model.state_dict().items())
+    # and the acceptance is not blanket: the same state with one key renamed is refused, naming both
+    renamed = dict(tiny_state)
+    renamed["out.2.bias_renamed"] = renamed.pop("out.2.bias")
+    with pytest.raises(DdpmsegError, match=r"1 missing keys \(out\.2\.bias\).*1 unexpected keys \(out\.2\.bias_renamed\)"):
+        ck.check_state_dict(model, renamed, expected="tiny", source="t.pt")
 
 
 def test_check_state_dict_lists_missing_unexpected_and_mismatched(tiny_state):

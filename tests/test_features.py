@@ -41,7 +41,9 @@ def test_cache_pixel_features_match_naive_recipe(tmp_path, tiny_ckpt, tiny_backb
     with FeatureCache(out) as cache:
         assert cache.image_ids == ["image_0", "image_1"]
         assert cache.noise.shape == (1, 3, 64, 64)
-        np.testing.assert_array_equal(cache.noise, make_noise(0, 64).numpy())
+        # the shared noise: one draw of a CPU generator seeded 0, written out without ddpmseg's make_noise
+        seeded = torch.randn((1, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+        np.testing.assert_array_equal(cache.noise, seeded.numpy())
         for image_id in cache.image_ids:
             x0 = reference_image_tensor(eyes8 / f"{image_id}.jpg", 64)
             ref = naive_recipe(tiny_backbone.model, x0, torch.from_numpy(cache.noise), cache.steps, cache.blocks)
@@ -59,13 +61,17 @@ def test_cache_pixels_gather_equals_upsampled_features(tiny_backbone):
         images.append(extract_block_maps(tiny_backbone, x0, make_noise(1, 64), [50, 150], [5, 8, 12]))
     source = CachePixels(images, keys, 64, dtype=torch.float32)
     assert len(source) == 3 * 64 * 64
-    full = torch.stack([upsample_concat(m, keys, 64) for m in images])  # (3, C, 64, 64)
+    # the paper's pixel features written out with plain torch: each map upsampled bilinearly, concatenated
+    full = torch.stack([torch.cat([torch.nn.functional.interpolate(m[k][None].float(), size=(64, 64), mode="bilinear",
+                                                                   align_corners=False)[0] for k in keys])
+                        for m in images])  # (3, C, 64, 64)
     idx = torch.randint(0, len(source), (500,))
     rows = source.gather(idx)
     expect = full.permute(0, 2, 3, 1).reshape(-1, full.shape[1])[idx]
     assert torch.allclose(rows, expect, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # builds the full 552 M-parameter network (2.2 GB of float32 weights)
 def test_ffhq_256_architecture_gives_8448_channels():
     cfg = get_preset("ffhq_256").config
     model = build_unet(cfg)  # the full 552 M-parameter network, random weights

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cli_helpers import fails, ok
 from ddpmseg.active.strategies import image_scores, rank
@@ -55,6 +56,17 @@ def test_streamed_ece_equals_a_per_pixel_computation():
     assert c.ece() == pytest.approx(0.0)
 
 
+def test_ece_of_four_pixels_by_hand():
+    # confidences 0.9, 0.9 (bin 3 of 4: one right, one wrong) and 0.6, 0.6 (bin 2: both right)
+    probs = np.array([[0.9, 0.1, 0.6, 0.4], [0.1, 0.9, 0.4, 0.6]])  # (K=2, 4 pixels)
+    truth = np.array([0, 0, 0, 1])
+    c = Calibration(4).update(probs, truth)
+    # bin 3: accuracy 1/2, confidence 0.9; bin 2: accuracy 1, confidence 0.6; each holds 2 of the 4 pixels
+    assert c.ece() == pytest.approx(2 / 4 * abs(0.5 - 0.9) + 2 / 4 * abs(1.0 - 0.6), abs=1e-12)  # 0.4
+    assert c.bins()["count"].tolist() == [0, 0, 2, 2]
+    assert Calibration(4).update(probs, np.array([0, 0, 255, 255])).ece() == pytest.approx(0.4, abs=1e-12)  # ignored
+
+
 def test_per_image_scores_by_hand():
     cm = confusion_matrix(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 3)
     # class 0: inter 1, union 2; class 1: inter 2, union 3; class 2 absent from both: not averaged
@@ -94,13 +106,29 @@ def test_evaluate_reports_calibration_confusion_and_per_image_scores(eyes_world,
         shutil.copy(eyes8 / f"image_{i}.jpg", test)
         shutil.copy(eyes8 / f"image_mask{i}.npy", test)
     r = json.loads(ok("evaluate", test, "--model", d / "model", "--masks", test, "--json", "--out", tmp_path / "figs"))
-    assert 0 <= r["ece"] <= 1
     truth = [np.load(test / f"image_mask{i}.npy") for i in (4, 5)]
     assert sum(r["reliability"]["count"]) == sum(int((t != 255).sum()) for t in truth)
+    # ECE from the reported bins as textbooks write it: sum over bins of count x |accuracy - confidence| / total
+    rel = r["reliability"]
+    filled = [b for b, n in enumerate(rel["count"]) if n]
+    assert r["ece"] == pytest.approx(sum(rel["count"][b] * abs(rel["accuracy"][b] - rel["confidence"][b])
+                                         for b in filled) / sum(rel["count"]), rel=1e-9)
+    assert all(rel["count"][b] == 0 and rel["accuracy"][b] is None for b in range(15) if b not in filled)
+    # the confusion and each image's mIoU, recomputed by hand from predict's label PNGs
+    ok("predict", test, "--model", d / "model", "--out", tmp_path / "preds")
+    preds = [np.asarray(Image.open(tmp_path / "preds" / f"image_{i}_labels.png")) for i in (4, 5)]
+    cm = np.zeros((4, 4), np.int64)
+    for pred, t in zip(preds, truth):
+        for a in range(4):
+            for b in range(4):
+                cm[a, b] += int(np.sum((t == a) & (pred == b)))
+    assert r["confusion"] == cm.tolist()
     assert [row["image"] for row in r["per_image"]] == ["image_4", "image_5"]
-    assert all(0 <= row["miou"] <= 1 and row["uncertainty"] >= 0 for row in r["per_image"])
-    cm = np.array(r["confusion"])
-    assert cm.shape == (4, 4) and cm.sum() == sum(int((t != 255).sum()) for t in truth)
+    for row, pred, t in zip(r["per_image"], preds, truth):
+        present = [c for c in range(4) if ((pred == c) | (t == c)).any()]
+        iou = [np.sum((pred == c) & (t == c)) / np.sum((pred == c) | (t == c)) for c in present]
+        assert row["miou"] == pytest.approx(float(np.mean(iou)), abs=1e-12)
+        assert 0 < row["uncertainty"] <= np.log(4)  # two members of one epoch disagree somewhere; MI <= log K
     for name in ("reliability.png", "confusion.png"):
         assert (tmp_path / "figs" / name).stat().st_size > 1000
     text = ok("evaluate", test, "--model", d / "model", "--masks", test)
