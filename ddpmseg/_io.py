@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ddpmseg.errors import DdpmsegError
@@ -96,6 +97,16 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
+    """``np.save`` of ``array`` to ``path`` (the exact name: no ``.npy`` added), through :func:`write_atomic`."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temp file's name
+            np.save(f, array)
+
+    write_atomic(path, write)
 
 
 def remove_stale_temps(path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ddpmseg._io import write_atomic
+from ddpmseg._io import save_npy_atomic
 from ddpmseg.backbones import AdmConfig
 from ddpmseg.backbones.adm import random_unet
 from ddpmseg.data import LabelSet
@@ -97,14 +97,9 @@ def make_synthetic_dataset(out_dir: str | Path, n_images: int = 6, size: int = 6
     for i in range(n_images):
         img, labels = _synthetic_one(rng, size)
         save_png_atomic(out / f"shape_{i}.png", img)
-        write_atomic(out / f"shape_{i}.npy", lambda tmp, a=labels: _np_save(tmp, a))
+        save_npy_atomic(out / f"shape_{i}.npy", labels)
     SYNTHETIC_LABELSET.to_csv(out / "classes.csv")
     return SYNTHETIC_LABELSET
-
-
-def _np_save(tmp: Path, a: np.ndarray) -> None:
-    with open(tmp, "wb") as f:
-        np.save(f, a)
 
 
 def run_demo(directory: str | Path, echo: Callable[[str], None] = print, progress: bool = False) -> dict:

@@ -21,8 +21,10 @@ import numpy as np
 
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.metrics import top_mean
+from ddpmseg.options import SUGGEST_N as DEFAULT_N
+from ddpmseg.options import SUGGEST_STRATEGIES as STRATEGIES
 
-STRATEGIES = ("uncertainty", "bald", "diversity")
+DEFAULT_STRATEGY = STRATEGIES[0]
 TOP_FRACTION = 0.10
 
 
@@ -37,7 +39,7 @@ def embedding(maps: dict) -> np.ndarray:
     return np.concatenate([np.asarray(v, dtype=np.float64).reshape(len(v), -1).mean(1) for v in maps.values()])
 
 
-def rank(scores: dict[str, np.ndarray], n: int, by: str = "uncertainty", embeddings: np.ndarray | None = None,
+def rank(scores: dict[str, np.ndarray], n: int, by: str = DEFAULT_STRATEGY, embeddings: np.ndarray | None = None,
          labelled: np.ndarray | None = None) -> list[tuple[int, float]]:
     """The ``n`` best images as (index, score): by ``scores[by]``, or greedily by diversity (``embeddings``
     of the candidates; ``labelled``: embeddings of images labelled already, if known)."""

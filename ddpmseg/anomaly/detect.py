@@ -24,16 +24,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpmseg import data, viz
-from ddpmseg._io import check_not_there, check_writable, write_atomic
+from ddpmseg._io import check_not_there, check_writable, save_npy_atomic, write_atomic
+from ddpmseg.anomaly.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SAMPLE_STEPS,
+    DEFAULT_START_STEPS,
+    DEFAULT_VMAX,
+    MAP_SUFFIX,
+    OUTPUT_KINDS,
+)
 from ddpmseg.anomaly.heal import Healer
+from ddpmseg.anomaly.metrics import image_score
 from ddpmseg.backbones import create_backbone
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.extractor import make_noise
-from ddpmseg.metrics import top_mean
-
-DEFAULT_START_STEPS = (100, 250, 400)
-TOP_FRACTION = 0.01  # an image's score: the mean of its map's top 1 %
-OUTPUT_KINDS = ("anomaly", "healed")
+from ddpmseg.options import DEFAULT_SEED
 
 
 @dataclass
@@ -43,11 +48,8 @@ class AnomalySummary:
     seconds: float
     scores: dict[str, float] = field(default_factory=dict)
     not_images: list[str] = field(default_factory=list)
-
-
-def image_score(anomaly: np.ndarray, fraction: float = TOP_FRACTION) -> float:
-    """An image's anomaly score: the mean of its map's ``fraction`` (1 %) highest values."""
-    return top_mean(anomaly, fraction)
+    vmax: float = DEFAULT_VMAX
+    above_vmax: float = 0.0  # share of all map pixels above vmax (drawn at the brightest colour)
 
 
 def _smooth(m: np.ndarray, sigma: float) -> np.ndarray:
@@ -73,13 +75,13 @@ def anomaly_maps(
     out: str | Path,
     *,
     start_steps: Sequence[int] = DEFAULT_START_STEPS,
-    sample_steps: int = 50,
+    sample_steps: int = DEFAULT_SAMPLE_STEPS,
     ancestral: bool = False,
     smooth: float = 0.0,
-    seed: int = 0,
-    batch_size: int = 4,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     save_maps: bool = False,
-    vmax: float = 0.25,
+    vmax: float = DEFAULT_VMAX,
     preset: str | None = None,
     model_flags: str | Path | None = None,
     image_size: int | None = None,
@@ -102,8 +104,8 @@ def anomaly_maps(
     not_images: list[str] = []
     paths = data.list_images(images, skipped=not_images)
     out = check_writable(out, folder=True)
-    kinds = [*OUTPUT_KINDS, *(("anomaly.npy",) if save_maps else ())]
-    targets = [out / (f"{p.stem}_{k}" + ("" if k.endswith(".npy") else ".png")) for p in paths for k in kinds]
+    suffixes = [f"_{k}.png" for k in OUTPUT_KINDS] + ([MAP_SUFFIX] if save_maps else [])
+    targets = [out / f"{p.stem}{suffix}" for p in paths for suffix in suffixes]
     check_not_there(targets, overwrite)  # scores.csv gains these images' rows, keeping the others
     backbone = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
                                num_head_channels=num_head_channels)
@@ -116,6 +118,7 @@ def anomaly_maps(
     noise = make_noise(seed, size)
     out.mkdir(parents=True, exist_ok=True)
     scores: dict[str, float] = {}
+    above, pixels = 0, 0  # map pixels above vmax, all map pixels
     start = time.perf_counter()
     bar = tqdm(total=len(paths) * len(steps), desc="anomaly", unit="heal", disable=not progress)
     try:
@@ -135,29 +138,28 @@ def anomaly_maps(
                 grid = _smooth(maps[i], smooth)
                 full = data.restore_map(grid, pre, fill=0.0)
                 scores[p.stem] = image_score(full)
+                above, pixels = above + int(np.count_nonzero(full > vmax)), pixels + full.size
                 _write_outputs(out, p.stem, rgb, full, first[i], pre, vmax, save_maps)
     finally:
         bar.close()
         if scores:
             _write_scores(out / "scores.csv", scores)
-    return AnomalySummary(out, len(paths), time.perf_counter() - start, scores, not_images)
+    return AnomalySummary(out, len(paths), time.perf_counter() - start, scores, not_images, vmax,
+                          above / max(pixels, 1))
 
 
 def _write_outputs(out: Path, stem: str, rgb: np.ndarray, full: np.ndarray, healed: torch.Tensor,
                    pre: data.Preprocess, vmax: float, save_maps: bool) -> None:
     heat, top = viz.heatmap(np.minimum(full, vmax), vmax=vmax)
     blended = (0.5 * rgb.astype(np.float32) + 0.5 * heat.astype(np.float32)).round().astype(np.uint8)
-    viz.save_png_atomic(out / f"{stem}_anomaly.png", viz.with_colorbar(blended, top, "anomaly"))
+    over = float(np.mean(full > vmax)) if full.size else 0.0
+    title = "anomaly" + (f"\n{100 * over:.2g} % of pixels\nabove {vmax:g}" if over > 0 else "")
+    viz.save_png_atomic(out / f"{stem}_anomaly.png", viz.with_colorbar(blended, top, title))
     img = ((healed.numpy() + 1) * 127.5).clip(0, 255)
     back = data.restore_map(img, pre, fill=255.0).round().clip(0, 255).astype(np.uint8).transpose(1, 2, 0)
     viz.save_png_atomic(out / f"{stem}_healed.png", np.ascontiguousarray(back))
     if save_maps:
-        write_atomic(out / f"{stem}_anomaly.npy", lambda path: _save_npy(path, full.astype(np.float32)))
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to the temp file's name
-        np.save(f, array)
+        save_npy_atomic(out / f"{stem}{MAP_SUFFIX}", full.astype(np.float32))
 
 
 def _write_scores(path: Path, scores: dict[str, float]) -> None:

@@ -10,6 +10,8 @@
   over all pixels of all images, and the threshold that gives it;
 - image AUROC of the per-image scores (the mean of each map's top 1 %), when
   some masks are empty (normal images) and some are not.
+
+numpy, scipy and scikit-learn only: ``evaluate-anomaly`` never loads torch.
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from ddpmseg import data
-from ddpmseg.anomaly.detect import image_score
+from ddpmseg.anomaly.config import MAP_SUFFIX, TOP_FRACTION
 from ddpmseg.errors import DdpmsegError
+from ddpmseg.metrics import top_mean
 
-MAP_SUFFIX = "_anomaly.npy"
 MASK_NAMES = ("{}.png", "{}.npy", "{}_mask.png", "{}_mask.npy")
+
+
+def image_score(anomaly: np.ndarray, fraction: float = TOP_FRACTION) -> float:
+    """An image's anomaly score: the mean of its map's ``fraction`` (1 %) highest values."""
+    return top_mean(anomaly, fraction)
 
 
 def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:

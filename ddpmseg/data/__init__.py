@@ -4,6 +4,9 @@
     preprocess  Preprocess: resize / crop to the model's S x S grid, and back
     masks       find_mask, load_mask (.npy, index or colour PNGs), check_labels, apply_min_pixels
     labelsets   LabelSet (names, colours, ignore label), load_label_set, list_label_sets
+    palette     distinct_colors (the colours of classes without their own)
+
+Only ``preprocess_image`` imports torch (when called): the rest is numpy-only.
 """
 
 from ddpmseg.data.images import (
@@ -25,6 +28,7 @@ from ddpmseg.data.masks import (
     find_mask,
     load_mask,
 )
+from ddpmseg.data.palette import distinct_colors
 from ddpmseg.data.preprocess import Preprocess, preprocess_image, prepare_mask, restore_labels, restore_map
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "SUPPORTED_IMAGE_SUFFIXES",
     "apply_min_pixels",
     "check_labels",
+    "distinct_colors",
     "find_mask",
     "list_images",
     "list_label_sets",

@@ -18,8 +18,8 @@ import numpy as np
 
 from ddpmseg._io import write_atomic
 from ddpmseg.data.images import natural_key
+from ddpmseg.data.palette import distinct_colors
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.viz import distinct_colors
 
 log = logging.getLogger(__name__)
 

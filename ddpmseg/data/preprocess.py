@@ -3,19 +3,26 @@
 A :class:`Preprocess` record (stored per image in the cache) says how an
 original image was mapped onto the model's S x S grid; label maps are mapped
 the same way (``prepare_mask``) and predictions mapped back (``restore_labels``,
-``restore_map``)."""
+``restore_map``).
+
+torch is imported only by :func:`preprocess_image` (the one function that
+makes a tensor), so ``ddpmseg.data`` loads without it (``evaluate-anomaly``,
+label sets and masks are numpy-only).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.options import PREPROCESS_MODES as MODES
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,8 @@ def preprocess_image(rgb: np.ndarray, size: int, mode: str = "resize") -> tuple[
     Uses PIL bilinear resampling then ``x / 127.5 - 1``; for a square image both
     modes equal the reference ``img.resize((S, S), Image.BILINEAR)``.
     """
+    import torch
+
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise DdpmsegError(f"preprocess_image needs an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")

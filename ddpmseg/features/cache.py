@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 import torch
 
-from ddpmseg._io import check_writable, remove_stale_temps, write_atomic
+from ddpmseg._io import check_writable, remove_stale_temps, save_npy_atomic, write_atomic
 from ddpmseg.data import natural_key
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.extractor import BlockMaps, upsample_concat
@@ -166,7 +166,7 @@ class FeatureWriter:
         d = self.path if self.folder else parts_dir(self.path)
         d.mkdir(exist_ok=True, parents=self.folder)
         if self.folder and not (d / FOLDER_MARKER).is_file():
-            write_atomic(d / FOLDER_NOISE, lambda p: _save_npy(p, self.noise))
+            save_npy_atomic(d / FOLDER_NOISE, self.noise)
             text = json.dumps({k: v for k, v in self.record.to_attrs().items() if k != "format"} | {"format": FOLDER_FORMAT},
                               indent=2, sort_keys=True)
             write_atomic(d / FOLDER_MARKER, lambda p: p.write_text(text + "\n"))
@@ -224,11 +224,6 @@ class FeatureWriter:
             tmp.unlink(missing_ok=True)
         if not any(d.iterdir()):
             d.rmdir()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temp name
-        np.save(f, array)
 
 
 class _FolderIndex(Mapping):

@@ -17,6 +17,10 @@ TRAIN_PREPROCESS = ("resize", "crop", "random-crop")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 TRAIN_PRECISIONS = ("fp32", "bf16")
 
+# the settings a resumed run may change (they do not change what is trained); every other one is the run's
+RESUMABLE = ("steps", "save_every", "sample_every", "log_every")
+_OPTIONS = {"n_samples": "--samples"}  # a setting whose train-ddpm option is not --NAME
+
 # guided-diffusion's ADM at a size a laptop can train: the ffhq_256 design (resblock up/down,
 # scale-shift norm, learned sigmas, 1000 linear steps), narrow and with attention at the two
 # coarsest useful levels.
@@ -108,3 +112,40 @@ class TrainConfig:
             return cls.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
             raise DdpmsegError(f"cannot read the training settings {path} ({e}); start a new run in another --out") from None
+
+
+def option_name(setting: str) -> str:
+    """The ``train-ddpm`` option of a :class:`TrainConfig` field (``n_samples`` is ``--samples``)."""
+    return _OPTIONS.get(setting, "--" + setting.replace("_", "-"))
+
+
+def _shown(setting: str, value: Any) -> str:
+    """``setting``'s value as a command line gives it (``--no-flip`` for flip False)."""
+    if isinstance(value, bool):
+        return option_name(setting) if value else "--no-" + option_name(setting)[2:]
+    return f"{option_name(setting)} {value}"
+
+
+def resumed_config(saved: TrainConfig, given: TrainConfig | Mapping[str, Any], source: str) -> tuple[TrainConfig, list[str]]:
+    """The settings a resumed run continues with, and what in ``given`` disagrees with the run's.
+
+    ``saved`` is the run's ``train.json`` (``source``); ``given`` the settings a
+    command repeats (a mapping of some fields, or a whole TrainConfig). A
+    :data:`RESUMABLE` setting takes the given value; any other must equal the
+    run's, else it is listed (``--lr 0.0002 differs from the run's 0.0001 (RUN/train.json)``).
+    ``init`` is left out: train_ddpm checks it against its ``init`` argument.
+    """
+    items = given.to_dict() if isinstance(given, TrainConfig) else dict(given)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(items) - known)
+    if unknown:
+        raise DdpmsegError(f"unknown training setting(s) {', '.join(unknown)}; use the fields of TrainConfig")
+    changes, conflicts = {}, []
+    for name, value in items.items():
+        if name in RESUMABLE:
+            changes[name] = value
+        elif name != "init" and value != getattr(saved, name):
+            ran = getattr(saved, name)
+            theirs = _shown(name, ran) if isinstance(ran, bool) else str(ran)
+            conflicts.append(f"{_shown(name, value)} differs from the run's {theirs} ({source})")
+    return dataclasses.replace(saved, **changes), conflicts

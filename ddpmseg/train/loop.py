@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,18 +29,13 @@ from tqdm.auto import tqdm
 import ddpmseg.backbones.runs as runs
 from ddpmseg import data, viz
 from ddpmseg._io import check_writable, write_atomic
-from ddpmseg.backbones import AdmConfig, get_preset, resolve_device
-from ddpmseg.backbones._builder import adm_architecture
-from ddpmseg.backbones._checkpoint import read_state_dict
+from ddpmseg.backbones import AdmConfig, adm_architecture, get_preset, read_state_dict, resolve_device
 from ddpmseg.backbones.adm import build_diffusion, build_unet
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.train.config import TrainConfig, small_architecture
+from ddpmseg.train.config import RESUMABLE, TrainConfig, option_name, resumed_config, small_architecture
 from ddpmseg.train.data import DIFFUSION, STEP, TrainImages, generator, seed_of
 
 log = logging.getLogger(__name__)
-
-# the settings a resumed run may change (they do not change what is trained)
-RESUMABLE = ("steps", "save_every", "sample_every", "log_every")
 
 
 @dataclass
@@ -194,9 +189,49 @@ def _check_out(out: Path, resume: bool) -> None:
         raise DdpmsegError(f"--out {out} exists and is not empty; {hint}")
 
 
-def _resumed_config(out: Path, steps: int | None) -> TrainConfig:
-    saved = TrainConfig.from_json(out / runs.TRAIN_CONFIG)
-    return saved if steps is None else dataclasses.replace(saved, steps=steps)
+def _differences(given: Any, run: AdmConfig) -> str:
+    """What of architecture ``given`` differs from the run's, as ``name value (run's: value)``."""
+    if not isinstance(given, AdmConfig):
+        return f"a {given.family} model, not guided-diffusion's ADM"
+    mine, theirs = given.to_dict(), run.to_dict()
+    diff = [f"{k} {mine[k]} (the run's {theirs[k]})" for k in mine if mine[k] != theirs.get(k)]
+    return ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
+
+
+def _architecture_conflicts(out: Path, preset: str | None, model_flags: str | Path | None, image_size: int | None,
+                            init: str | Path | None, saved_init: str | None) -> list[str]:
+    """What the architecture options repeated with ``--resume`` say that the run did not do."""
+    flags = out / runs.FLAGS
+    run = AdmConfig.from_json(flags)
+    conflicts = []
+    if image_size is not None and image_size != run.image_size:
+        conflicts.append(f"--image-size {image_size} differs from the run's {run.image_size} ({flags})")
+    for option, value, config in (("--preset", preset, lambda: get_preset(preset).config),
+                                  ("--model-flags", model_flags, lambda: AdmConfig.from_json(model_flags))):
+        if value is not None:
+            given = config()
+            if given != run:
+                conflicts.append(f"{option} {value} differs from the run's architecture ({flags}): "
+                                 f"{_differences(given, run)}")
+    if init is not None and str(Path(init).resolve()) != saved_init:
+        theirs = saved_init or "none (trained from scratch)"
+        conflicts.append(f"--init {init} differs from the run's {theirs} ({out / runs.TRAIN_CONFIG})")
+    return conflicts
+
+
+def _resumed_config(out: Path, given: TrainConfig | Mapping[str, Any] | None, steps: int | None, preset: str | None,
+                    model_flags: str | Path | None, image_size: int | None, init: str | Path | None) -> TrainConfig:
+    """The run's own settings (``train.json``), after checking that what the call repeats agrees with them."""
+    source = out / runs.TRAIN_CONFIG
+    saved = TrainConfig.from_json(source)
+    config, conflicts = resumed_config(saved, given or {}, str(source))
+    conflicts += _architecture_conflicts(out, preset, model_flags, image_size, init, saved.init)
+    if conflicts:
+        may = ", ".join(option_name(k) for k in RESUMABLE)
+        raise DdpmsegError(f"--resume continues the run in {out} with its own settings, but "
+                           f"{'; '.join(conflicts)}; leave out what differs or give the run's values "
+                           f"(only {may} may change)")
+    return config if steps is None else dataclasses.replace(config, steps=steps)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -293,8 +328,9 @@ class _Trainer:
         return float(self.dist.mean(loss.detach().reshape(1))), t, terms["loss"].detach()
 
     @torch.no_grad()
-    def sample_grid(self, path: Path) -> Path:
-        """DDIM samples of the EMA weights (respaced to ``sample_steps``), one fixed noise per run."""
+    def sample_grid(self, path: Path, step: int | None = None) -> Path:
+        """DDIM samples of the EMA weights (respaced to ``sample_steps``), one fixed noise per run, enlarged
+        to a grid at least 256 px wide under a header saying the step, EMA and sampler."""
         cfg, s = self.config, self.arch.image_size
         if not hasattr(self, "_sampling_model"):
             self._sampling_model = build_unet(self.arch).to(self.dist.device)
@@ -304,14 +340,15 @@ class _Trainer:
         noise = torch.randn((cfg.n_samples, 3, s, s), generator=torch.Generator().manual_seed(cfg.seed))
         x = spaced.ddim_sample_loop(model, noise.shape, noise=noise.to(self.dist.device), clip_denoised=True)
         images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        viz.save_png_atomic(path, viz.image_grid(images))
+        header = (f"step {step:,}, " if step is not None else "") + f"EMA {cfg.ema:g}, DDIM {cfg.sample_steps} steps"
+        viz.save_png_atomic(path, viz.sample_sheet(images, header))
         return path
 
 
 def train_ddpm(
     images: Sequence[str | Path],
     out: str | Path,
-    config: TrainConfig | None = None,
+    config: TrainConfig | Mapping[str, Any] | None = None,
     *,
     preset: str | None = None,
     model_flags: str | Path | None = None,
@@ -328,17 +365,28 @@ def train_ddpm(
     The architecture comes from ``preset``, ``model_flags``, ``image_size``
     (:func:`~ddpmseg.train.config.small_architecture`) or ``init`` (a
     checkpoint to fine-tune; its architecture as ``--ckpt`` reads it).
+    ``config`` may also be a mapping of some of TrainConfig's fields (the rest
+    their defaults).
+
     ``resume=True`` continues ``out`` from its last complete checkpoint with
-    its own settings (``steps`` may raise the step count) and, on the CPU,
-    gives the weights the uninterrupted run would have. ``--ckpt out`` then
-    loads the newest EMA checkpoint on every other command.
+    its own settings (``RUN/train.json``, ``RUN/flags.json``) and, on the CPU,
+    gives the weights the uninterrupted run would have. What the call repeats
+    (``config``, a TrainConfig or a mapping of the settings given again, and
+    ``preset`` / ``model_flags`` / ``image_size`` / ``init``) must agree with
+    the run's, else a DdpmsegError names each setting that differs with both
+    values; ``steps`` and the other :data:`~ddpmseg.train.config.RESUMABLE`
+    settings (how often to save, sample and log) may change. ``--ckpt out``
+    then loads the newest EMA checkpoint on every other command.
     """
     out = Path(out)
     dist = _Dist(resolve_device(device))
     try:
         _check_out(out, resume)
         if resume:
-            config = _resumed_config(out, steps)
+            config = _resumed_config(out, config, steps, preset, model_flags, image_size, init)
+        elif isinstance(config, Mapping):
+            config = TrainConfig.from_dict(config) if set(config) <= set(TrainConfig().to_dict()) else \
+                resumed_config(TrainConfig(), config, "")[0]  # unknown names: its one-line error
         config = config or TrainConfig()
         if steps is not None and not resume:
             config = dataclasses.replace(config, steps=steps)
@@ -401,9 +449,11 @@ def _run(trainer: _Trainer, paths: list[Path], out: Path, start: int, workers: i
             bar.update(1)
             if dist.main and (done % cfg.save_every == 0 or done == cfg.steps):
                 checkpoint = trainer.save(out, done)
-                viz.save_png_atomic(out / "loss.png", viz.line_plot(*_curve(out, done), "training loss", "step", log_y=True))
+                plot = viz.line_plot(*_curve(out, done), f"training loss (mean of each logged interval), step {done:,}",
+                                     "step", log_y=True, ylabel="training loss (log scale)")
+                viz.save_png_atomic(out / "loss.png", plot)
             if dist.main and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
-                samples = trainer.sample_grid(out / f"samples_{done:06d}.png")
+                samples = trainer.sample_grid(out / f"samples_{done:06d}.png", done)
     finally:
         bar.close()
         if logfile is not None:
