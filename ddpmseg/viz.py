@@ -1,17 +1,23 @@
 """Pictures: palettes, colour-coded label maps, overlays with a legend, heat maps with a colour bar,
-and the k-means grid.
+the k-means grid, sample sheets, line plots, reliability diagrams and confusion matrices.
 
 Every PNG is written atomically (temp file in the same folder, then
 ``os.replace``), so an interrupted run never leaves a half-written image.
+Inside ``with record_drawing() as drawn:`` the picture functions list what
+they draw (each text with its bounding box, and marks such as bars), so tests
+can check that every label is inside its picture and readable.
 """
 
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import logging
+import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -25,20 +31,124 @@ __all__ = [
     "GRID_LEFT",
     "GRID_PAD",
     "GRID_TOP",
+    "Drawn",
     "cluster_features",
     "colorize",
     "colormap",
+    "confusion_image",
     "distinct_colors",
     "heatmap",
     "image_grid",
     "line_plot",
     "kmeans_grid",
     "overlay",
+    "record_drawing",
+    "reliability_diagram",
+    "sample_sheet",
     "save_label_png",
     "save_png_atomic",
+    "uncertainty_scale",
     "with_colorbar",
     "with_legend",
+    "wrap_text",
 ]
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """One item a picture function drew: ``kind`` ("text", or a mark: "bar", "marker", "line"),
+    its ``text`` (a mark: what it stands for), its bounding ``box`` (x0, y0, x1, y1) on the
+    returned picture and its ``fill`` colour."""
+
+    kind: str
+    text: str
+    box: tuple[int, int, int, int]
+    fill: tuple[int, ...]
+
+
+_RECORDERS: list[list[Drawn]] = []
+
+
+@contextlib.contextmanager
+def record_drawing() -> Iterator[list[Drawn]]:
+    """``with record_drawing() as drawn:``: the list fills with a :class:`Drawn` per text and mark
+    the picture functions draw inside the block."""
+    items: list[Drawn] = []
+    _RECORDERS.append(items)
+    try:
+        yield items
+    finally:
+        _RECORDERS.remove(items)
+
+
+def _record(kind: str, text: str, box: Sequence[float], fill: Sequence[int]) -> None:
+    for items in _RECORDERS:
+        items.append(Drawn(kind, text, tuple(int(round(v)) for v in box), tuple(int(c) for c in fill)))  # type: ignore[arg-type]
+
+
+def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: Any,
+          fill: tuple[int, int, int] = (0, 0, 0)) -> tuple[int, int, int, int]:
+    """Draw ``text`` with its top left at ``xy``; its bounding box (recorded)."""
+    draw.text(xy, text, fill=fill, font=font)
+    box = tuple(int(v) for v in draw.textbbox(xy, text, font=font))
+    _record("text", text, box, fill)
+    return box  # type: ignore[return-value]
+
+
+_PROBE = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+
+def _width(text: str, font: Any) -> int:
+    return _text_size(_PROBE, text, font)[0]
+
+
+def _line_height(font: Any) -> int:
+    return max(_text_size(_PROBE, "Ag", font)[1], 8) + 6
+
+
+def wrap_text(text: str, font: Any, width: int) -> list[str]:
+    """``text`` broken into lines at most ``width`` px wide in ``font``: at spaces, and inside a word
+    too long for a line; explicit newlines are kept."""
+    lines: list[str] = []
+    for para in str(text).split("\n"):
+        line, first = "", len(lines)
+        for word in para.split(" "):
+            trial = f"{line} {word}" if line else word
+            if _width(trial, font) <= width:
+                line = trial
+                continue
+            if _width(word, font) <= width:  # the word fits a line of its own
+                lines.append(line)
+                line = word
+                continue
+            while _width(trial, font) > width:  # a word longer than a line: cut it at the last fitting character
+                fits = [i for i in range(1, len(trial)) if _width(trial[:i], font) <= width]
+                cut = fits[-1] if fits else 1
+                lines.append(trial[:cut].rstrip())
+                trial = trial[cut:].lstrip()
+            line = trial
+        if line or len(lines) == first:
+            lines.append(line)
+    return lines
+
+
+def _vertical_size(text: str, font: Any) -> tuple[int, int]:
+    l, t, r, b = font.getbbox(text)
+    return b - t + 2, r - l + 2
+
+
+def _vertical_text(canvas: Image.Image, xy: tuple[int, int], text: str, font: Any,
+                   fill: tuple[int, int, int] = (0, 0, 0)) -> tuple[int, int, int, int]:
+    """Draw ``text`` reading bottom to top with its box's top left at ``xy``; the box (recorded)."""
+    l, t, r, b = font.getbbox(text)
+    mask = Image.new("L", (r - l + 2, b - t + 2), 0)
+    ImageDraw.Draw(mask).text((1 - l, 1 - t), text, fill=255, font=font)
+    mask = mask.rotate(90, expand=True)
+    x, y = int(xy[0]), int(xy[1])
+    box = (x, y, x + mask.width, y + mask.height)
+    canvas.paste(fill, box, mask)
+    _record("text", text, box, fill)
+    return box
 
 
 def distinct_colors(n: int) -> np.ndarray:
@@ -168,39 +278,145 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> 
     return grid
 
 
+def sample_sheet(images: np.ndarray, header: str, min_width: int = 256, columns: int | None = None,
+                 pad: int = 2) -> Image.Image:
+    """(N, H, W, 3) uint8 images as an :func:`image_grid`, each enlarged by the smallest whole factor
+    (nearest neighbour: the pixels stay visible) that makes the grid at least ``min_width`` px
+    wide, under a ``header`` line (wrapped to the grid's width) saying what the images are."""
+    imgs = np.asarray(images)
+    if imgs.ndim != 4 or imgs.shape[-1] != 3 or imgs.dtype != np.uint8 or len(imgs) == 0:
+        raise DdpmsegError(f"a sample sheet needs (N, H, W, 3) uint8 images, got {imgs.shape} {imgs.dtype}")
+    n, _, w, _ = imgs.shape
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    factor = max(1, math.ceil((min_width - pad - cols * pad) / (cols * w)))
+    grid = image_grid(imgs.repeat(factor, axis=1).repeat(factor, axis=2), cols, pad)
+    width = grid.shape[1]
+    font = _font(max(12, min(28, width // 36)))
+    line = _line_height(font)
+    lines = wrap_text(header, font, width - 8)
+    head = 4 + line * len(lines)
+    canvas = Image.new("RGB", (width, head + grid.shape[0]), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, t in enumerate(lines):
+        _text(draw, (4, 3 + i * line), t, font)
+    canvas.paste(Image.fromarray(grid, "RGB"), (0, head))
+    return canvas
+
+
+def _nice_step(span: float, target: int) -> float:
+    raw = span / max(target, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    return next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * 0.999)
+
+
+def _linear_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
+    step = _nice_step(hi - lo, target)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values (not logs) for a log axis spanning 10**lo .. 10**hi."""
+    span = hi - lo
+    if span >= 1:
+        mults = (1,) if span > 2.5 else (1, 2, 5)
+        ticks = [m * 10.0 ** e for e in range(math.floor(lo), math.ceil(hi) + 1) for m in mults]
+        ticks = [v for v in ticks if lo - 1e-9 <= math.log10(v) <= hi + 1e-9]
+        while len(ticks) > 8:
+            ticks = ticks[::2]
+        return ticks
+    return [v for v in _linear_ticks(10 ** lo, 10 ** hi, 6) if v > 0]
+
+
+def _tick_text(v: float) -> str:
+    if v == int(v) and abs(v) < 1e7:
+        return f"{int(v):,}"
+    return f"{v:.6g}"
+
+
 def line_plot(x: Sequence[float], y: Sequence[float], title: str, xlabel: str, size: tuple[int, int] = (640, 360),
-              log_y: bool = False) -> Image.Image:
-    """A line chart of ``y`` against ``x`` with labelled axes (min / max ticks; ``log_y``: a log scale,
-    positive values only); empty data gives empty axes."""
+              log_y: bool = False, ylabel: str | None = None) -> Image.Image:
+    """A line chart of ``y`` against ``x``: a title, both axes labelled (``ylabel``, default the title,
+    with "(log scale)" when ``log_y``: positive values only) with ticks and their values, grid
+    lines, markers on the points when there are few (a lone point sits in the middle, its value
+    written beside it) and the last value written at the last point; no data: empty axes saying so."""
     width, height = size
     canvas = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = _font()
-    left, right, top, bottom = 64, 16, 28, 40
-    draw.text((left, 6), title, fill=(0, 0, 0), font=font)
-    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
-    draw.text(((left + width - right) // 2 - 12, height - 20), xlabel, fill=(0, 0, 0), font=font)
+    line = _line_height(font)
+    ylabel = ylabel if ylabel is not None else title + (" (log scale)" if log_y else "")
     xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     keep = np.isfinite(xs) & np.isfinite(ys) & ((ys > 0) if log_y else True)
     xs, ys = xs[keep], ys[keep]
-    labels = ys
+    values = ys
     if log_y:
         ys = np.log10(ys)
     if len(xs):
-        x0, x1 = float(xs.min()), float(xs.max()) if xs.max() > xs.min() else float(xs.min()) + 1
-        y0, y1 = float(ys.min()), float(ys.max()) if ys.max() > ys.min() else float(ys.min()) + 1
-        px = left + (xs - x0) / (x1 - x0) * (width - right - left)
-        py = height - bottom - (ys - y0) / (y1 - y0) * (height - bottom - top)
-        if len(xs) > 1:
-            draw.line(list(zip(px.tolist(), py.tolist())), fill=(31, 119, 180), width=2)
-        else:
-            draw.ellipse([px[0] - 2, py[0] - 2, px[0] + 2, py[0] + 2], fill=(31, 119, 180))
-        for value, yy in ((float(labels.max()), top), (float(labels.min()), height - bottom - 12)):
-            draw.text((4, yy), f"{value:.4g}", fill=(0, 0, 0), font=font)
-        if log_y:
-            draw.text((4, (top + height - bottom) // 2), "log", fill=(0, 0, 0), font=font)
-        for value, xx in ((x0, left), (x1, width - right - 40)):
-            draw.text((xx, height - bottom + 4), f"{value:.6g}", fill=(0, 0, 0), font=font)
+        x0, x1 = float(xs.min()), float(xs.max())
+        y0, y1 = float(ys.min()), float(ys.max())
+    else:
+        x0, x1 = 0.0, 1.0
+        y0, y1 = (-1.0, 0.0) if log_y else (0.0, 1.0)
+    if x1 <= x0:  # one x: centred
+        d = max(abs(x0) * 0.5, 1.0)
+        x0, x1 = x0 - d, x1 + d
+    if y1 <= y0:
+        d = 0.1 if log_y else max(abs(y0) * 0.1, 1e-3)
+        y0, y1 = y0 - d, y1 + d
+    xpad, ypad = 0.02 * (x1 - x0), 0.06 * (y1 - y0)
+    x0, x1, y0, y1 = x0 - xpad, x1 + xpad, y0 - ypad, y1 + ypad
+    yticks = [(math.log10(v), _tick_text(v)) for v in _log_ticks(y0, y1)] if log_y else \
+        [(v, _tick_text(v)) for v in _linear_ticks(y0, y1)]
+    xticks = [(v, _tick_text(v)) for v in _linear_ticks(x0, x1, max(2, (width - 120) // 90))]
+    tick_w = max([_width(t, font) for _, t in yticks] + [10])
+    left = 8 + line + tick_w + 10
+    right, top, bottom = 20, 10 + line, 12 + 2 * line
+    pw, ph = width - left - right, height - top - bottom
+
+    def at(xv: float, yv: float) -> tuple[float, float]:
+        return left + (xv - x0) / (x1 - x0) * pw, top + (1 - (yv - y0) / (y1 - y0)) * ph
+
+    _text(draw, (left, 4), title, font)
+    for v, t in yticks:
+        _, yy = at(x0, v)
+        draw.line([left, yy, left + pw, yy], fill=(232, 232, 232))
+        draw.line([left - 4, yy, left, yy], fill=(0, 0, 0))
+        th = _text_size(_PROBE, t, font)[1]
+        _text(draw, (left - 7 - _width(t, font), yy - th / 2 - 3), t, font)
+    for v, t in xticks:
+        xx, _ = at(v, y0)
+        draw.line([xx, top, xx, top + ph], fill=(232, 232, 232))
+        draw.line([xx, top + ph, xx, top + ph + 4], fill=(0, 0, 0))
+        tw = _width(t, font)
+        _text(draw, (min(max(xx - tw / 2, 2), width - 2 - tw), top + ph + 6), t, font)
+    draw.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
+    _text(draw, (left + (pw - _width(xlabel, font)) / 2, top + ph + 6 + line), xlabel, font)
+    vw, vh = _vertical_size(ylabel, font)
+    _vertical_text(canvas, (6, int(top + max(0, (ph - vh) / 2))), ylabel, font)
+    blue = (31, 119, 180)
+    if not len(xs):
+        t = "no data yet"
+        _text(draw, (left + (pw - _width(t, font)) / 2, top + ph / 2 - 8), t, font, (120, 120, 120))
+        return canvas
+    pts = [at(a, b) for a, b in zip(xs.tolist(), ys.tolist())]
+    if len(pts) > 1:
+        draw.line(pts, fill=blue, width=2)
+        _record("line", ylabel, (min(p[0] for p in pts), min(p[1] for p in pts), max(p[0] for p in pts),
+                                 max(p[1] for p in pts)), blue)
+    if len(pts) <= 30:
+        r = 4 if len(pts) <= 3 else 3
+        for px, py in pts:
+            draw.ellipse([px - r, py - r, px + r, py + r], fill=blue, outline=(255, 255, 255))
+            _record("marker", ylabel, (px - r, py - r, px + r, py + r), blue)
+    px, py = pts[-1]
+    t = f"{values[-1]:.4g}" + (f" at {xlabel} {_tick_text(float(xs[-1]))}" if len(pts) == 1 else "")
+    tw, th = _text_size(_PROBE, t, font)
+    tx = px + 8 if px + 8 + tw <= left + pw - 2 else px - 8 - tw
+    ty = min(max(py - th - 8, top + 2), top + ph - th - 6)
+    l, tt, r, b = draw.textbbox((tx, ty), t, font=font)
+    draw.rectangle([l - 2, tt - 2, r + 2, b + 2], fill=(255, 255, 255), outline=(200, 200, 200))  # readable over the line
+    _text(draw, (tx, ty), t, font, (20, 70, 120))
     return canvas
 
 
@@ -262,14 +478,26 @@ def colormap(values: np.ndarray) -> np.ndarray:
 def heatmap(u: np.ndarray, vmax: float | None = None) -> tuple[np.ndarray, float]:
     """(H, W) non-negative map -> ((H, W, 3) uint8 viridis image, the value drawn brightest).
 
-    Values are divided by ``vmax`` (default: the map's maximum); NaN and
-    negative values count as 0.
+    Values are divided by ``vmax`` (default: the map's own maximum, so two maps'
+    colours cannot be compared; give a fixed ``vmax``, e.g. the first value of
+    :func:`uncertainty_scale`, for one scale across images); values above it
+    are drawn brightest, NaN and negative values count as 0.
     """
     a = np.maximum(np.nan_to_num(np.asarray(u, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0), 0.0)
     if a.ndim != 2:
         raise DdpmsegError(f"a heat map needs a 2-D map, got shape {a.shape}")
     top = float(a.max(initial=0.0)) if vmax is None else float(vmax)
     return colormap(a / top if top > 0 else a * 0.0), top
+
+
+def uncertainty_scale(n_classes: int) -> tuple[float, str]:
+    """The fixed colour scale of a K-class uncertainty map (entropy or mutual information, in nats):
+    (its largest possible value ln K, a colour-bar title that says so), for
+    ``heat, top = heatmap(u, vmax=v)`` and ``with_colorbar(heat, top, title)``."""
+    if n_classes < 2:
+        raise DdpmsegError(f"an uncertainty scale needs at least 2 classes, got {n_classes}")
+    top = math.log(n_classes)
+    return top, f"uncertainty (nats)\n0 to ln {n_classes} = {top:.3g}"
 
 
 def _panel_font(height: int) -> Any:
@@ -308,27 +536,34 @@ def with_legend(image: np.ndarray, names: Sequence[str], colours: np.ndarray) ->
 
 
 def with_colorbar(image: np.ndarray, vmax: float, title: str) -> Image.Image:
-    """``image`` (H, W, 3), drawn with :func:`colormap` over 0..``vmax``, with a labelled colour bar on its right."""
+    """``image`` (H, W, 3), drawn with :func:`colormap` over 0..``vmax``, with a labelled colour bar on its right.
+
+    ``title`` may hold several lines ("\\n"), e.g. the unit and range from
+    :func:`uncertainty_scale`; the panel grows to fit them.
+    """
     img = np.asarray(image)
     h = img.shape[0]
     font = _panel_font(h)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line = max(_text_size(probe, "Ag", font)[1], 8) + 6
     pad, bar_w = line // 2, line
-    bar_h = max(4 * line, h - 3 * pad - line)
+    titles = str(title).split("\n")
+    head = line * len(titles)
+    bar_h = max(4 * line, h - 3 * pad - head)
     ticks = [(f"{vmax * f:.3g}", f) for f in (1.0, 0.5, 0.0)]
-    text_w = max([_text_size(probe, t, font)[0] for t, _ in ticks] + [_text_size(probe, title, font)[0] - bar_w - pad])
-    canvas, x0 = _beside(img, 3 * pad + bar_w + text_w, 3 * pad + line + bar_h)
+    text_w = max([_text_size(probe, t, font)[0] for t, _ in ticks] + [_text_size(probe, t, font)[0] - bar_w - pad for t in titles])
+    canvas, x0 = _beside(img, 3 * pad + bar_w + text_w, 3 * pad + head + bar_h)
     draw = ImageDraw.Draw(canvas)
-    draw.text((x0 + pad, pad), title, fill=(0, 0, 0), font=font)
-    top = 2 * pad + line
+    for i, t in enumerate(titles):
+        _text(draw, (x0 + pad, pad + i * line), t, font)
+    top = 2 * pad + head
     gradient = colormap(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
     canvas.paste(Image.fromarray(np.ascontiguousarray(gradient), "RGB"), (x0 + pad, top))
     draw.rectangle([x0 + pad, top, x0 + pad + bar_w - 1, top + bar_h - 1], outline=(0, 0, 0))
     for text, f in ticks:
         y = top + round((1 - f) * (bar_h - 1))
         th = _text_size(probe, text, font)[1]
-        draw.text((x0 + 2 * pad + bar_w, min(max(top, y - th // 2), top + bar_h - th)), text, fill=(0, 0, 0), font=font)
+        _text(draw, (x0 + 2 * pad + bar_w, min(max(top, y - th // 2), top + bar_h - th)), text, font)
     return canvas
 
 
@@ -400,51 +635,139 @@ def kmeans_grid(
     return canvas
 
 
+FAINT_SHARE = 0.001
+"""Reliability diagram: a bin holding less than this share of the pixels (0.1 %) is drawn faint."""
+
+_BAR, _BAR_EDGE, _TICK = (94, 156, 206), (31, 80, 140), (200, 60, 40)
+
+
+def _faint(colour: tuple[int, int, int], keep: float = 0.25) -> tuple[int, int, int]:
+    return tuple(int(round(255 - keep * (255 - c))) for c in colour)  # type: ignore[return-value]
+
+
+def _share_text(share: float) -> str:
+    p = 100 * share
+    if p == 0:
+        return "0%"
+    if p >= 10:
+        return f"{p:.0f}%"
+    if p >= 1:
+        return f"{p:.1f}%"
+    return f"{p:.2g}%" if p >= 1e-4 else "<0.0001%"
+
+
 def reliability_diagram(confidence: np.ndarray, accuracy: np.ndarray, count: np.ndarray, ece: float,
                         size: int = 420) -> Image.Image:
-    """A reliability diagram: per equal-width confidence bin a bar of its accuracy (empty bins: none),
-    the bin's mean confidence as a tick, the diagonal of perfect calibration, the ECE in the title."""
-    n = len(count)
-    left, right, top, bottom = 52, 16, 34, 44
-    canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
+    """A reliability diagram, ``size`` px wide: per equal-width confidence bin a bar of its accuracy
+    (empty bins: none; bins with under :data:`FAINT_SHARE` of the pixels: faint), the bin's mean
+    confidence as a red tick on the bar, the diagonal of perfect calibration, each bin's share
+    of the pixels under the axis, a legend for every mark and the ECE in the title."""
+    counts = np.asarray(count, dtype=np.float64)
+    n, total = len(counts), float(np.sum(counts))
+    share = counts / total if total > 0 else np.zeros(n)
     font = _font()
-    w, h = size - left - right, size - top - bottom
-    draw.text((left, 8), f"reliability (ECE {ece:.4f}, {int(np.sum(count)):,} pixels)", fill=(0, 0, 0), font=font)
+    line = _line_height(font)
+    label_w = max(_vertical_size(_share_text(v), font)[1] for v in share) if n else line
+    left, right = 8 + line + _width("0.75", font) + 10, 16
+    w = max(size - left - right, 120)
+    size = left + w + right
+    plot_h = w
+    top = 8 + 2 * line
+    strip = top + plot_h + 6 + 2 * line  # y of the "share of pixels" strip
+    legend_w = size - 16 - 32
+    entries = [
+        ("bar", "bar: accuracy of the pixels whose confidence falls in the bin"),
+        ("tick", "red tick: the bin's mean confidence"),
+        ("diag", "diagonal: perfect calibration (accuracy = confidence)"),
+        ("faint", f"faint bar: a bin with under {100 * FAINT_SHARE:g} % of the pixels (few pixels, noisy)"),
+        ("", "ECE: the pixel-weighted mean gap between bar top and red tick"),
+    ]
+    wrapped = [(kind, wrap_text(text, font, legend_w)) for kind, text in entries]
+    legend_top = strip + line + label_w + 10
+    height = legend_top + sum(len(lines) for _, lines in wrapped) * line + 8
+    canvas = Image.new("RGB", (size, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, t in enumerate(wrap_text(f"reliability: ECE {ece:.4f} over {int(total):,} pixels "
+                                    f"in {n} confidence bins", font, size - 16)[:2]):
+        _text(draw, (8, 6 + i * line), t, font)
 
     def at(x: float, y: float) -> tuple[float, float]:
-        return left + x * w, top + (1 - y) * h
+        return left + x * w, top + (1 - y) * plot_h
 
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):  # grid lines and ticks
+        draw.line([*at(v, 0), *at(v, 1)], fill=(235, 235, 235))
+        draw.line([*at(0, v), *at(1, v)], fill=(235, 235, 235))
     for i in range(n):
-        if count[i] == 0 or not np.isfinite(accuracy[i]):
+        if counts[i] == 0 or not np.isfinite(accuracy[i]):
             continue
-        x0, x1 = i / n, (i + 1) / n
-        draw.rectangle([*at(x0, accuracy[i]), *at(x1, 0)], fill=(94, 156, 206), outline=(31, 80, 140))
-        cx = at(float(confidence[i]), 0)[0]
-        draw.line([cx, at(0, accuracy[i])[1] - 4, cx, at(0, accuracy[i])[1] + 4], fill=(200, 60, 40), width=2)
+        faint = share[i] < FAINT_SHARE
+        fill, edge, tick = (_faint(_BAR), _faint(_BAR_EDGE), _faint(_TICK)) if faint else (_BAR, _BAR_EDGE, _TICK)
+        box = [*at(i / n, float(accuracy[i])), *at((i + 1) / n, 0)]
+        draw.rectangle(box, fill=fill, outline=edge)
+        _record("bar", f"bin {i}" + (" (faint)" if faint else ""), box, fill)
+        cx, cy = at(float(confidence[i]), float(accuracy[i]))
+        draw.line([cx, cy - 5, cx, cy + 5], fill=tick, width=2)
+        _record("tick", f"bin {i}", (cx - 1, cy - 5, cx + 1, cy + 5), tick)
     draw.line([*at(0, 0), *at(1, 1)], fill=(120, 120, 120), width=1)
     draw.rectangle([*at(0, 1), *at(1, 0)], outline=(0, 0, 0))
-    for v in (0.0, 0.5, 1.0):
-        draw.text((at(v, 0)[0] - 8, top + h + 4), f"{v:g}", fill=(0, 0, 0), font=font)
-        draw.text((left - 28, at(0, v)[1] - 6), f"{v:g}", fill=(0, 0, 0), font=font)
-    draw.text((left + w // 2 - 60, size - 22), "confidence (top-1 mean softmax)", fill=(0, 0, 0), font=font)
-    draw.text((4, top - 18), "accuracy", fill=(0, 0, 0), font=font)
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x, y = at(v, 0)
+        draw.line([x, y, x, y + 4], fill=(0, 0, 0))
+        t = f"{v:g}"
+        _text(draw, (min(max(x - _width(t, font) / 2, 2), size - 2 - _width(t, font)), y + 6), t, font)
+        x, y = at(0, v)
+        draw.line([x - 4, y, x, y], fill=(0, 0, 0))
+        th = _text_size(_PROBE, t, font)[1]
+        _text(draw, (x - 6 - _width(t, font), min(max(y - th / 2 - 2, top), top + plot_h - th - 2)), t, font)
+    xl = "confidence (top-1 mean softmax)"
+    _text(draw, (left + (w - _width(xl, font)) / 2, top + plot_h + 6 + line), xl, font)
+    yl = "accuracy (share of pixels correct)"
+    vw, vh = _vertical_size(yl, font)
+    _vertical_text(canvas, (6, int(top + (plot_h - vh) / 2)), yl, font)
+    _text(draw, (8, strip), "share of all pixels in each bin:", font)
+    for i in range(n):
+        t = _share_text(share[i])
+        tw, th = _vertical_size(t, font)
+        _vertical_text(canvas, (int(left + (i + 0.5) * w / n - tw / 2), strip + line + 2), t, font,
+                       (150, 150, 150) if share[i] < FAINT_SHARE else (0, 0, 0))
+    y = legend_top
+    for kind, lines in wrapped:
+        x0, cy = 16, y + line // 2
+        if kind == "bar":
+            draw.rectangle([x0, cy - 6, x0 + 20, cy + 5], fill=_BAR, outline=_BAR_EDGE)
+        elif kind == "faint":
+            draw.rectangle([x0, cy - 6, x0 + 20, cy + 5], fill=_faint(_BAR), outline=_faint(_BAR_EDGE))
+        elif kind == "tick":
+            draw.line([x0 + 10, cy - 6, x0 + 10, cy + 5], fill=_TICK, width=2)
+        elif kind == "diag":
+            draw.line([x0, cy + 5, x0 + 20, cy - 6], fill=(120, 120, 120))
+        for j, t in enumerate(lines):
+            _text(draw, (x0 + 32, y + j * line), t, font)
+        y += line * len(lines)
     return canvas
+
+
+CONFUSION_TITLE = "true \\ predicted (% of each true class)"
 
 
 def confusion_image(confusion: np.ndarray, names: Sequence[str], cell: int = 28) -> Image.Image:
     """The confusion matrix normalised per row (rows: true class, columns: predicted), as a grid of
-    cells shaded by their share with the percentage written in, class names on both axes."""
+    cells shaded by their share with the percentage written in, class names on both axes; the
+    canvas grows to fit the title and the names."""
     cm = np.asarray(confusion, dtype=np.float64)
     k = len(cm)
     rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     font = _font()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max([_text_size(probe, str(n), font)[0] for n in names] + [40]) + 8
-    top = label_w + 20
-    left = label_w + 20
-    canvas = Image.new("RGB", (left + k * cell + 10, top + k * cell + 30), (255, 255, 255))
+    line = _line_height(font)
+    cell = max(cell, _width("100", font) + 6)
+    label_w = max([_width(str(n), font) for n in names] + [40]) + 8
+    col_h = max([_vertical_size(str(n), font)[1] for n in names] + [8])
+    top = 6 + line + 4 + col_h + 4
+    left = label_w + 12
+    width = max(left + k * cell + 10, _width(CONFUSION_TITLE, font) + 16)
+    canvas = Image.new("RGB", (width, top + k * cell + 10), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    _text(draw, (8, 6), CONFUSION_TITLE, font)
     for r in range(k):
         for c in range(k):
             v = rows[r, c]
@@ -453,17 +776,16 @@ def confusion_image(confusion: np.ndarray, names: Sequence[str], cell: int = 28)
             draw.rectangle(box, fill=shade, outline=(220, 220, 220))
             if v >= 0.005:
                 text = f"{100 * v:.0f}"
-                tw, th = _text_size(probe, text, font)
-                draw.text((box[0] + (cell - tw) // 2, box[1] + (cell - th) // 2), text,
-                          fill=(255, 255, 255) if v > 0.5 else (0, 0, 0), font=font)
+                tw, th = _text_size(_PROBE, text, font)
+                l, t = _PROBE.textbbox((0, 0), text, font=font)[:2]
+                _text(draw, (box[0] + (cell - tw) // 2 - l, box[1] + (cell - th) // 2 - t), text, font,
+                      (255, 255, 255) if v > 0.5 else (0, 0, 0))
         name = str(names[r])
-        draw.text((left - _text_size(probe, name, font)[0] - 6, top + r * cell + cell // 2 - 6), name, fill=(0, 0, 0), font=font)
-    for c in range(k):  # column names written vertically
+        tw, th = _text_size(_PROBE, name, font)
+        t = _PROBE.textbbox((0, 0), name, font=font)[1]
+        _text(draw, (left - tw - 6, top + r * cell + (cell - th) // 2 - t), name, font)
+    for c in range(k):  # column names written vertically, reading upwards
         name = str(names[c])
-        tw, th = _text_size(probe, name, font)
-        label = Image.new("RGB", (tw + 2, th + 4), (255, 255, 255))
-        ImageDraw.Draw(label).text((1, 0), name, fill=(0, 0, 0), font=font)
-        label = label.rotate(90, expand=True)
-        canvas.paste(label, (left + c * cell + (cell - label.width) // 2, top - label.height - 4))
-    draw.text((4, 4), "true \\ predicted (% of each true class)", fill=(0, 0, 0), font=font)
+        vw, vh = _vertical_size(name, font)
+        _vertical_text(canvas, (left + c * cell + (cell - vw) // 2, top - vh - 4), name, font)
     return canvas
