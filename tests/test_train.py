@@ -64,7 +64,10 @@ def test_the_run_folder_has_guided_diffusions_files(run):
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8] and all(r["loss"] > 0 and r["images_per_s"] > 0 for r in rows)
     grid = np.asarray(Image.open(run / "samples_000008.png"))
-    assert grid.shape == (2 + 2 * 18, 2 + 2 * 18, 3)  # 4 samples of 16 px, 2 px apart
+    # 4 samples of 16 px enlarged 8x (nearest) to a grid >= 256 px wide, 2 px apart, under a "step 8, EMA ..." header
+    assert grid.shape[1] == 2 + 2 * (8 * 16 + 2) and grid.shape[0] > grid.shape[1]
+    cell = grid[-2 - 128 : -2, 2 : 2 + 128]
+    assert np.array_equal(cell, cell[::8, ::8].repeat(8, 0).repeat(8, 1))
 
 
 def test_ckpt_run_folder_loads_the_newest_ema_on_every_command(run, tmp_path, eyes8):
