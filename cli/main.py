@@ -532,7 +532,9 @@ def kmeans(obj, image, checkpoint, preset, model_flags, image_size, num_head_cha
 @click.option("--samples", "n_samples", type=int, default=TRAIN.n_samples, show_default=True, help="Images per sample grid.")
 @click.option("--sample-steps", type=int, default=TRAIN.sample_steps, show_default=True, help="DDIM steps of the sample grids.")
 @click.option("--log-every", type=int, default=TRAIN.log_every, show_default=True, help="Steps between log.jsonl lines.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (with its own settings).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last checkpoint with its own settings: repeating them is "
+                   "fine, a different value is refused; --steps, --save-every, --sample-every, --log-every may change.")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader processes reading images.")
 @_device
 @click.pass_context
@@ -545,20 +547,13 @@ def train_ddpm(ctx: click.Context, inputs, images, out, image_size, preset, mode
     """
     from ddpmseg.train import TrainConfig, train_ddpm as run_training
 
-    if resume:  # the run's train.json holds its settings: only the step count may change
-        fixed = [f"--{k.replace('_', '-')}" for k in settings if k != "steps"
-                 and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
-        fixed += [o for o, v in (("--image-size", image_size), ("--preset", preset), ("--model-flags", model_flags),
-                                 ("--init", init)) if v is not None]
-        if fixed:
-            raise DdpmsegError(f"--resume continues with the run's own settings ({out}/train.json, flags.json); "
-                               f"leave out {', '.join(fixed)} (only --steps may change)")
-        steps = settings["steps"] if ctx.get_parameter_source("steps") == click.core.ParameterSource.COMMANDLINE else None
-        config = None
+    if resume:  # the run's own settings (train.json, flags.json): the library checks those given again
+        config = {k: v for k, v in settings.items()
+                  if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     else:
-        steps, config = None, TrainConfig(**settings)
+        config = TrainConfig(**settings)
     s = run_training(_image_inputs(inputs, images), out, config, preset=preset, model_flags=model_flags,
-                     image_size=image_size, init=init, resume=resume, steps=steps, device=device, workers=workers,
+                     image_size=image_size, init=init, resume=resume, device=device, workers=workers,
                      progress=ctx.obj["progress"])
     resumed = f" (resumed at step {s.resumed_from})" if s.resumed_from else ""
     click.echo(f"train-ddpm: {plural(s.n_images, 'image')}, {s.n_params / 1e6:.1f} M parameters, step {s.step}{resumed}, "

@@ -3,7 +3,6 @@ is seeded, saves and loads, and runs end to end through fit / predict / evaluate
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -11,13 +10,19 @@ import numpy as np
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.heads import DDPConfig
-from ddpmseg.heads.ddp import DDPHead, alpha_sigma, log_snr, resized_features, time_pairs
+from ddpmseg.heads import ImageMaps, NotFittedError
+from ddpmseg.heads.ddp import DDPConfig, DDPHead, alpha_sigma, log_snr, resized_features, time_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = DDPConfig(width=32, depth=2, iterations=150, batch_size=4, crop=16, lr=3e-3)
+SMALL = dict(width=32, depth=2, iterations=150, batch_size=4, crop=16, lr=3e-3)
+
+
+def _fit(maps, labels, random_state=0, **settings) -> DDPHead:
+    return DDPHead(3, **{**SMALL, **settings}, random_state=random_state).fit(ImageMaps(maps, tuple(maps[0]), 32), labels)
 
 
 def test_cosine_log_snr_schedule_matches_ddp_formula():
@@ -60,8 +65,7 @@ def _world(n: int = 6, size: int = 32, seed: int = 0):
 @pytest.mark.parametrize("diffusion", [True, False])
 def test_the_head_learns_a_case_far_beyond_the_majority_class(diffusion):
     maps, labels = _world(8)
-    cfg = dataclasses.replace(SMALL, diffusion=diffusion)
-    head = DDPHead(3, cfg, random_state=0).fit(maps[:6], labels[:6])
+    head = _fit(maps[:6], labels[:6], diffusion=diffusion)
     keys = list(maps[0])
     acc, trivial = [], []
     for m, lab in zip(maps[6:], labels[6:]):
@@ -80,41 +84,68 @@ def test_the_head_learns_a_case_far_beyond_the_majority_class(diffusion):
 
 def test_fit_is_deterministic_for_a_seed_and_leaves_the_global_rng_alone():
     maps, labels = _world(3)
-    cfg = dataclasses.replace(SMALL, iterations=5)
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a = DDPHead(3, cfg, random_state=7).fit(maps, labels)
+    a = _fit(maps, labels, 7, iterations=5)
     assert torch.equal(torch.rand(1), before)  # fit drew nothing from the global generator
-    b = DDPHead(3, cfg, random_state=7).fit(maps, labels)
-    c = DDPHead(3, cfg, random_state=8).fit(maps, labels)
+    b = _fit(maps, labels, 7, iterations=5)
+    c = _fit(maps, labels, 8, iterations=5)
     sa, sb, sc = a.module_.state_dict(), b.module_.state_dict(), c.module_.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["proj.weight"], sc["proj.weight"])
 
 
+def _a_s(t: float) -> tuple[float, float]:
+    """DDP's alpha and sigma at time t, from its cosine log-SNR, in plain floats."""
+    snr = -math.log(max(math.cos((t + 0.0002) / 1.00025 * math.pi / 2) ** -2 - 1, 1e-5))
+    return math.sqrt(1 / (1 + math.exp(-snr))), math.sqrt(1 / (1 + math.exp(snr)))
+
+
+def _plain_decoder(m, feat: torch.Tensor, x_t: torch.Tensor, t: float) -> torch.Tensor:
+    """The decoder's forward written out from its parameters with torch.nn.functional (not its forward):
+    1x1 fuse, learned-sinusoidal time MLP of the log-SNR, residual GN-SiLU-conv blocks with FiLM, GN-SiLU-1x1 out."""
+    p = dict(m.named_parameters())
+    groups = m.proj_norm.num_groups
+    h = F.conv2d(torch.cat([feat, x_t], 1), p["fuse.weight"], p["fuse.bias"])
+    # DDP's log-SNR in float32, as DDP computes it (near t = 1 the cosine's float32 rounding matters)
+    tt = torch.tensor([t], dtype=torch.float32)
+    snr = -torch.log((torch.cos((tt + 0.0002) / 1.00025 * math.pi * 0.5) ** -2 - 1).clamp(min=1e-5))
+    freq = snr * p["time_mlp.0.weights"] * 2 * math.pi
+    temb = torch.cat([snr, freq.sin(), freq.cos()])[None].expand(len(feat), -1)
+    temb = F.linear(F.gelu(F.linear(temb, p["time_mlp.1.weight"], p["time_mlp.1.bias"])), p["time_mlp.3.weight"],
+                    p["time_mlp.3.bias"])
+    for i in range(len(m.blocks)):
+        q = lambda name: p[f"blocks.{i}.{name}"]  # noqa: E731
+        r = F.conv2d(F.silu(F.group_norm(h, groups, q("norm1.weight"), q("norm1.bias"))), q("conv1.weight"),
+                     q("conv1.bias"), padding=1)
+        scale, shift = F.linear(F.silu(temb), q("film.1.weight"), q("film.1.bias"))[:, :, None, None].chunk(2, 1)
+        r = F.group_norm(r, groups, q("norm2.weight"), q("norm2.bias")) * (1 + scale) + shift
+        h = h + F.conv2d(F.silu(r), q("conv2.weight"), q("conv2.bias"), padding=1)
+    h = F.silu(F.group_norm(h, groups, p["out.0.weight"], p["out.0.bias"]))
+    return F.conv2d(h, p["out.2.weight"], p["out.2.bias"])
+
+
 def _plain_ddim(head: DDPHead, maps, steps: int, gens: int, seed: int) -> list[torch.Tensor]:
-    """DDP's ddim_sample written out step by step with scalar schedule values (no batching helpers)."""
+    """DDP's ddim_sample written out step by step with scalar schedule values, the decoder and the label
+    embedding computed from the fitted parameters (none of the head's own methods)."""
     m = head.module_
-    x = torch.cat([torch.nn.functional.interpolate(torch.as_tensor(maps[k]).float()[None], size=(head.resolution_,) * 2,
-                                                   mode="bilinear", align_corners=False,
-                                                   antialias=maps[k].shape[-1] > head.resolution_)[0]
-                   for k in head.keys_])
-    feat = m.features(x[None]).repeat(gens, 1, 1, 1)
+    p = dict(m.named_parameters())
+    r = head.resolution_
+    x = torch.cat([F.interpolate(torch.as_tensor(maps[k]).float()[None], size=(r, r), mode="bilinear",
+                                 align_corners=False, antialias=maps[k].shape[-1] > r)[0] for k in head.keys_])
+    x = (x - m.mean[:, None, None]) / m.std[:, None, None]
+    feat = F.silu(F.group_norm(F.conv2d(x[None], p["proj.weight"], p["proj.bias"]), m.proj_norm.num_groups,
+                               p["proj_norm.weight"], p["proj_norm.bias"])).repeat(gens, 1, 1, 1)
     x_t = torch.randn(feat.shape, generator=torch.Generator().manual_seed(seed))
     out = []
     for i in range(steps):
         t_now, t_next = 1 - i / steps, max(1 - (i + 2) / steps, 0.0)
-
-        def a_s(t):
-            snr = -math.log(max(math.cos((t + 0.0002) / 1.00025 * math.pi / 2) ** -2 - 1, 1e-5))
-            return math.sqrt(1 / (1 + math.exp(-snr))), math.sqrt(1 / (1 + math.exp(snr)))
-
-        logits = m.decode(feat, x_t, torch.full((gens,), t_now))
+        logits = _plain_decoder(m, feat, x_t, t_now)
         out.append(logits.softmax(1))
-        emb = m.embed(logits.argmax(1)).permute(0, 3, 1, 2)
-        x0 = (torch.sigmoid(emb) * 2 - 1) * head.config.bit_scale
-        (a, s), (an, sn) = a_s(t_now), a_s(t_next)
+        emb = p["embed.weight"][logits.argmax(1)].permute(0, 3, 1, 2)  # the label's row of the embedding table
+        x0 = (torch.sigmoid(emb) * 2 - 1) * head.bit_scale
+        (a, s), (an, sn) = _a_s(t_now), _a_s(t_next)
         eps = (x_t - a * x0) / max(s, 1e-8)
         x_t = an * x0 + sn * eps
     return out
@@ -122,7 +153,7 @@ def _plain_ddim(head: DDPHead, maps, steps: int, gens: int, seed: int) -> list[t
 
 def test_sampling_equals_ddps_ddim_loop_written_plainly():
     maps, labels = _world(3)
-    head = DDPHead(3, dataclasses.replace(SMALL, iterations=30), random_state=1).fit(maps, labels)
+    head = _fit(maps, labels, 1, iterations=30)
     for steps, gens in [(1, 1), (3, 2), (10, 1)]:
         got = head.sample(maps[0], steps=steps, generations=gens, seed=5)
         with torch.no_grad():
@@ -133,7 +164,7 @@ def test_sampling_equals_ddps_ddim_loop_written_plainly():
 
 def test_generations_differ_and_their_spread_is_the_uncertainty():
     maps, labels = _world(3)
-    head = DDPHead(3, dataclasses.replace(SMALL, iterations=20, generations=4), random_state=1).fit(maps, labels)
+    head = _fit(maps, labels, 1, iterations=20, generations=4)
     probs = head.sample(maps[0])
     assert not torch.equal(probs[:, 0], probs[:, 1])  # independent noise draws
     mean, unc = head.predict_proba_maps(maps[0], 32)
@@ -146,15 +177,22 @@ def test_generations_differ_and_their_spread_is_the_uncertainty():
 
 def test_state_dict_round_trip_predicts_the_same():
     maps, labels = _world(3)
-    head = DDPHead(3, dataclasses.replace(SMALL, iterations=10), random_state=2).fit(maps, labels)
+    head = _fit(maps, labels, 2, iterations=10, steps=2, generations=2)
     state = head.state_dict()
+    assert "config" not in state and "steps" not in state  # the settings live in model.json only
     buf = __import__("io").BytesIO()
     torch.save(state, buf)
     buf.seek(0)
-    again = DDPHead.from_state_dict(torch.load(buf, weights_only=True))
+    state = torch.load(buf, weights_only=True)
+    again = DDPHead.from_state_dict(state, **head.get_params())
     keys = list(maps[0])
     a, b = head.predict_block_maps(maps[1], keys, 32), again.predict_block_maps(maps[1], keys, 32)
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.uncertainty, b.uncertainty)
+    # the inference settings come from the params given: one DDIM step is another prediction
+    one = DDPHead.from_state_dict(state, **{**head.get_params(), "steps": 1}).sample(maps[1])
+    assert one.shape[0] == 1 and head.sample(maps[1]).shape[0] == 2
+    with pytest.raises(DdpmsegError, match="holds no settings"):
+        DDPHead.from_state_dict(state)
 
 
 def test_resized_features_downsample_with_antialias_and_keep_key_order():
@@ -169,14 +207,18 @@ def test_resized_features_downsample_with_antialias_and_keep_key_order():
 
 
 def test_bad_settings_and_inputs_are_one_line_errors():
-    with pytest.raises(DdpmsegError, match=r"--head-steps 0 must be at least 1"):
+    with pytest.raises(DdpmsegError, match=r"^ddp head: steps 0 must be at least 1$"):
         DDPConfig(steps=0)
     maps, labels = _world(2)
     with pytest.raises(DdpmsegError, match=r"working resolution 24 must divide the model grid 32"):
-        DDPHead(3, dataclasses.replace(SMALL, resolution=24)).fit(maps, labels)
-    with pytest.raises(DdpmsegError, match="not fitted yet"):
+        _fit(maps, labels, resolution=24)
+    with pytest.raises(DdpmsegError, match=r"steps 0 must be at least 1"):
+        _fit(maps, labels, steps=0)  # fit validates the keywords (scikit-learn: __init__ only stores them)
+    with pytest.raises(NotFittedError, match="not fitted yet"):
         DDPHead(3).predict_block_maps(maps[0], list(maps[0]), 32)
-    head = DDPHead(3, dataclasses.replace(SMALL, iterations=2)).fit(maps, labels)
+    with pytest.raises(DdpmsegError, match="must be an ImageMaps"):
+        DDPHead(3, **SMALL).fit(maps, labels)
+    head = _fit(maps, labels, iterations=2)
     with pytest.raises(DdpmsegError, match="differ from the DDP head's"):
         head.predict_block_maps(maps[0], list(maps[0])[::-1], 32)
 
@@ -190,8 +232,8 @@ def test_fit_head_ddp_then_predict_and_evaluate_on_eyes8(eyes_world, tmp_path):
              "--head-batch", 2, "--generations", 2, "--out", model)
     assert "DDP head: 6 steps of 2 crops" in out, out
     record = json.loads((model / "model.json").read_text())["fit"]
-    assert record["head"] == "ddp" and record["ddp"]["generations"] == 2 and record["ddp"]["iterations"] == 6
-    assert record["n_iter"] == [6]
+    assert record["head"] == "ddp" and record["head_config"]["generations"] == 2
+    assert record["head_config"]["iterations"] == 6 and record["n_iter"] == [6]
     preds = tmp_path / "preds"
     ok("predict", imgs / "image_0.jpg", "--model", model, "--out", preds)
     from PIL import Image
@@ -202,10 +244,11 @@ def test_fit_head_ddp_then_predict_and_evaluate_on_eyes8(eyes_world, tmp_path):
     for kind in ("overlay", "uncertainty"):
         assert (preds / f"image_0_{kind}.png").is_file()
     result = json.loads(ok("evaluate", imgs, "--model", model, "--masks", imgs, "--json"))
-    assert 0 <= result["miou"] <= 1 and result["n_images"] == 3
+    assert result["n_images"] == 3 and list(result["per_class"]) == ["class_0", "class_1", "class_2", "class_3"]
+    assert result["miou"] == pytest.approx(np.mean(list(result["per_class"].values())))
     # the control: the same decoder without diffusion
-    ok("fit", "--features", d / "feats.h5", "--masks", imgs, "--head", "ddp", "--no-head-diffusion",
-       "--head-iterations", 2, "--head-batch", 2, "--out", tmp_path / "ctl")
-    assert json.loads((tmp_path / "ctl" / "model.json").read_text())["fit"]["ddp"]["diffusion"] is False
+    ok("fit", "--features", d / "feats.h5", "--masks", imgs, "--head", "ddp", "--head-option", "diffusion=false",
+       "--head-option", "iterations=2", "--head-option", "batch_size=2", "--out", tmp_path / "ctl")
+    assert json.loads((tmp_path / "ctl" / "model.json").read_text())["fit"]["head_config"]["diffusion"] is False
     (model / "tensors.pt").write_bytes(b"not a tensor file")
     fails("predict", imgs / "image_0.jpg", "--model", model, "--out", tmp_path / "p2", match="tensors.pt is damaged")

@@ -94,3 +94,45 @@ def test_refit_on_a_legacy_cache_gives_the_legacy_weights(legacy, eyes8, tmp_pat
     assert old.keys() == new.keys()
     for k in old:
         torch.testing.assert_close(new[k], old[k], rtol=1e-4, atol=1e-5)
+
+
+MAIN_4F5F4DF = Path(__file__).resolve().parent / "fixtures" / "main_4f5f4df"
+
+
+@pytest.mark.parametrize("head", ["mlp", "ddp"])
+def test_models_of_main_before_the_head_registry_predict_the_same(head, eyes8, tmp_path):
+    """model.json format 2 (fit.ddp, the ensemble's settings as fit fields) loads through the registry and
+    predicts what main predicted at 4f5f4df (tests/fixtures/main_4f5f4df/make.py)."""
+    import json
+
+    from ddpmseg.model import SegmentationModel
+
+    model = MAIN_4F5F4DF / head / "model"
+    assert json.loads((model / "model.json").read_text())["format_version"] == 2
+    loaded = SegmentationModel.load(model)
+    assert loaded.record.fit.head == head
+    if head == "ddp":  # the settings fit.ddp held, now the head's own keywords
+        assert (loaded.classifier.steps, loaded.classifier.width, loaded.classifier.iterations) == (2, 16, 30)
+    else:
+        assert (loaded.classifier.n_members, loaded.classifier.recipe) == (2, "tiles")
+    adm = FIXTURES / "adm"
+    ok("predict", eyes8 / "image_3.jpg", "--model", model, "--ckpt", adm / "micro_adm.pt", "--out", tmp_path / "p",
+       "--device", "cpu")
+    got = np.asarray(Image.open(tmp_path / "p" / "image_3_labels.png"))
+    want = np.asarray(Image.open(MAIN_4F5F4DF / head / "predicted" / "image_3_labels.png"))
+    assert got.shape == want.shape == (256, 256)
+    assert (got != want).mean() < 1e-3  # equal on the machine that wrote them; a near tie may flip elsewhere
+
+
+def test_a_refit_writes_model_json_format_3_with_the_heads_options(tmp_path, eyes8):
+    import json
+
+    adm = FIXTURES / "adm"
+    ok("fit", "--features", adm / "feats.h5", "--masks", eyes8, "--head", "ddp", "--head-option", "iterations=3",
+       "--head-option", "width=16", "--out", tmp_path / "m", "--device", "cpu")
+    d = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert d["format_version"] == 3
+    assert d["fit"]["head"] == "ddp" and d["fit"]["head_config"]["width"] == 16
+    assert "ddp" not in d["fit"] and "ensemble" not in d["fit"]
+    state = torch.load(tmp_path / "m" / "tensors.pt", weights_only=True)["ddp"]
+    assert "config" not in state  # settings once, in model.json

@@ -432,6 +432,9 @@ class DDPHead(BaseEstimator):
         known = set(cls().get_params())
         head = cls(**{**{k: v for k, v in saved.items() if k in known},
                       **{k: v for k, v in params.items() if k in known}, "device": str(device)})
+        if head.n_classes is None:
+            raise DdpmsegError("this DDP head state holds no settings (model.json does): pass them, e.g. "
+                               "DDPHead.from_state_dict(state, **head.get_params())")
         try:
             module = DDPDecoder(int(state["n_features_in"]), int(head.n_classes), head.config)
             module.load_state_dict(state["module"])
