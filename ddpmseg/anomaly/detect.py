@@ -50,6 +50,7 @@ class AnomalySummary:
     not_images: list[str] = field(default_factory=list)
     vmax: float = DEFAULT_VMAX
     above_vmax: float = 0.0  # share of all map pixels above vmax (drawn at the brightest colour)
+    already_done: int = 0  # images left out by skip_done: their outputs and score were there
 
 
 def _smooth(m: np.ndarray, sigma: float) -> np.ndarray:
@@ -90,10 +91,14 @@ def anomaly_maps(
     precision: str = "fp32",
     progress: bool = False,
     overwrite: bool = False,
+    skip_done: bool = False,
 ) -> AnomalySummary:
     """Write per image ``NAME_anomaly.png`` (the map over the image, colour bar 0..``vmax``),
     ``NAME_healed.png`` (healed from the first start step) and, with ``save_maps``,
-    ``NAME_anomaly.npy`` (float32, original size); and ``scores.csv`` (image, score)."""
+    ``NAME_anomaly.npy`` (float32, original size); and ``scores.csv`` (image, score).
+    ``skip_done`` (without ``overwrite``): leave out the images whose outputs and score row are all
+    there already (an interrupted run's finished images) and write the others, replacing what an
+    interrupted run left of them (as ``predict --skip-done``), so a rerun finishes the rest."""
     steps = _parse_steps(start_steps)
     if batch_size < 1:
         raise DdpmsegError(f"--batch-size {batch_size}: give at least 1")
@@ -105,8 +110,11 @@ def anomaly_maps(
     paths = data.list_images(images, skipped=not_images)
     out = check_writable(out, folder=True)
     suffixes = [f"_{k}.png" for k in OUTPUT_KINDS] + ([MAP_SUFFIX] if save_maps else [])
+    done_before = _done(paths, out, suffixes) if skip_done and not overwrite else set()
+    paths = [p for p in paths if p.stem not in done_before]
     targets = [out / f"{p.stem}{suffix}" for p in paths for suffix in suffixes]
-    check_not_there(targets, overwrite)  # scores.csv gains these images' rows, keeping the others
+    # scores.csv gains these images' rows, keeping the others; skip_done rewrites what an interrupted run left half done
+    check_not_there(targets, overwrite or skip_done)
     backbone = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
                                num_head_channels=num_head_channels)
     healer = Healer(backbone, sample_steps, ancestral, precision, seed)
@@ -145,7 +153,16 @@ def anomaly_maps(
         if scores:
             _write_scores(out / "scores.csv", scores)
     return AnomalySummary(out, len(paths), time.perf_counter() - start, scores, not_images, vmax,
-                          above / max(pixels, 1))
+                          above / max(pixels, 1), len(done_before))
+
+
+def _done(paths: Sequence[Path], out: Path, suffixes: Sequence[str]) -> set[str]:
+    """Stems of ``paths`` whose outputs (``suffixes``) are all in ``out`` and that have a row in its scores.csv."""
+    scored: set[str] = set()
+    if (out / "scores.csv").is_file():
+        with (out / "scores.csv").open(newline="") as f:
+            scored = {r["image"] for r in csv.DictReader(f) if r.get("image")}
+    return {p.stem for p in paths if p.stem in scored and all((out / f"{p.stem}{s}").is_file() for s in suffixes)}
 
 
 def _write_outputs(out: Path, stem: str, rgb: np.ndarray, full: np.ndarray, healed: torch.Tensor,
