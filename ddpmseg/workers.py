@@ -11,7 +11,6 @@ Ray actor pool) both build these, so both give the same files.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,11 +150,12 @@ class Segmenter:
         labelset = self.model.labelset
         palette = labelset.palette()
         overlay = viz.overlay(rgb, labels, palette)
-        heat, top = viz.heatmap(unc)
+        top, title = viz.uncertainty_scale(max(2, labelset.n_classes))  # one scale for every image of the model
+        heat, _ = viz.heatmap(unc, vmax=top)
         if legend:
             present = [c for c in range(labelset.n_classes) if (labels == c).any()]
             overlay = viz.with_legend(overlay, [labelset.names[c] for c in present], palette[present])
-            heat = viz.with_colorbar(heat, top, "uncertainty")
+            heat = viz.with_colorbar(heat, top, title)
         viz.save_png_atomic(out / f"{path.stem}_overlay.png", overlay)
         viz.save_png_atomic(out / f"{path.stem}_uncertainty.png", heat)
         viz.save_label_png(out / f"{path.stem}_labels.png", labels, palette)
