@@ -3,6 +3,7 @@ exact resume after kill -9 (a real subprocess), and two gloo ranks under torchru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -143,6 +144,42 @@ def test_the_loss_aware_sampler_trains_and_resumes(tmp_path, eyes8, flags_file):
     train_ddpm([eyes8], tmp_path / "r", resume=True, steps=8, device="cpu")
     history = _state(tmp_path / "r" / "sampler000008.pt")["counts"]
     assert int(history.sum()) == 8 * 4  # every sample's loss went into its timestep's history
+
+
+def test_resume_accepts_the_runs_own_settings_repeated(tmp_path, eyes8, flags_file):
+    """Up-arrow and add --resume: the run's settings given again are fine, --steps raises the count."""
+    out = tmp_path / "r"
+    args = ["train-ddpm", eyes8, "--out", out, "--model-flags", flags_file, "--batch-size", 4, "--lr", "2e-4",
+            "--no-flip", "--samples", 4, "--save-every", 2, "--sample-every", 0, "--log-every", 2, "--device", "cpu"]
+    ok(*args, "--steps", 2)
+    assert "resumed at step 2" in ok(*args, "--steps", 4, "--resume")
+    assert "step 4" in ok(*args, "--steps", 4, "--resume")  # nothing left to train: fine as well
+    assert "resumed at step 4" in ok(*args, "--steps", 6, "--save-every", 3, "--log-every", 1, "--resume")
+    saved = TrainConfig.from_json(out / "train.json")
+    assert (saved.steps, saved.save_every, saved.lr, saved.flip) == (6, 3, 2e-4, False)  # what may change, changed
+    # the Python API: the same settings (a whole TrainConfig) and architecture again
+    s = train_ddpm([eyes8], out, dataclasses.replace(saved, steps=8), model_flags=flags_file, resume=True, device="cpu")
+    assert (s.resumed_from, s.step) == (6, 8)
+
+
+def test_resume_refuses_settings_that_differ_naming_each(tmp_path, eyes8, flags_file):
+    out = tmp_path / "r"
+    args = ["train-ddpm", eyes8, "--out", out, "--batch-size", 4, "--save-every", 2, "--sample-every", 0, "--device", "cpu"]
+    ok(*args, "--model-flags", flags_file, "--steps", 2, "--lr", "1e-4", "--samples", 4)
+    before = sorted(p.name for p in out.iterdir())
+    train_json = out / "train.json"
+    err = fails(*args, "--model-flags", flags_file, "--steps", 4, "--lr", "2e-4", "--samples", 8, "--no-flip", "--resume",
+                match=(f"--lr 0.0002 differs from the run's 0.0001 ({train_json})",
+                       f"--samples 8 differs from the run's 4 ({train_json})",  # the option, not the field's name
+                       "--no-flip differs from the run's --flip", "only --steps"))
+    assert "--batch-size" not in err and "--model-flags" not in err and "--n-samples" not in err  # the same: not named
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**FLAGS, "num_channels": 64}))
+    fails(*args, "--model-flags", other, "--resume",
+          match=(f"--model-flags {other} differs from the run's architecture", "num_channels 64 (the run's 32)"))
+    fails(*args, "--image-size", 32, "--resume", match=(f"--image-size 32 differs from the run's 16 ({out / 'flags.json'})",))
+    fails(*args, "--init", flags_file, "--resume", match=("--init", "differs from the run's none (trained from scratch)"))
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing trained, nothing written
 
 
 def _cli(args: list, env: dict) -> subprocess.Popen:
