@@ -123,10 +123,12 @@ def _run(args: argparse.Namespace, work: Path, out: Results) -> None:
     labels, classes = args.data / "train" / "labels", str(args.data / "classes.csv")
     kind_row = "tile_study" if args.tile_study else "fit_quality"
     for kind in args.kinds:
-        feats, test_feats = _features(kind, work, images, args.ffhq_train if kind == "ffhq_256" else 10)
+        n_train = args.ffhq_train if kind == "ffhq_256" else 10
+        feats, test_feats = _features(kind, work, images, n_train)
         mious: dict[str, list[float]] = {}
         seconds: dict[str, list[float]] = {}
         eces: dict[str, list[float]] = {}
+        plans: dict[str, tuple[int, int]] = {}  # tile side and tiles per step each setting used
         for name, options, side in _variants(args):
             for seed in range(args.seeds):
                 model = work / f"model_{kind}_{len(mious)}_{seed}"
@@ -146,16 +148,18 @@ def _run(args: argparse.Namespace, work: Path, out: Results) -> None:
                        "fit_seconds": round(seconds[name][-1], 1), "train_images": len(fit.image_ids), "test_images": 10,
                        "labelled_pixels": fit.n_pixels, "steps_per_member": max(fit.n_iter), "fit": fit.description}
                 if args.tile_study:
+                    plans[name] = used[-1]
                     row.update(setting=name, tile_side=used[-1][0], tiles_per_step=used[-1][1], lr=options["lr"])
                 out.row(kind_row, **row)
         base = statistics.mean(seconds["reference"]) if "reference" in seconds else None
         for name, options, side in _variants(args):
-            line = {"kind": kind, "recipe": options["recipe"], **mean_std(mious[name]),
+            line = {"kind": kind, "recipe": options["recipe"], "train_images": n_train, **mean_std(mious[name]),
                     "ece_mean": round(statistics.mean(eces[name]), 4),
                     "ece_std": round(statistics.stdev(eces[name]), 4) if len(eces[name]) > 1 else 0.0,
                     "ece_at": "original size", "fit_seconds_mean": round(statistics.mean(seconds[name]), 1)}
             if args.tile_study:
-                line.update(setting=name, tile_side_256=side, lr=options["lr"])
+                line.update(setting=name, tile_side_256=side, tile_side=plans[name][0], tiles_per_step=plans[name][1],
+                            lr=options["lr"])
             if base is not None:
                 line["fit_time_vs_reference"] = round(statistics.mean(seconds[name]) / base, 3)
             out.row(f"{kind_row}_summary", **line)
