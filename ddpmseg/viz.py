@@ -497,7 +497,7 @@ def uncertainty_scale(n_classes: int) -> tuple[float, str]:
     if n_classes < 2:
         raise DdpmsegError(f"an uncertainty scale needs at least 2 classes, got {n_classes}")
     top = math.log(n_classes)
-    return top, f"uncertainty (nats)\n0 to ln {n_classes} = {top:.3g}"
+    return top, f"uncertainty (nats)\n0 to ln {n_classes} = {top:.2f}"
 
 
 def _panel_font(height: int) -> Any:
@@ -535,15 +535,16 @@ def with_legend(image: np.ndarray, names: Sequence[str], colours: np.ndarray) ->
     return canvas
 
 
-def with_colorbar(image: np.ndarray, vmax: float, title: str) -> Image.Image:
+def with_colorbar(image: np.ndarray, vmax: float, title: str, font_size: int | None = None) -> Image.Image:
     """``image`` (H, W, 3), drawn with :func:`colormap` over 0..``vmax``, with a labelled colour bar on its right.
 
     ``title`` may hold several lines ("\\n"), e.g. the unit and range from
-    :func:`uncertainty_scale`; the panel grows to fit them.
+    :func:`uncertainty_scale`; the panel grows to fit them. The text is
+    ``font_size`` px (default: growing with the image's height, 12 to 40).
     """
     img = np.asarray(image)
     h = img.shape[0]
-    font = _panel_font(h)
+    font = _panel_font(h) if font_size is None else _font(font_size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line = max(_text_size(probe, "Ag", font)[1], 8) + 6
     pad, bar_w = line // 2, line

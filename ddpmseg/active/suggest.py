@@ -131,4 +131,4 @@ def _contact_sheet(rows: list[tuple[tuple[np.ndarray, np.ndarray], str, float]],
         heat, _ = viz.heatmap(unc, vmax=vmax)
         sheet.paste(Image.fromarray(heat), (2 * gap + w, y))
         y += h + gap
-    return viz.with_colorbar(np.asarray(sheet), vmax, "uncertainty\n(nats, one scale\nfor all rows)")
+    return viz.with_colorbar(np.asarray(sheet), vmax, "uncertainty\n(nats, one scale\nfor all rows)", font_size=14)
