@@ -74,8 +74,8 @@ def test_evaluate_says_when_it_scores_training_images(eyes_world, tmp_path):
 # -- the busy-machine slowdown --------------------------------------------------------------------
 def test_the_cli_waits_passively_when_other_processes_are_busy():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    probe = ("import os, sys, ddpmseg.cli.main as m; assert 'torch' not in sys.modules; m._set_wait_policy('fit'); "
-             "print(os.environ.get('OMP_WAIT_POLICY', 'unset'), m._others_busy())")
+    probe = ("import os, sys, ddpmseg.cli.main, ddpmseg.runtime as r; assert 'torch' not in sys.modules; "
+             "r.configure_threads(wait_policy='auto'); print(os.environ.get('OMP_WAIT_POLICY', 'unset'), r.others_busy())")
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # another job, one whole core
     try:
         busy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
@@ -86,8 +86,8 @@ def test_the_cli_waits_passively_when_other_processes_are_busy():
         spinner.wait()
     assert busy.stdout.split() == ["PASSIVE", "True"]  # set before torch starts (the CLI module loads no torch)
     assert kept.stdout.split()[0] == "ACTIVE"  # the user's choice stands
-    idle = ("import os, ddpmseg.cli.main as m; m._others_busy = lambda: False; m._set_wait_policy('fit'); "
-            "m._set_wait_policy('presets'); print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
+    idle = ("import os, ddpmseg.runtime as r; r.others_busy = lambda *a: False; r.configure_threads(wait_policy='auto'); "
+            "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
     assert subprocess.run([sys.executable, "-c", idle], capture_output=True, text=True, env=env,
                           check=True).stdout.split() == ["unset"]  # alone: OpenMP's own (spinning) default
 
