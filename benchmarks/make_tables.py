@@ -237,9 +237,9 @@ def t_fit_full(results, every):
     for row, res in pick(results, "fit_full_comparison", lambda r: (r.get("images"),), every):
         how = row.get("reference_full_fit", "projected")
         ref = num(row["reference_full_fit_seconds"], 0, " s")
-        ref += " **(projected** from its measured rate at its minimum of 4 epochs; its early stop comes later)" \
+        ref += " (**projected** from its measured rate at its minimum of 4 epochs; its early stop comes later)" \
             if how == "projected" else " (measured)"
-        speed = DASH if row.get("speedup") is None else f"**{row['speedup']}x** ({how})"
+        speed = DASH if row.get("speedup") is None else f"**{row['speedup']}x ({how})**"
         pixels = row.get("labelled_pixels")
         body.append([f"{row.get('images')} x 256² x 8448 dims, 34 classes, {num(pixels, 0)} labelled pixels",
                      num(row.get("tiles_full_fit_seconds"), 0, " s") + (
