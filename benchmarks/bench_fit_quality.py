@@ -30,10 +30,11 @@ head's ``lr`` option. Each fit records the tile side, tiles per step and lr
 it used.
 
 Prints one JSON object per fit (kind, recipe or tile setting, seed, held-out
-mIoU and ECE, fit seconds, steps per member, the fit's one-line description),
-then per kind and recipe (or setting) the mean and sample standard deviation
-over seeds and the mean fit time as a ratio to the reference recipe's in the
-same run. Everything printed is saved in benchmarks/results/.
+mIoU and ECE, fit seconds, steps and pixels per member, the fit's one-line
+description), then per kind and recipe (or setting) the mean and sample
+standard deviation over seeds and the mean fit time as a ratio to the
+reference recipe's in the same run. Everything printed is saved in
+benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from pathlib import Path
 import torch
 
 from _common import FASSEG, Results, heldout_score, mean_std
+from ddpmseg.model import SegmentationModel
 from ddpmseg.pipeline import extract_features, fit_model
 
 TRAINED_STEPS = 2400  # bench_trained_features.py's default run
@@ -142,11 +144,14 @@ def _run(args: argparse.Namespace, work: Path, out: Results) -> None:
                     raise SystemExit("--tile-study: the fit never planned tiles (ddpmseg.classify.training.tile_plan "
                                      "was not called); this ddpmseg sets tile sizes elsewhere: update the benchmark")
                 score = heldout_score(model, test_feats, labels)
+                seen = getattr(SegmentationModel.load(model).classifier, "pixels_seen_", None)  # the MLP head's
                 mious.setdefault(name, []).append(score["heldout_miou"])
                 eces.setdefault(name, []).append(score["ece"])
                 row = {"kind": kind, "recipe": options["recipe"], "seed": seed, **score,
                        "fit_seconds": round(seconds[name][-1], 1), "train_images": len(fit.image_ids), "test_images": 10,
-                       "labelled_pixels": fit.n_pixels, "steps_per_member": max(fit.n_iter), "fit": fit.description}
+                       "labelled_pixels": fit.n_pixels, "steps_per_member": max(fit.n_iter),
+                       "pixels_per_member": None if seen is None else max(seen),
+                       "epochs_seen": None if seen is None else round(max(seen) / fit.n_pixels, 2), "fit": fit.description}
                 if args.tile_study:
                     plans[name] = used[-1]
                     row.update(setting=name, tile_side=used[-1][0], tiles_per_step=used[-1][1], lr=options["lr"])
