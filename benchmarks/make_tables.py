@@ -280,7 +280,7 @@ def t_tile_study(results, every):
         side = row.get("tile_side_256")
         per_step = row.get("tiles_per_step", row.get("tiles_per_step_reported"))
         body.append([row["setting"] if side is None else f"{side}x{side} px", DASH if side is None else num(row.get("lr"), 4),
-                     num(per_step, 0) + (" (README)" if "tiles_per_step_reported" in row and per_step is not None else ""),
+                     num(per_step, 0) + (" (as published)" if "tiles_per_step_reported" in row and per_step is not None else ""),
                      pm(row["miou_mean"], row.get("miou_std")), *tail(res)])
     return table(["tiles (of a 256 grid)", "lr", "tiles a step", "held-out mIoU", *TAIL], body)
 
