@@ -12,6 +12,7 @@ command imports what it calls.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import click
 
 from ddpmseg._text import few, plural
+from ddpmseg.cli import interrupted
 from ddpmseg.anomaly import config as anomaly_config
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.options import (
@@ -44,15 +46,29 @@ from ddpmseg.train.config import SCHEDULE_SAMPLERS, TRAIN_PRECISIONS, TRAIN_PREP
 
 TRAIN = TrainConfig()
 
-# What Ctrl-C leaves behind, by command (the message must say what is true).
-INTERRUPTED = {
-    "extract": "finished images are kept in the cache; run the same command again to extract the rest",
-    "fit": "no model was written (fit does not resume); run it again to start over",
-    "predict": "the PNGs of finished images are kept; rerun with --overwrite to redo them all",
-    "download": "the partial download is kept; run the same command again to resume",
-    "train-ddpm": "the checkpoints saved so far are kept; continue with the same command and --resume",
-    "anomaly": "the outputs of finished images and their scores are kept; rerun with --overwrite to redo them all",
-}
+# The group's own options: given after the command, they get a hint (True: takes a value).
+GLOBAL_OPTIONS = {"--threads": True, "-q": False, "--quiet": False, "--debug": False}
+
+
+def _global_option_hint(e: click.NoSuchOption, ctx: click.Context, args: list[str]) -> None:
+    """``ddpmseg predict --threads 1``: say that global options go before the command."""
+    if e.option_name not in GLOBAL_OPTIONS or "global options go before" in e.message:
+        return
+    shown = e.option_name
+    if GLOBAL_OPTIONS[e.option_name]:
+        given = [a.split("=", 1)[1] for a in args if a.startswith(e.option_name + "=")]
+        given += [args[i + 1] for i, a in enumerate(args[:-1]) if a == e.option_name]
+        shown += f" {given[0] if given else 'N'}"
+    e.message = (f"{e.message.rstrip('.')}; global options go before the command: "
+                 f"ddpmseg {shown} {ctx.invoked_subcommand or 'COMMAND'} ...")
+
+
+class _Command(click.Command):
+    """Notes, as it starts, what the command's Ctrl-C message needs (cli/interrupted.py)."""
+
+    def invoke(self, ctx: click.Context):
+        ctx.meta["ddpmseg.interrupt"] = (ctx.info_name, ctx.params, interrupted.before(ctx.info_name, ctx.params))
+        return super().invoke(ctx)
 
 
 def _ints(value: str, name: str) -> tuple[int, ...]:
@@ -78,15 +94,22 @@ INTERNAL_ERROR = 3  # the exit code of a bug (1: an error the message explains; 
 class _Group(click.Group):
     """Turns library errors into one line and an exit code, never a traceback."""
 
+    command_class = _Command
+
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.params.get("debug")) if ctx.params else "--debug" in sys.argv
+        pending = getattr(ctx, "_protected_args", None)  # the command and its arguments (click < 8.2: protected_args)
+        args = [*(ctx.protected_args if pending is None else pending), *ctx.args]
         try:
             return super().invoke(ctx)
+        except click.NoSuchOption as e:
+            _global_option_hint(e, ctx, args)
+            raise
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except KeyboardInterrupt:
-            name = ctx.invoked_subcommand or ""
-            click.echo(f"ddpmseg: interrupted; {INTERRUPTED.get(name, 'nothing was written')}", err=True)
+        except KeyboardInterrupt:  # what is kept and how to go on, looked up in --out (cli/interrupted.py)
+            name, params, noted = ctx.meta.get("ddpmseg.interrupt", (ctx.invoked_subcommand or "", {}, None))
+            click.echo(f"ddpmseg: interrupted; {interrupted.message(name, params, noted)}", err=True)
             ctx.exit(130)
         except DdpmsegError as e:
             if debug:
@@ -109,7 +132,14 @@ class _Group(click.Group):
 
 _device = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 _common_backbone = [
-    click.option("--ckpt", "checkpoint", required=True, type=click.Path(path_type=Path), help="Checkpoint: a guided-diffusion state dict file, or a diffusers UNet2DModel folder / hub id."),
+    click.option("--ckpt", "checkpoint", required=True, type=click.Path(path_type=Path),
+                 help="Checkpoint: a guided-diffusion state dict file (e.g. ffhq.pt), a train-ddpm run folder RUN/ "
+                      "(its newest saved step; another with --step N, or its file RUN/ema_0.9999_00NNNN.pt), "
+                      "or a diffusers UNet2DModel folder / hub id."),
+    click.option("--step", "ckpt_step", type=click.IntRange(0), default=None,
+                 help="With --ckpt RUN/ (a train-ddpm run folder): use the EMA weights saved at step N "
+                      "(RUN/ema_*_00000N.pt; `ls RUN` shows the saved steps) instead of the newest."),
+    lambda f: _resolving_step(f),  # the command gets --ckpt RUN/ --step N as step N's file
     click.option("--preset", default=None, help="Architecture preset (see `ddpmseg presets`); default: match or infer from the checkpoint."),
     click.option("--model-flags", type=click.Path(path_type=Path), default=None, help="JSON file of guided-diffusion flags for a custom architecture."),
     click.option("--image-size", type=click.IntRange(1), default=None, help="Image size a custom ADM was trained at (the weights cannot show it)."),
@@ -165,6 +195,44 @@ def _apply(options):
     return deco
 
 
+def _resolving_step(f):
+    """Wrap a command taking _common_backbone: ``--ckpt RUN/ --step N`` reaches it as ``checkpoint``, step N's
+    EMA file of the run (whose flags.json beside it gives the architecture)."""
+
+    @functools.wraps(f)
+    def command(*args, ckpt_step: int | None = None, **kwargs):
+        if ckpt_step is not None:
+            from ddpmseg.backbones.runs import resolve_checkpoint
+
+            kwargs["checkpoint"] = resolve_checkpoint(kwargs["checkpoint"], ckpt_step)
+        return f(*args, **kwargs)
+
+    return command
+
+
+def _seconds(seconds: float) -> str:
+    """A time per image at a precision that suits it: 12.3 s, 0.42 s, 35 ms, 0.81 ms."""
+    if seconds >= 10:
+        return f"{seconds:.1f} s"
+    if seconds >= 0.1:
+        return f"{seconds:.2g} s"
+    return f"{seconds * 1000:.2g} ms"
+
+
+def _refuse_other_folder(out: Path, writing: str) -> None:
+    """Refuse an --out that is a train-ddpm run folder or a feature cache folder, naming what it is."""
+    from ddpmseg.backbones.runs import describe_folder
+
+    what = describe_folder(out)
+    if what in ("a train-ddpm run folder", "a feature cache folder"):
+        raise DdpmsegError(f"--out {out} is {what}; {writing} written there would be mixed with it: "
+                           f"give a new folder, e.g. --out {out.parent / 'model'}")
+
+
+def _mib(mib: float) -> str:
+    return f"{mib:.1f}" if mib >= 1 else f"{mib:.2g}"
+
+
 def _image_inputs(inputs: tuple[Path, ...], images: tuple[Path, ...]) -> list[Path]:
     found = [*images, *inputs]
     if not found:
@@ -205,7 +273,13 @@ def main(ctx: click.Context, debug: bool, quiet: bool, threads: int | None) -> N
 
 @main.command()
 def presets() -> None:
-    """List the architecture presets and where their checkpoints come from."""
+    """List the architecture presets and where their checkpoints come from.
+
+    \b
+    Examples:
+      ddpmseg presets
+      ddpmseg download ffhq_256   # then: --ckpt checkpoints/ffhq.pt
+    """
     from ddpmseg.backbones import get_preset, list_presets
 
     for name in list_presets():
@@ -219,7 +293,13 @@ def presets() -> None:
 @click.option("--url", default=None, help="Download from this URL instead of the preset's.")
 @click.pass_obj
 def download(obj, preset: str, directory: Path, url: str | None) -> None:
-    """Download a preset's published checkpoint (resumes a partial file)."""
+    """Download a preset's published checkpoint (resumes a partial file).
+
+    \b
+    Examples:
+      ddpmseg download ffhq_256
+      ddpmseg download lsun_cat_256 --dir /data/checkpoints
+    """
     from ddpmseg.backbones.download import download_preset
 
     path = download_preset(preset, directory, url=url, progress=obj["progress"])
@@ -235,7 +315,13 @@ def download(obj, preset: str, directory: Path, url: str | None) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New folder for the diffusers pipeline (unet/ + scheduler/).")
 @_overwrite
 def convert(checkpoint: Path, preset, model_flags, image_size, num_head_channels, out: Path, overwrite: bool) -> None:
-    """Convert a guided-diffusion (ADM) checkpoint into a diffusers UNet2DModel + DDPMScheduler folder."""
+    """Convert a guided-diffusion (ADM) checkpoint into a diffusers UNet2DModel + DDPMScheduler folder.
+
+    \b
+    Examples:
+      ddpmseg convert checkpoints/ffhq.pt --out ffhq-diffusers/
+      ddpmseg convert run/ema_0.9999_010000.pt --model-flags run/flags.json --out mine-diffusers/
+    """
     from ddpmseg.backbones.convert import convert_adm_to_diffusers
 
     r = convert_adm_to_diffusers(checkpoint, out, preset=preset, model_flags=model_flags, image_size=image_size,
@@ -247,21 +333,31 @@ def convert(checkpoint: Path, preset, model_flags, image_size, num_head_channels
 @main.command()
 @_apply(_common_backbone)
 def blocks(checkpoint: Path, preset, model_flags, image_size, num_head_channels, device) -> None:
-    """List the decoder blocks of a checkpoint: index, module, channels, resolution."""
+    """List the decoder blocks of a checkpoint: index, module, channels, resolution, and which ones
+    --blocks auto (the default of extract and kmeans) picks.
+
+    \b
+    Examples:
+      ddpmseg blocks --ckpt checkpoints/ffhq.pt
+      ddpmseg blocks --ckpt run/ --step 2000
+    """
     from ddpmseg.backbones import create_backbone
 
-    infos = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
-                            num_head_channels=num_head_channels).blocks()
+    backbone = create_backbone(checkpoint, preset, model_flags, device, image_size=image_size,
+                               num_head_channels=num_head_channels)
+    infos, auto = backbone.blocks(), set(backbone.default_blocks())
     width = max([18] + [len(b.module) for b in infos])
-    click.echo(f"{'index':>5}  {'module':{width}s} {'channels':>8}  resolution")
+    click.echo(f"{'index':>5}  {'module':{width}s} {'channels':>8}  resolution  in --blocks auto")
     for b in infos:
-        click.echo(f"{b.index:>5}  {b.module:{width}s} {b.channels:>8}  {b.resolution}x{b.resolution}")
+        click.echo(f"{b.index:>5}  {b.module:{width}s} {b.channels:>8}  {f'{b.resolution}x{b.resolution}':10s}"
+                   + ("  yes" if b.index in auto else ""))
 
 
 @main.command()
 @_apply(_images)
 @_apply(_common_backbone)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Feature file (HDF5), e.g. feats.h5.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Feature cache to write or extend: a .h5 file (e.g. feats.h5), or a folder (any name without .h5).")
 @_apply(_common_extract)
 @click.option("--batch-size", default=EXTRACT_BATCH_SIZE, show_default=True, help="Timesteps per forward pass (0 = all of an image's at once).")
 @click.option("--storage", type=click.Choice(STORAGE_DTYPES), default=STORAGE_DTYPES[0], show_default=True, help="On-disk dtype of the block maps.")
@@ -271,7 +367,14 @@ def extract(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
             blocks, seed, preprocess, precision, noise_samples, batch_size, storage, shard, engine, address, workers,
             cpus_per_worker, gpus_per_worker) -> None:
     """Extract decoder-block features of IMAGES (files or folders) into a cache: a .h5 file, or a folder
-    (any --out without .h5) that grows cheaply and takes many writers at once (--shard, --engine ray)."""
+    (any --out without .h5) that grows cheaply and takes many writers at once (--shard, --engine ray).
+
+    \b
+    Examples:
+      ddpmseg extract photos/ --ckpt checkpoints/ffhq.pt --out feats.h5
+      ddpmseg extract photos/ --ckpt run/ --step 2000 --out feats/ --shard 0/4
+    """
+    from ddpmseg.backbones.runs import describe_checkpoint
     from ddpmseg.pipeline import extract_features
 
     cfg = _extract_config(steps, blocks, seed, preprocess, precision, storage, noise_samples)
@@ -280,9 +383,11 @@ def extract(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
                          engine=engine, engine_settings=settings,
                          batch_size=batch_size, progress=obj["progress"],
                          **_backbone_args(preset, model_flags, image_size, num_head_channels))
-    per = s.seconds / s.new if s.new else 0.0
+    per = f"{_seconds(s.seconds / s.new)}/image, " if s.new else ""
+    run = describe_checkpoint(checkpoint)
     click.echo(f"extract: {s.new} new, {s.skipped} already cached, {s.total} in {s.out} "
-               f"({per:.1f} s/image, {s.bytes_per_image / 2**20:.1f} MiB/image)"
+               f"({per}{_mib(s.bytes_per_image / 2**20)} MiB/image)"
+               + (f"; checkpoint {run}" if run else "")
                + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
 
 
@@ -333,7 +438,13 @@ def _head_options(head: str, pairs: tuple[str, ...], config_file: Path | None, a
 
 @main.command()
 def heads() -> None:
-    """List the heads `fit --head` takes, each with its options and their defaults."""
+    """List the heads `fit --head` takes, each with its options and their defaults.
+
+    \b
+    Examples:
+      ddpmseg heads
+      ddpmseg fit --features feats.h5 --masks masks/ --head ddp --head-option steps=3 --out model/
+    """
     from ddpmseg.heads import list_heads
 
     for spec in list_heads():
@@ -382,9 +493,16 @@ def heads() -> None:
 @click.pass_obj
 def fit(obj, features, masks, labels, classes, seed, ignore_index, min_pixels, head, head_option, head_config, device,
         out, overwrite, **aliases) -> None:
-    """Train a head (the paper's MLP ensemble by default) on cached features and masks."""
+    """Train a head (the paper's MLP ensemble by default) on cached features and masks.
+
+    \b
+    Examples:
+      ddpmseg fit --features feats.h5 --masks masks/ --out model/
+      ddpmseg fit --features feats.h5 --masks masks/ --classes ffhq_34 --labels 20 --out model20/
+    """
     from ddpmseg.pipeline import fit_model
 
+    _refuse_other_folder(out, "a model")
     options = _head_options(head, head_option, head_config, aliases)
     s = fit_model(features, masks, out, head=head, options=options, labels=labels, classes=classes, seed=seed,
                   ignore_index=ignore_index, min_pixels=min_pixels, device=device, progress=obj["progress"],
@@ -392,6 +510,10 @@ def fit(obj, features, masks, labels, classes, seed, ignore_index, min_pixels, h
     click.echo(f"fit: {plural(len(s.image_ids), 'image')}, {plural(s.n_pixels, 'pixel')}, "
                f"{plural(s.n_classes, 'class', 'classes')}, {s.seconds:.1f} s ({s.description}) -> {s.out}"
                + _skipped(s.unlabelled, "cached image without a mask", "cached images without a mask"))
+    if s.untrained:
+        click.echo(f"fit: WARNING no training pixel of {plural(len(s.untrained), 'class', 'classes')} "
+                   f"({few(s.untrained)}): the model will never predict {'it' if len(s.untrained) == 1 else 'them'}; "
+                   "label them in a mask, or lower --min-pixels if they are small", err=True)
 
 
 @main.command()
@@ -409,7 +531,13 @@ def fit(obj, features, masks, labels, classes, seed, ignore_index, min_pixels, h
 @click.pass_obj
 def predict(obj, inputs, images, model_dir, out, checkpoint, device, legend, skip_done, overwrite, shard, engine, address,
             workers, cpus_per_worker, gpus_per_worker) -> None:
-    """Segment IMAGES (files or folders): label, overlay and uncertainty PNGs at the original size."""
+    """Segment IMAGES (files or folders): label, overlay and uncertainty PNGs at the original size.
+
+    \b
+    Examples:
+      ddpmseg predict photos/ --model model/ --out predictions/
+      ddpmseg predict photos/*.jpg --model model/ --out predictions/ --skip-done
+    """
     from ddpmseg.pipeline import predict_images
 
     settings = _engine_settings(engine, address, workers, cpus_per_worker, gpus_per_worker)
@@ -432,12 +560,22 @@ def predict(obj, inputs, images, model_dir, out, checkpoint, device, legend, ski
 @click.option("--out", default=None, type=click.Path(path_type=Path),
               help="Folder for reliability.png (calibration) and confusion.png (rows true, columns predicted).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_overwrite
 @click.pass_obj
-def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, out, as_json) -> None:
+def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, out, as_json, overwrite) -> None:
     """Per-class IoU and mIoU of a model on labelled IMAGES (files or folders), calibration (ECE) and
-    per-image scores."""
+    per-image scores.
+
+    \b
+    Examples:
+      ddpmseg evaluate test/images --masks test/masks --model model/
+      ddpmseg evaluate test/images --masks test/masks --model model/ --out figures/ --json
+    """
+    from ddpmseg._io import check_not_there
     from ddpmseg.pipeline import evaluate_model
 
+    if out is not None:  # before any forward pass, like every command's --out
+        check_not_there([out / "reliability.png", out / "confusion.png"], overwrite)
     r = evaluate_model(model_dir, _image_inputs(inputs, images), masks, checkpoint=checkpoint, device=device,
                        progress=obj["progress"] and not as_json, out=out)
     if as_json:
@@ -452,6 +590,13 @@ def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, out, as_
     for row in rows:
         miou = "  n/a" if row["miou"] is None else f"{100 * row['miou']:5.1f}"
         click.echo(f"{row['image']:{iw}s}  {miou}  {row['uncertainty']:.4f}")
+    if len(r["absent_classes"]) >= 2:
+        click.echo(f"evaluate: WARNING the masks hold none of {len(r['absent_classes'])} of the model's "
+                   f"{len(r['per_class'])} classes ({few(r['absent_classes'])}): were they drawn with this model's label "
+                   "set? their IoU counts as 0", err=True)
+    if r["untrained_classes"]:
+        click.echo(f"evaluate: NOTE the model had no training pixel of {few(r['untrained_classes'])}: it never predicts "
+                   "them", err=True)
     seen = r["training_images"]
     if seen:
         click.echo(f"evaluate: NOTE {len(seen)} of the {plural(r['n_images'], 'image')} trained this model "
@@ -464,17 +609,26 @@ def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, out, as_
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
 @_apply(_images)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for suggest.csv and suggest.png.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for suggest.csv (rank, image, score, path) and suggest.png.")
 @click.option("--n", "n", type=click.IntRange(1), default=SUGGEST_N, show_default=True, help="Images to suggest.")
 @click.option("--by", type=click.Choice(SUGGEST_STRATEGIES), default=SUGGEST_STRATEGIES[0], show_default=True,
-              help="uncertainty: the reference's score (top 10 % of the pixel map); bald: the map's mean; "
-                   "diversity: uncertainty, discounting images close to ones already picked.")
+              help="uncertainty: the reference's score (top 10 % of the pixel map, nats); bald: the map's mean "
+                   "(nats); diversity: uncertainty, discounting images close to ones already picked; its scores "
+                   "are relative (0-1: uncertainty over the pool's highest times distance over the largest), "
+                   "not nats, so not comparable with the other two.")
 @click.option("--ckpt", "checkpoint", default=None, type=click.Path(path_type=Path), help="Checkpoint, if moved since fit.")
 @_device
 @_overwrite
 @click.pass_obj
 def suggest(obj, model_dir, inputs, images, out, n, by, checkpoint, device, overwrite) -> None:
-    """Which of the unlabelled IMAGES (files or folders) to label next: suggest.csv and a contact sheet."""
+    """Which of the unlabelled IMAGES (files or folders) to label next: suggest.csv and a contact sheet.
+
+    \b
+    Examples:
+      ddpmseg suggest unlabelled/ --model model/ --out next/
+      ddpmseg suggest unlabelled/ --model model/ --by diversity --n 5 --out next/
+    """
     from ddpmseg.active.suggest import suggest_images
 
     s = suggest_images(model_dir, _image_inputs(inputs, images), out, n=n, by=by, checkpoint=checkpoint, device=device,
@@ -492,12 +646,19 @@ def suggest(obj, model_dir, inputs, images, out, n, by, checkpoint, device, over
 @_apply(_common_backbone)
 @click.option("--k", default=KMEANS_K, show_default=True, help="Clusters per cell.")
 @_apply(_common_extract)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Grid PNG to write.")
+@click.option("--out", required=True, type=click.Path(),  # a str: a trailing slash (a folder) must survive
+              help="Grid PNG to write (NAME.png), or a folder (existing, or ending with /) for IMAGE-STEM_kmeans.png.")
 @_overwrite
 @click.pass_obj
 def kmeans(obj, image, checkpoint, preset, model_flags, image_size, num_head_channels, device, k, steps, blocks, seed,
            preprocess, precision, noise_samples, out, overwrite) -> None:
-    """The paper's Figure-4 grid: k-means of each block's features per timestep."""
+    """The paper's Figure-4 grid: k-means of each block's features per timestep.
+
+    \b
+    Examples:
+      ddpmseg kmeans photo.jpg --ckpt checkpoints/ffhq.pt --out grid.png
+      ddpmseg kmeans photo.jpg --ckpt run/ --k 4 --steps 50,250 --out grids/
+    """
     from ddpmseg.pipeline import kmeans_grid_image
 
     cfg = _extract_config(steps, blocks, seed, preprocess, precision, noise_samples=noise_samples)
@@ -528,6 +689,9 @@ def kmeans(obj, image, checkpoint, preset, model_flags, image_size, num_head_cha
 @click.option("--flip/--no-flip", default=TRAIN.flip, show_default=True, help="Random left-right flips.")
 @click.option("--seed", type=int, default=TRAIN.seed, show_default=True)
 @click.option("--save-every", type=int, default=TRAIN.save_every, show_default=True, help="Steps between checkpoints.")
+@click.option("--keep-last", type=int, default=TRAIN.keep_last, show_default=True,
+              help="Keep the checkpoint files of only the newest N saved steps (0: keep every save); older ones "
+                   "are deleted once a newer save is complete, so --resume always finds one.")
 @click.option("--sample-every", type=int, default=TRAIN.sample_every, show_default=True, help="Steps between sample grids (0: never).")
 @click.option("--samples", "n_samples", type=int, default=TRAIN.n_samples, show_default=True, help="Images per sample grid.")
 @click.option("--sample-steps", type=int, default=TRAIN.sample_steps, show_default=True, help="DDIM steps of the sample grids.")
@@ -567,7 +731,13 @@ def train_ddpm(ctx: click.Context, inputs, images, out, image_size, preset, mode
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Cache to write or extend: a .h5 file, or a folder (any name without .h5).")
 def merge(sources, out) -> None:
-    """Join feature caches of one extraction (e.g. the outputs of extract --shard I/N) into one."""
+    """Join feature caches of one extraction (e.g. the outputs of extract --shard I/N) into one.
+
+    \b
+    Examples:
+      ddpmseg merge feats-0.h5 feats-1.h5 --out feats.h5
+      ddpmseg merge shard*/ --out feats/
+    """
     from ddpmseg.features.cache import merge_caches
 
     added, kept = merge_caches(list(sources), out)
@@ -592,20 +762,25 @@ def merge(sources, out) -> None:
 @click.option("--vmax", type=click.FloatRange(0, min_open=True), default=anomaly_config.DEFAULT_VMAX, show_default=True,
               help="Map value drawn brightest in the PNGs (one scale for every image).")
 @click.option("--save-maps", is_flag=True, help="Also write NAME_anomaly.npy (float32, original size) for evaluate-anomaly.")
+@click.option("--skip-done", is_flag=True,
+              help="Leave out images whose outputs and scores.csv row exist (a rerun finishes the rest).")
 @_overwrite
 @click.pass_obj
 def anomaly(obj, inputs, images, checkpoint, preset, model_flags, image_size, num_head_channels, device, out,
-            start_steps, sample_steps, ancestral, smooth, seed, batch_size, precision, vmax, save_maps, overwrite) -> None:
+            start_steps, sample_steps, ancestral, smooth, seed, batch_size, precision, vmax, save_maps, skip_done,
+            overwrite) -> None:
     """Anomaly maps of IMAGES from a DDPM of normal images: |image - healed| after partial diffusion."""
     from ddpmseg.anomaly.detect import anomaly_maps
 
     s = anomaly_maps(_image_inputs(inputs, images), checkpoint, out, start_steps=_ints(start_steps, "start-steps"),
                      sample_steps=sample_steps, ancestral=ancestral, smooth=smooth, seed=seed, batch_size=batch_size,
                      save_maps=save_maps, vmax=vmax, device=device, precision=precision, progress=obj["progress"],
-                     overwrite=overwrite, **_backbone_args(preset, model_flags, image_size, num_head_channels))
+                     overwrite=overwrite, skip_done=skip_done,
+                     **_backbone_args(preset, model_flags, image_size, num_head_channels))
     n = max(s.n_images, 1)
     click.echo(f"anomaly: {plural(s.n_images, 'image')} -> {s.out} ({s.seconds / n:.2f} s/image; scores in "
                f"{s.out / 'scores.csv'})"
+               + (f"; {plural(s.already_done, 'image')} done before, left out" if s.already_done else "")
                + (f"; {100 * s.above_vmax:.2g} % of map pixels above --vmax {s.vmax:g} (drawn at the top colour"
                   + ("): raise --vmax to see them" if s.above_vmax >= 0.01 else ")") if s.above_vmax > 0 else "")
                + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
@@ -618,7 +793,13 @@ def anomaly(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
               help="Folder of binary masks NAME.png / NAME.npy (non-zero = anomaly; empty for normal images).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate_anomaly_command(maps_dir, masks, as_json) -> None:
-    """Pixel AUROC, AUPRO (to 30 % FPR), best Dice and image AUROC of anomaly maps against masks."""
+    """Pixel AUROC, AUPRO (to 30 % FPR), best Dice and image AUROC of anomaly maps against masks.
+
+    \b
+    Examples:
+      ddpmseg evaluate-anomaly --maps anomalies/ --masks ground_truth/
+      ddpmseg evaluate-anomaly --maps anomalies/ --masks ground_truth/ --json
+    """
     from ddpmseg.anomaly.metrics import evaluate_anomaly, format_table
 
     r = evaluate_anomaly(maps_dir, masks)
@@ -633,7 +814,13 @@ def evaluate_anomaly_command(maps_dir, masks, as_json) -> None:
 @click.option("--dir", "directory", default="ddpmseg-demo", show_default=True, type=click.Path(path_type=Path))
 @click.pass_obj
 def demo(obj, directory: Path) -> None:
-    """Offline end-to-end run on a tiny random-weight ADM and synthetic images (rewrites DIR)."""
+    """Offline end-to-end run on a tiny random-weight ADM and synthetic images (rewrites DIR).
+
+    \b
+    Examples:
+      ddpmseg demo
+      ddpmseg demo --dir /tmp/ddpmseg-demo
+    """
     from ddpmseg.demo import run_demo
 
     run_demo(directory, echo=click.echo, progress=obj["progress"])

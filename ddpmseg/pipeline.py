@@ -130,6 +130,7 @@ class FitSummary:
     n_iter: list[int] = field(default_factory=list)  # steps (the mlp head: per member)
     final_loss: float = float("nan")
     unlabelled: list[str] = field(default_factory=list)  # cached images without a mask
+    untrained: list[str] = field(default_factory=list)  # classes with no training pixel: never predicted
 
 
 def _labelled_ids(cache: FeatureCache, masks: Path) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -154,7 +155,9 @@ def _training_masks(
         mask = data.load_mask(path, labelset, expected_size=pre.original_size)
         if labelset is not None:
             data.check_labels(mask, labelset.n_classes, ignore_index, path)
-        out.append(data.apply_min_pixels(data.prepare_mask(mask, pre), min_pixels, ignore_index))
+        # the reference's rule at the label's own resolution (its masks are 256x256 like its model grid):
+        # counted on a small model's grid, a small class (eyes at 32 px) would vanish from every image
+        out.append(data.prepare_mask(data.apply_min_pixels(mask, min_pixels, ignore_index), pre))
     return out
 
 
@@ -180,8 +183,10 @@ def fit_model(
 
     ``ignore_index``: the label neither trained nor scored (default: the label
     set's, 255 without one; Bedroom-28's is 0). ``min_pixels``: a class
-    covering fewer pixels of an image is ignored in that image (the
-    reference's 20).
+    covering fewer pixels of an image's mask, counted at the mask's own
+    resolution, is ignored in that image (the reference's 20, at 256x256).
+    Classes left with no training pixel are named in the summary and in
+    model.json (``fit.untrained_classes``): the model never predicts them.
     """
     spec = get_head(head)
     config = spec.make_config(options)  # every setting checked before any work
@@ -211,6 +216,8 @@ def fit_model(
         digests = [cache.sha256(i) or "" for i in ids]
         maps = [cache.block_maps(i) for i in ids]
         n_pixels = int(sum((m != ignore_index).sum() for m in label_maps))
+        trained = set(np.unique(np.concatenate([m.reshape(-1) for m in label_maps])).tolist())
+        untrained = [c for c in range(labelset.n_classes) if c != ignore_index and c not in trained]
         if n_pixels < 2:
             raise DdpmsegError(
                 f"the {len(ids)} masks used from {masks} label fewer than two pixels ({ignore_index} = ignore; "
@@ -226,11 +233,11 @@ def fit_model(
     n_iter = [int(v) for v in np.atleast_1d(est.n_iter_)]
     fit = FitConfig(images=tuple(ids), masks=str(masks.resolve()), image_sha256=tuple(digests), seed=seed,
                     ignore_index=ignore_index, min_pixels=min_pixels, n_pixels=n_pixels, n_iter=tuple(n_iter),
-                    head=head, head_config=config_dict(spec.fitted_config(est)))
+                    head=head, head_config=config_dict(spec.fitted_config(est)), untrained_classes=tuple(untrained))
     record = ModelRecord(cache_record.backbone, cache_record.checkpoint, cache_record.extract, labelset, fit)
     SegmentationModel(record, est, noise).save(out)
     return FitSummary(Path(out), ids, n_pixels, labelset.n_classes, seconds, head, est.describe(), n_iter,
-                      float(np.mean(est.final_loss_)), unlabelled)
+                      float(np.mean(est.final_loss_)), unlabelled, [labelset.names[c] for c in untrained])
 
 
 # -- predict / evaluate --------------------------------------------------------------
@@ -318,7 +325,10 @@ def evaluate_model(
     bins; ``confusion`` (rows true, columns predicted); ``per_image``: each
     image's mIoU over the classes present in its mask or prediction, and its
     uncertainty score (the reference's: the mean of the top 10 % of the pixel
-    map). With ``out``: ``reliability.png`` and ``confusion.png`` there.
+    map). ``absent_classes``: the model's classes that no mask holds (several
+    of them usually mean masks of another label set); ``untrained_classes``:
+    classes the model had no training pixel of (it never predicts them). With
+    ``out``: ``reliability.png`` and ``confusion.png`` there.
     """
     masks = Path(masks)
     if not masks.is_dir():
@@ -336,6 +346,8 @@ def evaluate_model(
         truth = data.load_mask(m, labelset, expected_size=tuple(size))
         data.check_labels(truth, labelset.n_classes, ignore, m)
         truths.append(truth)
+    present = set(np.unique(np.concatenate([np.unique(t) for t in truths])).tolist())
+    absent = [c for c in range(labelset.n_classes) if c != ignore and c not in present]
     if out is not None:
         out = check_writable(out, folder=True)
     k = labelset.n_classes
@@ -372,6 +384,9 @@ def evaluate_model(
         "reliability": {key: [nan_to_none(v) for v in bins[key]] for key in ("confidence", "accuracy", "count")},
         "confusion": result["confusion"].tolist(),
         "per_image": [{**r, "miou": nan_to_none(r["miou"])} for r in per_image],
+        # classes no mask holds (several: are these the model's masks?) and classes the model never learned
+        "absent_classes": [labelset.names[c] for c in absent],
+        "untrained_classes": [labelset.names[c] for c in segmenter.model.record.fit.untrained_classes],
     }
 
 
@@ -395,9 +410,12 @@ def kmeans_grid_image(
 
     Cells keep the input image's aspect ratio: each block's cluster map is
     mapped back through the preprocessing (resize or crop; pixels the model
-    did not see are grey), like predictions are.
+    did not see are grey), like predictions are. ``out``: a ``.png`` file, or
+    a folder (one that exists, or a name ending with ``/``) for
+    ``<folder>/<image stem>_kmeans.png``; other names are refused.
     """
-    image, out = Path(image), check_writable(out, folder=False, example="grid.png")
+    image = Path(image)
+    out = kmeans_out_path(image, out)
     check_not_there([out], overwrite)
     if k < 2:
         raise DdpmsegError(f"--k {k}: k-means needs at least 2 clusters; choose another k")
@@ -421,5 +439,21 @@ def kmeans_grid_image(
         on_grid = np.repeat(np.repeat(ids, size // ids.shape[0], axis=0), size // ids.shape[1], axis=1)
         cells[(b, t)] = data.restore_labels(on_grid, shown, fill=-1)
     grid = viz.kmeans_grid(rgb, cells, config.blocks, config.steps, k)
+    out.parent.mkdir(parents=True, exist_ok=True)
     viz.save_png_atomic(out, grid)
     return out
+
+
+def kmeans_out_path(image: str | Path, out: str | Path) -> Path:
+    """Where ``kmeans --out OUT`` writes the grid of ``image``: OUT itself for a ``.png`` name, else
+    ``OUT/<image stem>_kmeans.png`` for a folder (existing, or written with a trailing slash)."""
+    text, image = str(out), Path(image)
+    if Path(text).is_dir() or text.endswith(("/", "\\")):
+        return check_writable(text, folder=True, option="--out") / f"{image.stem}_kmeans.png"
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        what = f"a {path.suffix} name" if path.suffix else "a name without a suffix"
+        raise DdpmsegError(f"--out {out} is {what}, but kmeans writes a PNG (lossless: JPEG would blur the cluster "
+                           f"borders); give a .png file such as {path.with_suffix('.png').name}, or a folder "
+                           f"({path.name}/) for {image.stem}_kmeans.png in it")
+    return check_writable(path, folder=False, example="grid.png")

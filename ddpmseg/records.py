@@ -183,8 +183,10 @@ class FitConfig:
     n_iter: tuple[int, ...] = field(default_factory=tuple)
     head: str = "mlp"
     head_config: Mapping[str, Any] = field(default_factory=dict)
+    untrained_classes: tuple[int, ...] = ()  # classes without a training pixel (never predicted); unknown before 0.2
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "untrained_classes", tuple(int(c) for c in self.untrained_classes))
         object.__setattr__(self, "images", tuple(str(i) for i in self.images))
         object.__setattr__(self, "image_sha256", tuple(str(h) for h in self.image_sha256))
         object.__setattr__(self, "n_iter", tuple(int(i) for i in self.n_iter))
@@ -193,7 +195,7 @@ class FitConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {**d, "images": list(self.images), "image_sha256": list(self.image_sha256), "n_iter": list(self.n_iter),
-                "head_config": dict(self.head_config)}
+                "head_config": dict(self.head_config), "untrained_classes": list(self.untrained_classes)}
 
     def training_images(self, ids: list[str], sha256s: list[str]) -> list[str]:
         """Which of the images ``ids`` (with file digests ``sha256s``) this model was trained on:

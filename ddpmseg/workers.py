@@ -155,7 +155,7 @@ class Segmenter:
         if legend:
             present = [c for c in range(labelset.n_classes) if (labels == c).any()]
             overlay = viz.with_legend(overlay, [labelset.names[c] for c in present], palette[present])
-            heat = viz.with_colorbar(heat, top, title)
+            heat = viz.with_colorbar(heat, top, f"{title}\nthis image: max {float(unc.max(initial=0.0)):.3g}")
         viz.save_png_atomic(out / f"{path.stem}_overlay.png", overlay)
         viz.save_png_atomic(out / f"{path.stem}_uncertainty.png", heat)
         viz.save_label_png(out / f"{path.stem}_labels.png", labels, palette)
