@@ -4,7 +4,7 @@ A tiny ADM with the ffhq_256 block structure (64x64, 32 base channels, random
 weights) is saved as a checkpoint, a few synthetic labelled images are drawn,
 and extract -> fit -> predict -> evaluate -> kmeans run on them. Random weights
 carry no learned semantics: the demo proves the machinery, not the quality
-(for that, use a real checkpoint: README "The real workflow").
+(for that, use a real checkpoint: docs/method.md).
 """
 
 from __future__ import annotations

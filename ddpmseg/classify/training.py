@@ -23,7 +23,7 @@ runs (:class:`Recipe`):
     not by the reference's rule: 16 epochs, at most 2,000 steps, or sooner on a
     plateau of the smoothed training loss (:class:`PlateauStop`). Both tile
     size and lr were chosen by held-out mIoU (benchmarks/bench_fit_quality.py,
-    README): bigger tiles are cheaper but a batch of few large tiles holds
+    docs/performance.md): bigger tiles are cheaper but a batch of few large tiles holds
     correlated pixels, and BatchNorm then learns on statistics far from the
     population's (16 x 16 tiles: -4.5 mIoU; 8 x 8: -2.3; 4 x 4 at lr 4e-3:
     -1.3; at lr 2e-3: +0.4 against the reference recipe).

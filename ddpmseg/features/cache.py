@@ -1,6 +1,6 @@
 """The HDF5 feature cache: native-resolution block maps per image.
 
-Layout of ``feats.h5`` (README "Cache file format"):
+Layout of ``feats.h5`` (docs/formats.md):
     /                 attrs: the CacheRecord (format, format_version, ddpmseg_version,
                              config = JSON of the extraction config + backbone + checkpoint)
     /noise            float32 (1, 3, S, S): the shared noise
