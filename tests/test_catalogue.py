@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -328,23 +329,95 @@ def test_predict_bad_image_among_good_ones_writes_nothing(world, tmp_path):
     assert not (tmp_path / "p").exists() or os.listdir(tmp_path / "p") == []
 
 
-@pytest.mark.parametrize("command", ["extract", "fit", "predict"])
-def test_read_only_output_folder(world, tiny_ckpt, tmp_path, command):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
+NOBODY = 65534
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
+
+
+def _as_nobody() -> None:  # preexec_fn: the child runs as the unprivileged user nobody
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def _without_dac_override() -> None:  # preexec_fn: root that file permissions stop (no override capabilities)
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def _unprivileged(env: dict) -> tuple:
+    """(preexec_fn, who) under which chmod stops the child: none when not root; as root, the user nobody when
+    it can run this Python, else root without CAP_DAC_OVERRIDE (this interpreter may sit in root's 0o700
+    home); skipped only when neither works."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None, "this user"
+    probe = [sys.executable, "-c", "import ddpmseg.cli.main"]
+    tried = []
+    for preexec, who in ((_as_nobody, "user nobody (uid 65534)"), (_without_dac_override, "root without CAP_DAC_OVERRIDE")):
+        if preexec is _as_nobody:
+            try:
+                import pwd
+
+                pwd.getpwuid(NOBODY)
+            except (ImportError, KeyError):
+                tried.append("no user with uid 65534")
+                continue
+        try:
+            r = subprocess.run(probe, preexec_fn=preexec, env=env, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            tried.append(f"{who}: {type(e).__name__}: {e}")
+            continue
+        if r.returncode == 0:
+            return preexec, who
+        tried.append(f"{who}: {(r.stderr.strip().splitlines() or ['exit ' + str(r.returncode)])[-1]}")
+    pytest.skip("running as root and no unprivileged child could be started (" + "; ".join(tried) + ")")
+
+
+@pytest.fixture
+def readable(world, tiny_ckpt):
+    """A world-readable copy of the inputs (pytest's own tmp folders are 0o700) with a writable HOME."""
+    d = Path(tempfile.mkdtemp(prefix="ddpmseg-ro-"))
     try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as root: a 0o500 folder is still writable")
-        args = {
-            "extract": extract_args(tiny_ckpt, world[1], ro / "f.h5"),
-            "fit": fit_args(world, world[1], ro / "model"),
-            "predict": ["predict", world[1] / "image_0.jpg", "--model", world[0] / "model", "--out", ro / "p"],
-        }[command]
-        fails(*args, match=(str(ro), "not writable"))
-        assert os.listdir(ro) == []
+        shutil.copytree(world[1], d / "imgs")
+        shutil.copy(world[0] / "feats.h5", d / "feats.h5")
+        shutil.copytree(world[0] / "model", d / "model")
+        shutil.copy(tiny_ckpt[0], d / "adm.pt")
+        shutil.copy(tiny_ckpt[1], d / "adm.json")
+        (d / "home").mkdir()
+        for p in [d, *d.rglob("*")]:
+            p.chmod(0o777 if p.name == "home" else (0o755 if p.is_dir() else 0o644))
+        yield d
     finally:
-        ro.chmod(0o700)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("command", ["extract", "fit", "predict"])
+def test_read_only_output_folder(readable, command):
+    """A folder the user may not write is refused up front, in one line naming it. Run as a user whom chmod
+    stops (as root: the user nobody, or root without CAP_DAC_OVERRIDE): root writes into any folder."""
+    d = readable
+    env = dict(os.environ, HOME=str(d / "home"), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    preexec, who = _unprivileged(env)
+    ro = d / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    args = {
+        "extract": ["extract", "--ckpt", d / "adm.pt", "--model-flags", d / "adm.json", "--images", d / "imgs",
+                    "--out", ro / "f.h5"],
+        "fit": ["fit", "--features", d / "feats.h5", "--masks", d / "imgs", *FIT, "--out", ro / "model"],
+        "predict": ["predict", d / "imgs" / "image_0.jpg", "--model", d / "model", "--out", ro / "p"],
+    }[command]
+    r = subprocess.run([sys.executable, "-m", "ddpmseg.cli.main", "-q", *map(str, args)], preexec_fn=preexec, env=env,
+                       capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip()
+    assert r.returncode == 1, (who, r.returncode, err)
+    assert len(err.splitlines()) == 1 and err.startswith("ddpmseg: error:") and "Traceback" not in err, (who, err)
+    # the up-front check's words: without it the write fails later with the OS's "Permission denied"
+    assert str(ro) in err and "is not writable; choose another --out or fix its permissions" in err, (who, err)
+    assert os.listdir(ro) == []
 
 
 # -- --debug --------------------------------------------------------------------------
@@ -450,6 +523,7 @@ def test_ctrl_c_during_extract_exits_130_and_keeps_finished_images(tmp_path, tin
     with FeatureCache(out) as cache:
         kept = len(cache.image_ids)
     assert 2 <= kept < 16
+    assert f"the cache {out} keeps the {kept} images this run finished ({kept} in all)" in err, err
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{16 - kept} new, {kept} already cached, 16 in" in rerun.stdout

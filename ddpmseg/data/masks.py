@@ -105,7 +105,8 @@ def _map_colours(rgb: np.ndarray, labelset: LabelSet, path: Path) -> np.ndarray:
         raise DdpmsegError(
             f"mask {path} has {n_far} pixels whose colours match no class of label set {labelset.name!r} "
             f"(e.g. {colour}, farther than {COLOR_TOLERANCE:g} from every class colour); "
-            "use --classes with the CSV that matches this mask's colours"
+            "these masks need the label set of their colours: fit --classes CSV (evaluate uses the label set "
+            "the model was fitted with)"
         )
 
     if n_far == far.size:
@@ -199,7 +200,8 @@ def check_labels(
         where = f"mask {path}" if path is not None else "mask"
         raise DdpmsegError(
             f"{where} has label values {shown} outside the valid range 0..{n_classes - 1} (ignore {ignore_index}); "
-            "fix the mask or use --classes with the matching label set"
+            "fix the mask, or fit with --classes naming the label set that covers these values (evaluate "
+            "scores against the label set the model was fitted with)"
         )
 
 

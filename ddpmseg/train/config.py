@@ -92,7 +92,7 @@ class TrainConfig:
             (self.save_every >= 1, f"--save-every must be at least 1, got {self.save_every}"),
             (self.sample_every >= 0, f"--sample-every must be 0 (never) or positive, got {self.sample_every}"),
             (self.n_samples >= 1 and self.sample_steps >= 1, "--samples and --sample-steps must be at least 1"),
-            (self.log_every >= 1, f"log_every must be at least 1, got {self.log_every}"),
+            (self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}"),
         ]
         for ok, message in checks:
             if not ok:
