@@ -385,8 +385,7 @@ def train_ddpm(
         if resume:
             config = _resumed_config(out, config, steps, preset, model_flags, image_size, init)
         elif isinstance(config, Mapping):
-            config = TrainConfig.from_dict(config) if set(config) <= set(TrainConfig().to_dict()) else \
-                resumed_config(TrainConfig(), config, "")[0]  # unknown names: its one-line error
+            config = TrainConfig(**config)
         config = config or TrainConfig()
         if steps is not None and not resume:
             config = dataclasses.replace(config, steps=steps)
