@@ -487,7 +487,7 @@ def heads() -> None:
 @click.option("--head-width", type=click.IntRange(8), default=None, help="ddp: = --head-option width=N.")
 @click.option("--head-lr", type=click.FloatRange(0, min_open=True), default=None, help="ddp: = --head-option lr=X.")
 @click.option("--head-diffusion/--no-head-diffusion", default=None, help="ddp: = --head-option diffusion=true/false.")
-@click.option("--device", default="auto", show_default=True)
+@_device
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model folder to write.")
 @_overwrite
 @click.pass_obj
