@@ -139,7 +139,7 @@ def test_suggest_ranks_the_pool_and_diversity_skips_copies(eyes_world, pool, tmp
     d, _ = eyes_world
     said = ok("suggest", "--model", d / "model", pool, "--out", tmp_path / "u", "--n", 3)
     rows = (tmp_path / "u" / "suggest.csv").read_text().splitlines()
-    assert rows[0] == "rank,image,score" and len(rows) == 4
+    assert rows[0] == "rank,image,uncertainty score (nats),path" and len(rows) == 4
     scores = [float(r.split(",")[2]) for r in rows[1:]]
     assert scores == sorted(scores, reverse=True)
     assert (tmp_path / "u" / "suggest.png").stat().st_size > 1000 and "suggest: 3 images of 9 by uncertainty" in said

@@ -2,7 +2,8 @@
 
 Each pool image runs through the model once (features, labels, the pixel
 map of mutual information); images the model was trained on are left out
-(by content) and, with ``--by diversity``, count as picked already. Writes ``suggest.csv`` (rank, image, score) and
+(by content) and, with ``--by diversity``, count as picked already. Writes ``suggest.csv`` (rank, image id,
+score, the image's absolute path; the score column named by what it measures: :data:`SCORE_COLUMNS`) and
 ``suggest.png``, a contact sheet with each suggested image beside its
 uncertainty map (one colour scale for all).
 """
@@ -25,6 +26,10 @@ from ddpmseg.active.strategies import DEFAULT_N, DEFAULT_STRATEGY, embedding, im
 from ddpmseg.errors import DdpmsegError
 
 THUMB = 160  # contact sheet: the longer side of each image and map
+# suggest.csv's score column by --by: uncertainty and bald are nats (mutual information), diversity's pick
+# value is relative (uncertainty / the pool's highest, times distance to the nearest pick / the largest)
+SCORE_COLUMNS = {"uncertainty": "uncertainty score (nats)", "bald": "bald score (nats)",
+                 "diversity": "diversity score (relative 0-1, not nats)"}
 
 
 @dataclass
@@ -81,9 +86,9 @@ def suggest_images(
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rank", "image", "score"])
-    for r, (name, s) in enumerate(ranked, 1):
-        w.writerow([r, name, f"{s:.6g}"])
+    w.writerow(["rank", "image", SCORE_COLUMNS[by], "path"])
+    for r, (i, s) in enumerate(picked, 1):
+        w.writerow([r, pool[i].stem, f"{s:.6g}", str(pool[i].resolve())])
     write_atomic(out / "suggest.csv", lambda path: path.write_text(buf.getvalue()))
     vmax = max(float(m.max()) for _, m in thumbs) or 1.0
     viz.save_png_atomic(out / "suggest.png", _contact_sheet([(thumbs[i], pool[i].stem, s) for i, s in picked], vmax, by))

@@ -5,10 +5,12 @@
     create_backbone("my.pt", flags="flags.json")        # ... or given as guided-diffusion flags (file, dict, AdmConfig)
     create_backbone("google/ddpm-cat-256")              # diffusers hub id, model folder or pipeline folder
     create_backbone("run/")                             # a train-ddpm run: its newest EMA checkpoint and flags
+    create_backbone("run/ema_0.9999_000030.pt")         # ... an earlier step's (runs.checkpoint_at(run, 30)) with them
     create_backbone(preset="ffhq_256")                  # the preset's architecture with random weights
 
-A file is always an ADM checkpoint; a train-ddpm run folder (flags.json) its
-newest EMA checkpoint; any other folder or an ``org/name`` hub id a diffusers
+A file is always an ADM checkpoint (one in a train-ddpm run folder has the
+run's flags.json); a train-ddpm run folder (flags.json) its newest EMA
+checkpoint; any other folder or an ``org/name`` hub id a diffusers
 ``UNet2DModel``. The backbone carries its provenance:
 ``backbone.preset`` (the matching preset's name, or None) and
 ``backbone.checkpoint`` (name, path, sha256 of the weights file).
@@ -74,6 +76,9 @@ def create_backbone(
             raise DdpmsegError(f"{source} is a training run: its flags.json fixes the architecture; "
                                "leave out --preset and --model-flags")
         source, flags = runs.latest_ema(source)
+    elif (source is not None and preset is None and flags is None and image_size is None and num_head_channels is None
+          and runs.run_of(source) is not None):
+        flags = runs.run_of(source) / runs.FLAGS  # an earlier step's file of a run: the run's architecture
     found = get_preset(preset) if preset is not None else None
     diffusers = (found is not None and found.family == "diffusers") or (source is not None and is_diffusers_source(source))
     if diffusers and (image_size is not None or num_head_channels is not None):

@@ -11,6 +11,7 @@ the ``meta`` device, so no weights are allocated even for the 552 M-parameter
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import pickle
@@ -23,6 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
+import ddpmseg.backbones.runs as runs
 from ddpmseg.backbones._registry import get_preset, list_presets
 from ddpmseg.backbones.adm import build_unet
 from ddpmseg.backbones.configs import AdmConfig
@@ -62,15 +64,38 @@ def _first_line(e: BaseException, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _preset_named(name: str) -> str | None:
+    """The preset a missing checkpoint's name stands for (its name, file name, or close to one), else None."""
+    ours = {n: n for n in list_presets()}
+    ours.update({get_preset(n).filename: n for n in list_presets()})
+    ours.update({Path(get_preset(n).filename).stem: n for n in list_presets()})
+    close = difflib.get_close_matches(name, list(ours), n=1, cutoff=0.8)
+    return ours[close[0]] if close else None
+
+
 def _missing_file_error(path: Path) -> DdpmsegError:
+    """That ``path`` does not exist, with the closest name beside it, and ``ddpmseg download`` only for
+    a name that looks like a preset's."""
     folder = path.parent
-    presets = ", ".join(list_presets())
-    hint = f"run `ddpmseg download PRESET` (presets: {presets}) or pass the right path"
+    said = f"checkpoint {path} does not exist"
     if not folder.is_dir():
-        return DdpmsegError(f"checkpoint {path} does not exist (no folder {folder}); {hint}")
-    found = sorted(p.name for p in folder.glob("*.pt"))
-    listing = ", ".join(found[:8]) + (", ..." if len(found) > 8 else "") if found else "no .pt files"
-    return DdpmsegError(f"checkpoint {path} does not exist ({folder} holds: {listing}); {hint}")
+        said += f" (nor does its folder {folder});"
+    else:
+        siblings = sorted(e.name for e in folder.iterdir() if not e.name.startswith("."))
+        close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
+        found = sorted(n for n in siblings if n.endswith(".pt"))
+        if close:
+            what = runs.describe_folder(folder / close[0]) or ("a folder" if (folder / close[0]).is_dir() else "a file")
+            said += f"; did you mean {folder / close[0]} ({what})? Else,"
+        elif found:
+            said += f" ({folder} holds: {', '.join(found[:8]) + (', ...' if len(found) > 8 else '')});"
+        else:
+            said += ";"
+    preset = _preset_named(path.name)
+    if preset is not None:
+        return DdpmsegError(f"{said} to fetch the published checkpoint of preset {preset}, run "
+                            f"`ddpmseg download {preset}` (`ddpmseg presets` lists them all)")
+    return DdpmsegError(f"{said} pass a checkpoint file, a train-ddpm run folder or a diffusers model folder")
 
 
 def _is_tensor_dict(obj: Any) -> bool:

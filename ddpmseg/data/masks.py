@@ -47,6 +47,43 @@ def find_mask(image_id: str, mask_dir: str | Path, image_path: str | Path | None
     return None
 
 
+def no_mask_found(items: list[tuple[str, str | Path | None]], mask_dir: str | Path) -> str:
+    """What an error says when no image has a mask in ``mask_dir``: the names :func:`find_mask` looked
+    for and, for the first image that has a file named like it there, what that file is and why it did
+    not count. ``items``: (image id, the image's path or None)."""
+    mask_dir = Path(mask_dir)
+    names = ", ".join(f"ID{suf}" for suf in MASK_SUFFIXES)
+    said = f"looked for {names}, image_mask{{i}}.npy / .png for image_{{i}}"
+    for image_id, image_path in items:
+        reason = _why_not_a_mask(image_id, mask_dir, image_path)
+        if reason:
+            return f"{said}; {reason}"
+    return said
+
+
+def _why_not_a_mask(image_id: str, mask_dir: Path, image_path: str | Path | None) -> str | None:
+    """Why the files of ``mask_dir`` named like ``image_id`` are not its mask (None: there are none)."""
+    image = Path(image_path).resolve() if image_path is not None else None
+    try:
+        near = sorted(f for f in mask_dir.iterdir() if f.is_file() and f.name.startswith(image_id))
+    except OSError:
+        return None
+    for f in near:
+        if f.stem == image_id and image is not None and f.resolve() == image:
+            return (f"{f} is there, but it is the image itself (--masks is the image folder): a mask must be "
+                    f"another file, {image_id}.npy beside it or {image_id}.png in a folder of masks")
+    for f in near:
+        if f.stem == image_id and f.suffix.lower() not in MASK_SUFFIXES:
+            return (f"{f} is there, but a {f.suffix} file is no label map (JPEG and other photo formats change "
+                    f"label values): save the masks as {image_id}.png (label values or --classes colours) or .npy")
+    named = re.compile(re.escape(image_id) + r"[_\-. ]+[A-Za-z]")  # image_0_mask.png, not image_01.png
+    for f in near:
+        if f.stem != image_id and f.suffix.lower() in MASK_SUFFIXES and named.match(f.stem):
+            return (f"{f} is there, but masks are found by the image's name: rename it {image_id}{f.suffix.lower()} "
+                    f"(or the images so that their names match)")
+    return None
+
+
 def _load_npy(path: Path) -> np.ndarray:
     try:
         a = np.load(path, allow_pickle=False)

@@ -18,7 +18,7 @@ SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 TRAIN_PRECISIONS = ("fp32", "bf16")
 
 # the settings a resumed run may change (they do not change what is trained); every other one is the run's
-RESUMABLE = ("steps", "save_every", "sample_every", "log_every")
+RESUMABLE = ("steps", "save_every", "sample_every", "log_every", "keep_last")
 _OPTIONS = {"n_samples": "--samples"}  # a setting whose train-ddpm option is not --NAME
 
 # guided-diffusion's ADM at a size a laptop can train: the ffhq_256 design (resblock up/down,
@@ -73,6 +73,7 @@ class TrainConfig:
     n_samples: int = 16
     sample_steps: int = 25  # DDIM steps of the sample grids
     log_every: int = 10
+    keep_last: int = 0  # keep the files of only the newest N saved steps (0: keep every save)
     init: str | None = None  # the checkpoint fine-tuned from, if any
 
     def __post_init__(self) -> None:
@@ -89,6 +90,7 @@ class TrainConfig:
             (self.precision in TRAIN_PRECISIONS, f"--precision must be fp32 or bf16 for training, got {self.precision!r}"),
             (self.preprocess in TRAIN_PREPROCESS,
              f"--preprocess must be one of {', '.join(TRAIN_PREPROCESS)}, got {self.preprocess!r}"),
+            (self.keep_last >= 0, f"--keep-last must be 0 (keep every save) or positive, got {self.keep_last}"),
             (self.save_every >= 1, f"--save-every must be at least 1, got {self.save_every}"),
             (self.sample_every >= 0, f"--sample-every must be 0 (never) or positive, got {self.sample_every}"),
             (self.n_samples >= 1 and self.sample_steps >= 1, "--samples and --sample-steps must be at least 1"),

@@ -443,11 +443,13 @@ def _run(trainer: _Trainer, paths: list[Path], out: Path, start: int, workers: i
                     row = {"step": done, "loss": round(last_loss, 6), "lr": cfg.lr, "images_per_s": round(rate, 3)}
                     logfile.write(json.dumps(row) + "\n")
                     logfile.flush()
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}")
+                left = (cfg.steps - done) * (now - t0) / (done - start)  # this run's mean step time so far
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}", eta=_duration(left))
                 losses, interval_t0 = [], now
             bar.update(1)
             if dist.main and (done % cfg.save_every == 0 or done == cfg.steps):
                 checkpoint = trainer.save(out, done)
+                runs.prune(out, cfg.keep_last)  # only now that the new step is saved whole
                 plot = viz.line_plot(*_curve(out, done), f"training loss (mean of each logged interval), step {done:,}",
                                      "step", log_y=True, ylabel="training loss (log scale)")
                 viz.save_png_atomic(out / "loss.png", plot)
@@ -463,6 +465,18 @@ def _run(trainer: _Trainer, paths: list[Path], out: Path, start: int, workers: i
         checkpoint = runs.ema_file(out, cfg.ema, done_steps[-1]) if done_steps else out
     return TrainSummary(out, max(start, cfg.steps), start, seconds, seen / max(seconds, 1e-9), last_loss, checkpoint,
                         samples, sum(p.numel() for p in trainer.model.parameters()), len(paths), skipped)
+
+
+def _duration(seconds: float) -> str:
+    """A time left as the bar shows it: 45s, 12m05s, 3h20m, 2d20h."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def _curve(out: Path, until: int) -> tuple[list[float], list[float]]:
