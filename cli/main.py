@@ -462,7 +462,7 @@ def heads() -> None:
 @click.option("--masks", required=True, type=click.Path(path_type=Path), help="Folder of label maps (.npy, label PNGs or colour PNGs with --classes).")
 @click.option("--labels", default=None, type=int, help="Use the first N labelled images (natural sort order).")
 @click.option("--classes", default=None, help="Label set: a shipped name (e.g. ffhq_34) or a CSV index,name,r,g,b.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=DEFAULT_SEED, show_default=True, help="Seed of the head's initialisation, batches and sampling.")
 @click.option("--ignore-index", default=None, type=int,
               help="Label neither trained nor scored (default: the label set's, else 255; bedroom_28: 0).")
 @click.option("--min-pixels", default=MIN_PIXELS, show_default=True, type=click.IntRange(0),

@@ -29,7 +29,7 @@ from ddpmseg.features.extractor import extract_block_maps, make_noise
 from ddpmseg.heads import ImageMaps, config_dict, get_head
 from ddpmseg.metrics import Calibration, SegmentationScore, present_miou, top_mean
 from ddpmseg.model import MODEL_FILES, SegmentationModel
-from ddpmseg.options import MIN_PIXELS
+from ddpmseg.options import DEFAULT_SEED, EXTRACT_BATCH_SIZE, KMEANS_K, MIN_PIXELS
 from ddpmseg.records import ExtractConfig, FitConfig, ModelRecord
 from ddpmseg.workers import OUTPUT_KINDS, Analysis, Extractor, Segmenter, checked_settings, load_image
 
@@ -74,7 +74,7 @@ def extract_features(
     image_size: int | None = None,
     num_head_channels: int | None = None,
     device: str = "auto",
-    batch_size: int = 0,
+    batch_size: int = EXTRACT_BATCH_SIZE,
     progress: bool = False,
     shard: str | None = None,
     engine: str = "local",
@@ -170,7 +170,7 @@ def fit_model(
     options: Mapping[str, Any] | None = None,
     labels: int | None = None,
     classes: str | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     ignore_index: int | None = None,
     min_pixels: int = MIN_PIXELS,
     device: str = "auto",
@@ -396,7 +396,7 @@ def kmeans_grid_image(
     checkpoint: str | Path,
     out: str | Path,
     *,
-    k: int = 5,
+    k: int = KMEANS_K,
     config: ExtractConfig = ExtractConfig(),
     preset: str | None = None,
     model_flags: str | Path | None = None,

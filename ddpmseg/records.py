@@ -23,7 +23,7 @@ from ddpmseg._version import __version__
 from ddpmseg.backbones.configs import BackboneSpec, CheckpointRef
 from ddpmseg.data.labelsets import LabelSet
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.options import DEFAULT_STEPS, IGNORE_INDEX, MIN_PIXELS, PRECISIONS, PREPROCESS_MODES, STORAGE_DTYPES
+from ddpmseg.options import DEFAULT_SEED, DEFAULT_STEPS, IGNORE_INDEX, MIN_PIXELS, PRECISIONS, PREPROCESS_MODES, STORAGE_DTYPES
 
 CACHE_FORMAT, CACHE_VERSION = "ddpmseg-features", 1
 MODEL_FORMAT, MODEL_VERSION = "ddpmseg-model", 3
@@ -48,7 +48,7 @@ class ExtractConfig:
 
     steps: tuple[int, ...] = DEFAULT_STEPS
     blocks: tuple[int, ...] = ()
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     preprocess: str = "resize"
     storage_dtype: str = "float16"
     precision: str = "fp32"
@@ -176,7 +176,7 @@ class FitConfig:
     images: tuple[str, ...]
     masks: str
     image_sha256: tuple[str, ...] = ()  # of each training image's file ("" if its cache had none: 0.1.0)
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     ignore_index: int = IGNORE_INDEX
     min_pixels: int = MIN_PIXELS
     n_pixels: int = 0

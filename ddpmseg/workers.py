@@ -26,6 +26,7 @@ from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.cache import FeatureWriter
 from ddpmseg.features.extractor import extract_block_maps, make_noise
 from ddpmseg.model import SegmentationModel
+from ddpmseg.options import EXTRACT_BATCH_SIZE
 from ddpmseg.records import CacheRecord, ExtractConfig
 
 OUTPUT_KINDS = ("labels", "overlay", "uncertainty")  # the PNGs predict writes per image: NAME_<kind>.png
@@ -62,7 +63,7 @@ class Extractor:
 
     def __init__(self, checkpoint: str | Path, out: str | Path, config: ExtractConfig = ExtractConfig(), *,
                  preset: str | None = None, model_flags: str | Path | None = None, image_size: int | None = None,
-                 num_head_channels: int | None = None, device: str = "auto", batch_size: int = 0) -> None:
+                 num_head_channels: int | None = None, device: str = "auto", batch_size: int = EXTRACT_BATCH_SIZE) -> None:
         if batch_size < 0:
             raise DdpmsegError(f"--batch-size must be 0 (all timesteps at once) or positive, got {batch_size}")
         self.out, self.batch_size = Path(out), batch_size
