@@ -117,6 +117,16 @@ def test_init_fine_tunes_the_given_weights(tmp_path, eyes8, run):
     assert json.loads((tmp_path / "ft" / "train.json").read_text())["init"] == str((run / "model000008.pt").resolve())
 
 
+def test_a_fine_tune_killed_before_its_first_save_resumes_from_the_init_weights(tmp_path, eyes8, run):
+    ft = tmp_path / "ft"
+    train_ddpm([eyes8], ft, TrainConfig(steps=1, lr=1e-9, **QUICK), init=run / "model000008.pt", device="cpu")
+    for f in ft.glob("*000001.pt"):  # as if killed before the first save: flags.json and train.json only
+        f.unlink()
+    train_ddpm([eyes8], ft, None, resume=True, device="cpu")
+    before, after = _state(run / "model000008.pt"), _state(ft / "model000001.pt")
+    assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before)  # not from random weights
+
+
 def test_bad_inputs_fail_before_training(tmp_path, eyes8, flags_file):
     empty = tmp_path / "empty"
     empty.mkdir()

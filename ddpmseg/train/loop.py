@@ -149,10 +149,15 @@ def _draws(samples: list[int], seed: int, n_steps: int, shape: tuple[int, ...], 
 
 
 def _architecture(out: Path, resume: bool, preset: str | None, model_flags: str | Path | None,
-                  image_size: int | None, init: str | Path | None) -> tuple[AdmConfig, dict | None]:
-    """The run's architecture and, with ``init``, the weights to start from."""
+                  image_size: int | None, init: str | Path | None,
+                  saved_init: str | None = None) -> tuple[AdmConfig, dict | None]:
+    """The run's architecture and, with ``init``, the weights to start from (on resume: the run's own
+    ``saved_init`` when no step was saved yet, so a fine-tune killed early starts again from its weights)."""
     if resume:
-        return AdmConfig.from_json(out / runs.FLAGS), None
+        arch = AdmConfig.from_json(out / runs.FLAGS)
+        if saved_init and not runs.saved_steps(out):
+            return arch, read_state_dict(runs.latest_ema(saved_init)[0] if runs.is_run(saved_init) else saved_init)
+        return arch, None
     given = [o for o, v in (("--preset", preset), ("--model-flags", model_flags), ("--image-size", image_size)) if v]
     if len(given) > 1:
         raise DdpmsegError(f"give one of {' / '.join(given)}: each fixes the architecture on its own")
@@ -393,7 +398,8 @@ def train_ddpm(
         paths = data.list_images(images, skipped=skipped)
         for p in paths:  # every image readable before any training
             data.load_rgb(p)
-        arch, init_state = _architecture(out, resume, preset, model_flags, image_size, init)
+        arch, init_state = _architecture(out, resume, preset, model_flags, image_size, init,
+                                         config.init if resume else None)
         if init is not None:
             config = dataclasses.replace(config, init=str(Path(init).resolve()))
         dist.barrier()  # every rank has checked the folder before rank 0 writes into it
