@@ -108,7 +108,8 @@ def test_blocks_lists_every_decoder_block(tiny_ckpt):
     out = run("blocks", "--ckpt", ckpt, "--model-flags", flags)
     rows = [line.split() for line in out.splitlines()[1:]]
     assert len(rows) == 18
-    assert rows[12] == ["12", "output_blocks.12", "32", "32x32"]
+    assert rows[12] == ["12", "output_blocks.12", "32", "32x32", "yes"]  # yes: one of --blocks auto's
+    assert [r[0] for r in rows if r[-1] == "yes"] == ["5", "6", "7", "8", "12"]
 
 
 def test_presets_lists_the_five_presets():

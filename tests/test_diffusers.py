@@ -132,8 +132,8 @@ def test_cli_blocks_and_presets(tiny_folders):
     out = run("blocks", "--ckpt", tiny_folders[0])
     rows = [line.split() for line in out.splitlines()[1:]]
     assert len(rows) == 18
-    assert rows[5] == ["5", "up_blocks.1", "(upsampler)", "128", "8x8"]
-    assert rows[12] == ["12", "up_blocks.4.resnets.0", "32", "32x32"]
+    assert rows[5] == ["5", "up_blocks.1", "(upsampler)", "128", "8x8", "yes"]  # yes: one of --blocks auto's
+    assert rows[12] == ["12", "up_blocks.4.resnets.0", "32", "32x32", "yes"]
     presets = run("presets")
     assert any(line.split()[:2] == ["ddpm_celebahq_256", "diffusers"] for line in presets.splitlines())
     assert any(line.split()[:2] == ["ffhq_256", "adm"] for line in presets.splitlines())

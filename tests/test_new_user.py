@@ -55,7 +55,7 @@ def test_blocks_of_a_custom_checkpoint_need_what_the_weights_cannot_show(tiny_ck
     fails("blocks", "--ckpt", ckpt, match=("matches no preset", "--image-size S --num-head-channels N", "--model-flags"))
     rows = ok("blocks", "--ckpt", ckpt, "--image-size", 64, "--num-head-channels", 32, "--device", "cpu").splitlines()[1:]
     flagged = ok("blocks", "--ckpt", ckpt, "--model-flags", tiny_ckpt[1], "--device", "cpu").splitlines()[1:]
-    assert rows == flagged and rows[12].split()[-1] == "32x32"
+    assert rows == flagged and rows[12].split()[3] == "32x32"  # index, module, channels, resolution[, auto mark]
 
 
 def test_evaluate_says_when_it_scores_training_images(eyes_world, tmp_path):
