@@ -70,6 +70,15 @@ class SegmentationModel:
             raise DdpmsegError(f"model folder {directory} does not exist; create it with `ddpmseg fit ... --out {directory}`")
         missing = [f for f in MODEL_FILES if not (directory / f).is_file()]
         if missing:
+            from ddpmseg.backbones.runs import describe_folder
+
+            what = describe_folder(directory)
+            if what == "a train-ddpm run folder":
+                raise DdpmsegError(f"{directory} is a train-ddpm run folder (a DDPM), not a model folder: fit a model "
+                                   "with `ddpmseg fit ... --out MODEL/` and pass --model MODEL/")
+            if what == "a feature cache folder":
+                raise DdpmsegError(f"{directory} is a feature cache folder, not a model folder: fit a model with "
+                                   f"`ddpmseg fit --features {directory} ... --out MODEL/` and pass --model MODEL/")
             raise DdpmsegError(f"model folder {directory} lacks {', '.join(missing)}; rerun `ddpmseg fit` to rewrite it")
         try:
             d = json.loads((directory / "model.json").read_text())

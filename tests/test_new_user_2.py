@@ -106,12 +106,15 @@ def test_fit_refuses_an_out_that_is_a_run_or_cache_folder(run, eyes_world, tmp_p
     fails("fit", "--features", d / "feats.h5", "--masks", imgs, "--out", cache, match="is a feature cache folder")
 
 
-@pytest.mark.xfail(strict=True, reason="waits for the SegmentationModel.load message (issue 23.4) in ddpmseg/model.py")
 def test_predict_model_run_folder_says_it_is_a_ddpm(run, eyes8, tmp_path):
     err = fails("predict", eyes8 / "image_0.jpg", "--model", run, "--out", tmp_path / "p",
                 match=(f"{run} is a train-ddpm run folder (a DDPM), not a model folder", "ddpmseg fit",
                        "--model MODEL/"))
     assert "rerun" not in err
+    cache = tmp_path / "cache"
+    ok("extract", eyes8 / "image_0.jpg", "--ckpt", run, "--out", cache)
+    fails("evaluate", eyes8 / "image_0.jpg", "--model", cache, "--masks", eyes8,
+          match=(f"{cache} is a feature cache folder, not a model folder", f"--features {cache}"))
 
 
 def test_mistyped_ckpt_says_it_does_not_exist_and_names_the_close_folder(run, tmp_path, monkeypatch):
