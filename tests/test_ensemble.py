@@ -567,7 +567,8 @@ def test_cli_recipe_reaches_the_estimator_and_model_json(tmp_path, tiny_ckpt, ey
            "--recipe", "fast", "--pixel-fraction", 0.25, "--device", "cpu", "--out", tmp_path / "model"]
     result = runner.invoke(main, [str(a) for a in fit])
     assert result.exit_code == 0, result.output
-    cfg = json.loads((tmp_path / "model" / "model.json").read_text())["fit"]["head_config"]
+    fit_record = json.loads((tmp_path / "model" / "model.json").read_text())["fit"]
+    cfg = {**fit_record["head_config"], "n_pixels": fit_record["n_pixels"]}
     assert (cfg["recipe"], cfg["pixel_fraction"], cfg["batch_size"]) == ("fast", 0.25, 1024)
     est = SegmentationModel.load(tmp_path / "model").classifier
     assert (est.recipe, est.pixel_fraction, est.batch_size_) == ("fast", 0.25, 1024)
