@@ -320,7 +320,7 @@ def convert(checkpoint: Path, preset, model_flags, image_size, num_head_channels
     \b
     Examples:
       ddpmseg convert checkpoints/ffhq.pt --out ffhq-diffusers/
-      ddpmseg convert run/ema_0.9999_010000.pt --model-flags run/flags.json --out mine-diffusers/
+      ddpmseg convert run/ema_0.9999_010000.pt --out mine-diffusers/
     """
     from ddpmseg.backbones.convert import convert_adm_to_diffusers
 
@@ -706,10 +706,10 @@ def train_ddpm(ctx: click.Context, inputs, images, out, image_size, preset, mode
                **settings) -> None:
     """Train a guided-diffusion DDPM on unlabelled IMAGES (files or folders); --ckpt RUN/ then uses it.
 
-    What it costs, measured on 2 CPU cores (AMD EPYC, batch 16): --image-size 32 about 1.7 s/step and
+    What it costs, measured on 2 CPU cores (AMD EPYC, batch 16): --image-size 32 about 0.8 s/step and
     31 MB per save (model, EMA and optimizer files, every --save-every steps, all kept unless --keep-last
-    N); 64 px about 20 s/step (20,000 steps: days) and 402 MB per save. A GPU takes a small fraction of
-    that time; the bar shows the time left (eta).
+    N); 64 px about 12 s/step (20,000 steps: 2.7 days) and 402 MB per save (20 saves: 8 GB). A GPU is
+    far faster (not measured here); the bar shows the time left (eta).
 
     \b
     Examples:

@@ -79,6 +79,13 @@ def test_ckpt_run_folder_with_step_picks_that_steps_ema(run, eyes8, tmp_path):
         assert "--step" in text and "RUN/ema_0.9999_00NNNN.pt" in " ".join(text.split())
 
 
+def test_convert_takes_a_run_folder_or_a_file_of_a_run(run, tmp_path):
+    pytest.importorskip("diffusers")
+    said = ok("convert", run / "ema_0.9999_000002.pt", "--out", tmp_path / "early")  # was: "matches no preset"
+    assert "max relative output error" in said
+    ok("convert", run, "--out", tmp_path / "newest")
+
+
 def test_describe_folder_names_run_cache_and_model_folders(run, eyes_world, tmp_path):
     from ddpmseg.features.cache import FOLDER_MARKER
     from ddpmseg.model import MODEL_FILES

@@ -44,6 +44,7 @@ import torch
 
 from ddpmseg._io import atomic_folder, check_new_folder
 from ddpmseg._optional import diffusers as import_diffusers
+import ddpmseg.backbones.runs as runs
 from ddpmseg.backbones._builder import adm_architecture
 from ddpmseg.backbones._checkpoint import read_state_dict
 from ddpmseg.backbones._registry import get_preset
@@ -322,12 +323,18 @@ def convert_adm_to_diffusers(
     """Write the ADM ``checkpoint`` as a diffusers DDPMPipeline folder ``out`` (unet/ + scheduler/).
 
     The architecture comes from ``preset``, ``model_flags`` (a guided-diffusion
-    flags JSON) or, with neither, the checkpoint itself. The folder is built
+    flags JSON) or, with neither, the checkpoint itself (a train-ddpm run
+    folder: its newest EMA file; a file of a run: the run's flags.json). The folder is built
     next to ``out`` and renamed into place once the converted model has been
     checked against the ADM; an existing non-empty ``out`` is refused.
     """
     out = check_new_folder(out, overwrite=overwrite)
     diffusers = import_diffusers()
+    if runs.is_run(checkpoint):
+        checkpoint = runs.checkpoint_at(checkpoint)
+    if preset is None and model_flags is None and image_size is None and num_head_channels is None:
+        run = runs.run_of(checkpoint)
+        model_flags = run / runs.FLAGS if run is not None else None
     state = read_state_dict(checkpoint)
     found = get_preset(preset) if preset else None
     if found is not None and found.family != "adm":
