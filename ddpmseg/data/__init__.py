@@ -2,7 +2,7 @@
 
     images      list_images (ids = file stems, natural order), take_shard (I/N), load_rgb (any mode -> RGB)
     preprocess  Preprocess: resize / crop to the model's S x S grid, and back
-    masks       find_mask, load_mask (.npy, index or colour PNGs), check_labels, apply_min_pixels
+    masks       find_mask (no_mask_found: why none was), load_mask (.npy, index or colour PNGs), check_labels, apply_min_pixels
     labelsets   LabelSet (names, colours, ignore label), load_label_set, list_label_sets
     palette     distinct_colors (the colours of classes without their own)
 
@@ -27,6 +27,7 @@ from ddpmseg.data.masks import (
     check_labels,
     find_mask,
     load_mask,
+    no_mask_found,
 )
 from ddpmseg.data.palette import distinct_colors
 from ddpmseg.data.preprocess import Preprocess, preprocess_image, prepare_mask, restore_labels, restore_map
@@ -49,6 +50,7 @@ __all__ = [
     "load_mask",
     "load_rgb",
     "natural_key",
+    "no_mask_found",
     "open_image",
     "parse_shard",
     "take_shard",
