@@ -458,7 +458,7 @@ def heads() -> None:
 
 
 @main.command()
-@click.option("--features", required=True, type=click.Path(path_type=Path), help="Feature file from `ddpmseg extract`.")
+@click.option("--features", required=True, type=click.Path(path_type=Path), help="Feature cache from `ddpmseg extract`: a .h5 file or a cache folder.")
 @click.option("--masks", required=True, type=click.Path(path_type=Path), help="Folder of label maps (.npy, label PNGs or colour PNGs with --classes).")
 @click.option("--labels", default=None, type=int, help="Use the first N labelled images (natural sort order).")
 @click.option("--classes", default=None, help="Label set: a shipped name (e.g. ffhq_34) or a CSV index,name,r,g,b.")
@@ -476,7 +476,7 @@ def heads() -> None:
 @click.option("--ensemble", type=click.IntRange(1), default=None, help="mlp: MLPs in the ensemble (= --head-option n_members=N; default 10).")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
               help=f"mlp: = --head-option recipe=NAME (default {DEFAULT_RECIPE}; `ddpmseg heads` says what each does).")
-@click.option("--max-epochs", type=click.IntRange(1), default=None, help="mlp: = --head-option max_epochs=N (default 100).")
+@click.option("--max-epochs", type=click.IntRange(1), default=None, help="mlp: = --head-option max_epochs=N (default 100, a cap: the default tiles recipe stops by 16 epochs / 2,000 steps).")
 @click.option("--pixel-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="mlp: = --head-option pixel_fraction=F (default 1).")
 @click.option("--head-steps", type=click.IntRange(1), default=None, help="ddp: = --head-option steps=N.")

@@ -199,7 +199,8 @@ def fit_model(
         pairs, unlabelled = _labelled_ids(cache, masks)
         if not pairs:
             raise DdpmsegError(
-                f"no mask in {masks} matches an image of {features} (looked for ID.npy, ID.png, image_mask{{i}}.npy)"
+                f"no mask in {masks} matches an image of {features} "
+                f"({data.no_mask_found([(i, cache.source(i)) for i in cache.image_ids], masks)})"
             )
         if labels is not None:
             if labels < 1 or labels > len(pairs):
@@ -336,7 +337,8 @@ def evaluate_model(
     found = [(p, data.find_mask(p.stem, masks, image_path=p)) for p in data.list_images(images)]
     pairs = [(p, m) for p, m in found if m is not None]
     if not pairs:
-        raise DdpmsegError(f"no image of {', '.join(map(str, images))} has a mask in {masks}")
+        raise DdpmsegError(f"no image of {', '.join(map(str, images))} has a mask in {masks} "
+                           f"({data.no_mask_found([(p.stem, p) for p, _ in found], masks)})")
     segmenter = Segmenter(model_dir, checkpoint, device)
     labelset = segmenter.model.labelset
     ignore = labelset.ignore_index
