@@ -140,8 +140,8 @@ def test_fit_uses_the_tiles_recipe_by_default_and_says_what_it_did(eyes_world, t
 
     d, imgs = eyes_world
     out = ok("fit", "--features", d / "feats.h5", "--masks", imgs, "--ensemble", 2, "--max-epochs", 2, "--out", tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "model.json").read_text())["fit"]["head_config"]
-    assert (cfg["recipe"], cfg["batch_size"]) == ("tiles", 1024)
+    cfg = json.loads((tmp_path / "m" / "model.json").read_text())["fit"]
+    assert (cfg["head_config"]["recipe"], cfg["head_config"]["batch_size"]) == ("tiles", 1024)
     labelled, steps = cfg["n_pixels"], cfg["n_iter"][0]
     # 3 images of 64x64 (tiles of 4x4: 256 an image, 64 a step): 12 steps an epoch, 2 epochs
     assert cfg["n_iter"] == [24, 24]
