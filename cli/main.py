@@ -219,16 +219,6 @@ def _seconds(seconds: float) -> str:
     return f"{seconds * 1000:.2g} ms"
 
 
-def _refuse_other_folder(out: Path, writing: str) -> None:
-    """Refuse an --out that is a train-ddpm run folder or a feature cache folder, naming what it is."""
-    from ddpmseg.backbones.runs import describe_folder
-
-    what = describe_folder(out)
-    if what in ("a train-ddpm run folder", "a feature cache folder"):
-        raise DdpmsegError(f"--out {out} is {what}; {writing} written there would be mixed with it: "
-                           f"give a new folder, e.g. --out {out.parent / 'model'}")
-
-
 def _mib(mib: float) -> str:
     return f"{mib:.1f}" if mib >= 1 else f"{mib:.2g}"
 
@@ -502,7 +492,6 @@ def fit(obj, features, masks, labels, classes, seed, ignore_index, min_pixels, h
     """
     from ddpmseg.pipeline import fit_model
 
-    _refuse_other_folder(out, "a model")
     options = _head_options(head, head_option, head_config, aliases)
     s = fit_model(features, masks, out, head=head, options=options, labels=labels, classes=classes, seed=seed,
                   ignore_index=ignore_index, min_pixels=min_pixels, device=device, progress=obj["progress"],

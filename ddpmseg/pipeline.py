@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ddpmseg import data, viz
 from ddpmseg._io import check_not_there, check_writable, file_sha256
 from ddpmseg.backbones import create_backbone, resolve_device
+from ddpmseg.backbones.runs import describe_folder
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.cache import FeatureCache
 from ddpmseg.features.extractor import extract_block_maps, make_noise
@@ -192,6 +193,10 @@ def fit_model(
     config = spec.make_config(options)  # every setting checked before any work
     masks = Path(masks)
     check_writable(out, folder=True)
+    what = describe_folder(out)
+    if what in ("a train-ddpm run folder", "a feature cache folder"):  # never mixed with a model, --overwrite or not
+        raise DdpmsegError(f"--out {out} is {what}; a model written there would be mixed with it: give a new folder, "
+                           f"e.g. --out {Path(out).parent / 'model'}")
     check_not_there([Path(out) / f for f in MODEL_FILES], overwrite, "--out")
     if min_pixels < 0:
         raise DdpmsegError(f"--min-pixels must be 0 or more, got {min_pixels}")
