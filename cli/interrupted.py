@@ -49,8 +49,7 @@ def _end(command: str) -> Callable[[dict, Any], str]:
             what = {"evaluate": "the figures of --out come", "suggest": "suggest.csv and suggest.png come",
                     "kmeans": "the grid PNG comes"}[command]
             return f"{NOTHING} ({what} at the end); run it again"
-        again = "run it again" if command == "evaluate" else "run it again with --overwrite"  # evaluate replaces its figures
-        return f"only {', '.join(written)} was written before the interrupt; {again}"
+        return f"only {', '.join(written)} was written before the interrupt; run it again with --overwrite"
     return say
 
 
