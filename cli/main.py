@@ -393,12 +393,14 @@ HEAD_ALIASES = {
 def _head_options(head: str, pairs: tuple[str, ...], config_file: Path | None, aliases: dict) -> dict:
     """The head's options from --head-config, --head-option KEY=VALUE and the alias flags (a key given
     twice with two values is an error)."""
-    from ddpmseg.heads import read_config_file
+    from ddpmseg.heads import get_head, read_config_file
 
+    spec = get_head(head)
     found: dict[str, tuple[object, str]] = {}
 
     def put(key: str, value: object, where: str) -> None:
-        if key in found and str(found[key][0]) != str(value):
+        value = spec.convert(key, value, where)  # 1e-3 and 0.001, false and --no-head-diffusion are one value
+        if key in found and found[key][0] != value:
             raise DdpmsegError(f"{where} sets {key} to {value!r} but {found[key][1]} set it to {found[key][0]!r}; "
                                "give it once")
         found[key] = (value, where)
@@ -440,7 +442,7 @@ def heads() -> None:
     for spec in list_heads():
         click.echo(f"{spec.name}: {spec.summary}")
         options = spec.options()
-        width, kinds = max(len(o.name) for o in options), max(len(o.type) for o in options)
+        width, kinds = max((len(o.name) for o in options), default=0), max((len(o.type) for o in options), default=0)
         for o in options:
             default = "none" if o.default is None else str(o.default).lower() if isinstance(o.default, bool) else o.default
             click.echo(f"  {o.name:{width}s}  {o.type:{kinds}s}  {str(default):7s}  {o.help}")

@@ -135,7 +135,16 @@ def test_fit_takes_head_options_a_config_file_and_the_old_flags(eyes_world, tmp_
     fails(*base, "--head", "ddp", "--head-option", "steps", "--out", tmp_path / "x",
           match="--head-option 'steps': write KEY=VALUE, e.g. --head-option steps=3")
     fails(*base, "--head", "ddp", "--head-option", "steps=2", "--head-steps", 3, "--out", tmp_path / "x",
-          match="--head-steps sets steps to 3 but --head-option steps=2 set it to '2'; give it once")
+          match="--head-steps sets steps to 3 but --head-option steps=2 set it to 2; give it once")
+    fails(*base, "--head", "ddp", "--head-config", conf, "--head-option", "steps=null", "--out", tmp_path / "x",
+          match="--head-option steps=null steps (ddp head): 'null' is not a valid int")
+    (tmp_path / "bad.json").write_text(json.dumps({"lr": {}}))
+    fails(*base, "--head", "ddp", "--head-config", tmp_path / "bad.json", "--out", tmp_path / "x",
+          match=f"--head-config {tmp_path / 'bad.json'} lr (ddp head): {{}} is not a valid float")
+    # one value spelt two ways is no conflict
+    out = ok(*base, "--head", "ddp", "--head-config", conf, "--no-head-diffusion", "--head-option", "diffusion=false",
+             "--head-lr", 0.001, "--head-option", "lr=1e-3", "--out", tmp_path / "same")
+    assert json.loads((tmp_path / "same" / "model.json").read_text())["fit"]["head_config"]["diffusion"] is False
     fails(*base, "--head", "ddp", "--ensemble", 3, "--out", tmp_path / "x",
           match="--ensemble is an option of --head mlp, not of --head ddp")
     fails(*base, "--head", "ddp", "--head-option", "n_members=3", "--out", tmp_path / "x",

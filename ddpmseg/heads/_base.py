@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,14 +66,28 @@ class ImageMaps:
         return len(self.maps)
 
 
+def _optional(kind: Any) -> tuple[Any, bool]:
+    """(the type inside ``Optional[T]`` / ``T | None``, True), or (``kind``, False)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0], True
+    return kind, False
+
+
 def _convert(value: Any, kind: Any, where: str) -> Any:
-    """``value`` (a string from the command line, or a JSON value) as the field type ``kind``."""
-    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+    """``value`` (a string from the command line, or a JSON value) as the field type ``kind``
+    (bool, int, float, str, or one of them or None)."""
+    inner, optional = _optional(kind)
+    if inner not in (bool, int, float, str):
+        raise TypeError(f"{where}: a head option must be a bool, int, float or str (or none), not {kind}")
     if optional:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
             return None
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    kind = inner
     try:
+        if isinstance(value, (list, dict)) or value is None:
+            raise ValueError
         if kind is bool:
             if isinstance(value, bool):
                 return value
@@ -90,12 +105,9 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        if kind is str:
-            return str(value)
-    except ValueError:
+        return str(value)  # kind is str
+    except (ValueError, TypeError):
         pass
-    else:
-        return value
     name = getattr(kind, "__name__", str(kind))
     raise DdpmsegError(f"{where}: {value!r} is not a valid {name}{' (or none)' if optional else ''}")
 
@@ -129,25 +141,26 @@ class HeadSpec:
         hints = typing.get_type_hints(self.config)
         out = []
         for f in dataclasses.fields(self.config):
-            kind = hints[f.name]
-            optional = typing.get_origin(kind) is typing.Union
-            base = next((a for a in typing.get_args(kind) if a is not type(None)), kind) if optional else kind
+            base, optional = _optional(hints[f.name])
             out.append(Option(f.name, getattr(base, "__name__", str(base)) + (" or none" if optional else ""),
                               f.default, f.metadata.get("help", "")))
         return out
 
-    def make_config(self, options: Mapping[str, Any] | None = None, where: str = "--head-option") -> Any:
-        """The head's config from ``options`` (strings from the command line or JSON values); an unknown
-        key or a value of the wrong type is a one-line error naming the valid keys."""
-        options = dict(options or {})
-        hints = typing.get_type_hints(self.config)
+    def convert(self, key: str, value: Any, where: str = "--head-option") -> Any:
+        """``value`` of option ``key`` as the option's type; an unknown key or a value of the wrong
+        type is a one-line error naming the valid keys (``where``: what gave it, for the message;
+        from a model.json, an unknown key asks to upgrade)."""
         names = [f.name for f in dataclasses.fields(self.config)]
-        unknown = [k for k in options if k not in names]
-        if unknown:
-            raise DdpmsegError(f"{where} {unknown[0]}: the {self.name} head has no option {unknown[0]!r}; "
-                               f"its options are {', '.join(names)} (see `ddpmseg heads`)")
-        values = {k: _convert(v, hints[k], f"{where} {k} ({self.name} head)") for k, v in options.items()}
-        return self.config(**values)
+        if key not in names:
+            fix = "upgrade ddpmseg" if "model.json" in where else "see `ddpmseg heads`"
+            raise DdpmsegError(f"{where} {key}: the {self.name} head has no option {key!r}; "
+                               f"its options are {', '.join(names)} ({fix})")
+        return _convert(value, typing.get_type_hints(self.config)[key], f"{where} {key} ({self.name} head)")
+
+    def make_config(self, options: Mapping[str, Any] | None = None, where: str = "--head-option") -> Any:
+        """The head's config from ``options`` (strings from the command line or JSON values), each
+        checked by :meth:`convert`, then by the config's own rules."""
+        return self.config(**{k: self.convert(k, v, where) for k, v in dict(options or {}).items()})
 
     def build(self, config: Any, **common: Any) -> Any:
         """An unfitted estimator with the settings of ``config`` and the ``common`` ones (COMMON_PARAMS)."""
