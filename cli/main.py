@@ -458,7 +458,7 @@ def heads() -> None:
 @click.option("--ignore-index", default=None, type=int,
               help="Label neither trained nor scored (default: the label set's, else 255; bedroom_28: 0).")
 @click.option("--min-pixels", default=MIN_PIXELS, show_default=True, type=click.IntRange(0),
-              help="A class covering fewer pixels of an image is ignored in that image (the reference's rule).")
+              help="A class covering fewer pixels of an image's mask (counted at the mask's own resolution) is ignored in that image (the reference's rule).")
 @click.option("--head", type=click.Choice(head_names()), default="mlp", show_default=True,
               help="The classifier on the features (`ddpmseg heads` lists each with its options).")
 @click.option("--head-option", "head_option", multiple=True, metavar="KEY=VALUE",
@@ -562,13 +562,10 @@ def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, out, as_
       ddpmseg evaluate test/images --masks test/masks --model model/
       ddpmseg evaluate test/images --masks test/masks --model model/ --out figures/ --json
     """
-    from ddpmseg._io import check_not_there
     from ddpmseg.pipeline import evaluate_model
 
-    if out is not None:  # before any forward pass, like every command's --out
-        check_not_there([out / "reliability.png", out / "confusion.png"], overwrite)
     r = evaluate_model(model_dir, _image_inputs(inputs, images), masks, checkpoint=checkpoint, device=device,
-                       progress=obj["progress"] and not as_json, out=out)
+                       progress=obj["progress"] and not as_json, out=out, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps(r))
         return

@@ -148,18 +148,21 @@ def _training_masks(
     labelset: data.LabelSet | None,
     ignore_index: int,
     min_pixels: int,
-) -> list[np.ndarray]:
-    """Every mask loaded and checked (before any training), mapped onto the model grid."""
-    out = []
+) -> tuple[list[np.ndarray], int]:
+    """Every mask loaded and checked (before any training), mapped onto the model grid; and the
+    largest label the masks hold (before any rule drops a class: it fixes the class count)."""
+    out, largest = [], -1
     for image_id, path in pairs:
         pre = data.Preprocess.from_dict(cache.preprocess(image_id))
         mask = data.load_mask(path, labelset, expected_size=pre.original_size)
         if labelset is not None:
             data.check_labels(mask, labelset.n_classes, ignore_index, path)
+        labelled = mask[mask != ignore_index]
+        largest = max(largest, int(labelled.max()) if labelled.size else -1)
         # the reference's rule at the label's own resolution (its masks are 256x256 like its model grid):
         # counted on a small model's grid, a small class (eyes at 32 px) would vanish from every image
         out.append(data.prepare_mask(data.apply_min_pixels(mask, min_pixels, ignore_index), pre))
-    return out
+    return out, largest
 
 
 def fit_model(
@@ -214,10 +217,9 @@ def fit_model(
         labelset = data.load_label_set(classes) if classes else None
         if ignore_index is None:
             ignore_index = labelset.ignore_index if labelset is not None else 255
-        label_maps = _training_masks(cache, pairs, labelset, ignore_index, min_pixels)
-        if labelset is None:
-            seen = [int(m[m != ignore_index].max()) for m in label_maps if (m != ignore_index).any()]
-            labelset = data.LabelSet.default(max(seen, default=0) + 1)
+        label_maps, largest = _training_masks(cache, pairs, labelset, ignore_index, min_pixels)
+        if labelset is None:  # the classes the masks hold, even one that no rule left a training pixel of
+            labelset = data.LabelSet.default(max(largest, 0) + 1)
         ids = [i for i, _ in pairs]
         digests = [cache.sha256(i) or "" for i in ids]
         maps = [cache.block_maps(i) for i in ids]
@@ -322,6 +324,7 @@ def evaluate_model(
     device: str = "auto",
     progress: bool = False,
     out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Per-class IoU and mIoU over every image with a mask, as the reference's ``compute_iou``, and how far
     the model's confidence can be trusted.
@@ -339,8 +342,11 @@ def evaluate_model(
     map). ``absent_classes``: the model's classes that no mask holds (several
     of them usually mean masks of another label set); ``untrained_classes``:
     classes the model had no training pixel of (it never predicts them). With
-    ``out``: ``reliability.png`` and ``confusion.png`` there.
+    ``out``: ``reliability.png`` and ``confusion.png`` there (refused if they exist, unless ``overwrite``).
     """
+    if out is not None:  # before any forward pass, like every command's --out
+        out = check_writable(out, folder=True)
+        check_not_there([out / "reliability.png", out / "confusion.png"], overwrite)
     masks = Path(masks)
     if not masks.is_dir():
         raise DdpmsegError(f"--masks {masks} is not a folder; give the folder holding the label maps")
@@ -360,8 +366,6 @@ def evaluate_model(
         truths.append(truth)
     present = set(np.unique(np.concatenate([np.unique(t) for t in truths])).tolist())
     absent = [c for c in range(labelset.n_classes) if c != ignore and c not in present]
-    if out is not None:
-        out = check_writable(out, folder=True)
     k = labelset.n_classes
     score, calib, per_image = SegmentationScore(k, ignore), Calibration(15, ignore), []
     for (p, _), truth in tqdm(list(zip(pairs, truths)), desc="evaluate", unit="img", disable=not progress):

@@ -99,7 +99,7 @@ class Extractor:
 @dataclass
 class Analysis:
     """One image through a model: ``rgb``, ``labels`` and ``uncertainty`` at the original size, the
-    extraction ``seconds``, the model-grid :class:`~ddpmseg.classify.ensemble.Segmentation` (labels,
+    extraction ``seconds``, the model-grid :class:`~ddpmseg.heads.Segmentation` (labels,
     uncertainty, mean softmax) and the preprocessing record that maps the grid back."""
 
     rgb: np.ndarray

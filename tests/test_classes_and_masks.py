@@ -85,3 +85,18 @@ def test_masks_of_another_label_set_are_flagged(eyes8, tmp_path):
     r = cli("evaluate", images, "--model", tmp_path / "m", "--masks", masks, "--ckpt", MICRO / "micro_adm.pt",
             "--device", "cpu")
     assert r.exit_code == 1 and "has label values 7 outside the valid range 0..3" in r.stderr
+
+
+def test_without_a_label_set_the_top_class_is_counted_even_when_the_rule_drops_it(eyes8, tmp_path):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in (0, 1):
+        m = np.load(eyes8 / f"image_mask{i}.npy")
+        ys, xs = np.nonzero(m == 3)
+        m[m == 3] = 1
+        m[ys[:5], xs[:5]] = 3  # 5 pupil pixels: under --min-pixels 20, but the masks hold class 3
+        np.save(masks / f"image_mask{i}.npy", m)
+    r = _fit(masks, tmp_path / "m")
+    assert r.exit_code == 0, r.output
+    assert "4 classes" in r.stdout and "(class_3)" in r.stderr
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["fit"]["untrained_classes"] == [3]

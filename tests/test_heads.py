@@ -268,3 +268,10 @@ def test_config_dataclasses_are_frozen_and_typed():
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(c, dataclasses.fields(c)[0].name, None)
         assert all(f.metadata.get("help") for f in dataclasses.fields(c)), name
+
+
+def test_the_ddp_heads_keyword_defaults_are_its_configs():
+    from ddpmseg.heads.ddp import DDPConfig, DDPHead
+
+    params = DDPHead().get_params()
+    assert {k: params[k] for k in OPTIONS["ddp"]} == dataclasses.asdict(DDPConfig())

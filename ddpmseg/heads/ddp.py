@@ -412,8 +412,7 @@ class DDPHead(BaseEstimator):
         self._check_fitted()
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION,
-            "keys": [list(k) for k in self.keys_], "size": self.size_,
-            "resolution": self.resolution_, "n_features_in": self.n_features_in_,
+            "keys": [list(k) for k in self.keys_], "size": self.size_, "n_features_in": self.n_features_in_,
             "loss_curve": [float(v) for v in self.loss_curve_],
             "module": {k: v.cpu() for k, v in self.module_.state_dict().items()},
         }
@@ -444,7 +443,9 @@ class DDPHead(BaseEstimator):
             raise DdpmsegError(f"DDP head state does not fit its settings ({str(e).splitlines()[0]}); fit again") from None
         head.module_ = module.to(device).eval()
         head.keys_ = [tuple(int(v) for v in k) for k in state["keys"]]
-        head.size_, head.resolution_ = int(state["size"]), int(state["resolution"])
+        head.size_ = int(state["size"])
+        # version 1 kept the working resolution here; since 2 model.json's resolution holds it (resolved)
+        head.resolution_ = int(state.get("resolution") or head.config.working_resolution(head.size_))
         head.n_features_in_ = int(state["n_features_in"])
         head.loss_curve_ = list(state.get("loss_curve", []))
         head.n_iter_ = head.iterations
