@@ -29,6 +29,7 @@ from ddpmseg.options import (
     DEFAULT_BLOCKS,
     DEFAULT_SEED,
     DEFAULT_STEPS,
+    ENGINES,
     EXTRACT_BATCH_SIZE,
     KMEANS_K,
     MIN_PIXELS,
@@ -162,7 +163,7 @@ _overwrite = click.option("--overwrite", is_flag=True, help="Replace outputs tha
 _scale = [
     click.option("--shard", default=None, metavar="I/N",
                  help="Only share I of N (from 0) of the sorted images: run N copies (a Slurm array, N jobs) for all."),
-    click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+    click.option("--engine", type=click.Choice(ENGINES), default=ENGINES[0], show_default=True,
                  help="local: this process; ray: a Ray actor pool (pip install \"ddpmseg[ray]\").") ,
     click.option("--address", default=None, help="ray: a running cluster (auto: the one `ray start --head` made); "
                                                   "default: start a local one."),

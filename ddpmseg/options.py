@@ -26,3 +26,4 @@ EXTRACT_BATCH_SIZE = 0  # extract: timesteps per forward pass (0: all of an imag
 KMEANS_K = 5  # kmeans: clusters per cell of the grid
 SUGGEST_STRATEGIES: tuple[str, ...] = ("uncertainty", "bald", "diversity")  # suggest --by (active/strategies.py)
 SUGGEST_N = 5  # suggest: images suggested
+ENGINES: tuple[str, ...] = ("local", "ray")  # extract / predict --engine: this process, or a Ray actor pool

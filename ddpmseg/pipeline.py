@@ -30,7 +30,7 @@ from ddpmseg.features.extractor import extract_block_maps, make_noise
 from ddpmseg.heads import ImageMaps, config_dict, get_head
 from ddpmseg.metrics import Calibration, SegmentationScore, present_miou, top_mean
 from ddpmseg.model import MODEL_FILES, SegmentationModel
-from ddpmseg.options import DEFAULT_SEED, EXTRACT_BATCH_SIZE, KMEANS_K, MIN_PIXELS
+from ddpmseg.options import DEFAULT_SEED, ENGINES, EXTRACT_BATCH_SIZE, KMEANS_K, MIN_PIXELS
 from ddpmseg.records import ExtractConfig, FitConfig, ModelRecord
 from ddpmseg.workers import OUTPUT_KINDS, Analysis, Extractor, Segmenter, checked_settings, load_image
 
@@ -45,9 +45,6 @@ class ExtractSummary:
     seconds: float
     bytes_per_image: float
     not_images: list[str] = field(default_factory=list)  # folder entries that are not images
-
-
-ENGINES = ("local", "ray")
 
 
 def _check_engine(engine: str) -> None:
