@@ -37,10 +37,13 @@ __all__ = [
     "colormap",
     "confusion_image",
     "distinct_colors",
+    "draw_text",
     "heatmap",
     "image_grid",
+    "line_height",
     "line_plot",
     "kmeans_grid",
+    "load_font",
     "overlay",
     "record_drawing",
     "reliability_diagram",
@@ -86,7 +89,7 @@ def _record(kind: str, text: str, box: Sequence[float], fill: Sequence[int]) -> 
         items.append(Drawn(kind, text, tuple(int(round(v)) for v in box), tuple(int(c) for c in fill)))  # type: ignore[arg-type]
 
 
-def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: Any,
+def draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: Any,
           fill: tuple[int, int, int] = (0, 0, 0)) -> tuple[int, int, int, int]:
     """Draw ``text`` with its top left at ``xy``; its bounding box (recorded)."""
     draw.text(xy, text, fill=fill, font=font)
@@ -102,7 +105,8 @@ def _width(text: str, font: Any) -> int:
     return _text_size(_PROBE, text, font)[0]
 
 
-def _line_height(font: Any) -> int:
+def line_height(font: Any) -> int:
+    """The distance in px between lines of text in ``font``."""
     return max(_text_size(_PROBE, "Ag", font)[1], 8) + 6
 
 
@@ -267,14 +271,14 @@ def sample_sheet(images: np.ndarray, header: str, min_width: int = 256, columns:
     factor = max(1, math.ceil((min_width - pad - cols * pad) / (cols * w)))
     grid = image_grid(imgs.repeat(factor, axis=1).repeat(factor, axis=2), cols, pad)
     width = grid.shape[1]
-    font = _font(max(12, min(28, width // 36)))
-    line = _line_height(font)
+    font = load_font(max(12, min(28, width // 36)))
+    line = line_height(font)
     lines = wrap_text(header, font, width - 8)
     head = 4 + line * len(lines)
     canvas = Image.new("RGB", (width, head + grid.shape[0]), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, t in enumerate(lines):
-        _text(draw, (4, 3 + i * line), t, font)
+        draw_text(draw, (4, 3 + i * line), t, font)
     canvas.paste(Image.fromarray(grid, "RGB"), (0, head))
     return canvas
 
@@ -319,8 +323,8 @@ def line_plot(x: Sequence[float], y: Sequence[float], title: str, xlabel: str, s
     width, height = size
     canvas = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = _font()
-    line = _line_height(font)
+    font = load_font()
+    line = line_height(font)
     ylabel = ylabel if ylabel is not None else title + (" (log scale)" if log_y else "")
     xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     keep = np.isfinite(xs) & np.isfinite(ys) & ((ys > 0) if log_y else True)
@@ -353,27 +357,27 @@ def line_plot(x: Sequence[float], y: Sequence[float], title: str, xlabel: str, s
     def at(xv: float, yv: float) -> tuple[float, float]:
         return left + (xv - x0) / (x1 - x0) * pw, top + (1 - (yv - y0) / (y1 - y0)) * ph
 
-    _text(draw, (left, 4), title, font)
+    draw_text(draw, (left, 4), title, font)
     for v, t in yticks:
         _, yy = at(x0, v)
         draw.line([left, yy, left + pw, yy], fill=(232, 232, 232))
         draw.line([left - 4, yy, left, yy], fill=(0, 0, 0))
         th = _text_size(_PROBE, t, font)[1]
-        _text(draw, (left - 7 - _width(t, font), yy - th / 2 - 3), t, font)
+        draw_text(draw, (left - 7 - _width(t, font), yy - th / 2 - 3), t, font)
     for v, t in xticks:
         xx, _ = at(v, y0)
         draw.line([xx, top, xx, top + ph], fill=(232, 232, 232))
         draw.line([xx, top + ph, xx, top + ph + 4], fill=(0, 0, 0))
         tw = _width(t, font)
-        _text(draw, (min(max(xx - tw / 2, 2), width - 2 - tw), top + ph + 6), t, font)
+        draw_text(draw, (min(max(xx - tw / 2, 2), width - 2 - tw), top + ph + 6), t, font)
     draw.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
-    _text(draw, (left + (pw - _width(xlabel, font)) / 2, top + ph + 6 + line), xlabel, font)
+    draw_text(draw, (left + (pw - _width(xlabel, font)) / 2, top + ph + 6 + line), xlabel, font)
     vw, vh = _vertical_size(ylabel, font)
     _vertical_text(canvas, (6, int(top + max(0, (ph - vh) / 2))), ylabel, font)
     blue = (31, 119, 180)
     if not len(xs):
         t = "no data yet"
-        _text(draw, (left + (pw - _width(t, font)) / 2, top + ph / 2 - 8), t, font, (120, 120, 120))
+        draw_text(draw, (left + (pw - _width(t, font)) / 2, top + ph / 2 - 8), t, font, (120, 120, 120))
         return canvas
     pts = [at(a, b) for a, b in zip(xs.tolist(), ys.tolist())]
     if len(pts) > 1:
@@ -392,7 +396,7 @@ def line_plot(x: Sequence[float], y: Sequence[float], title: str, xlabel: str, s
     ty = min(max(py - th - 8, top + 2), top + ph - th - 6)
     l, tt, r, b = draw.textbbox((tx, ty), t, font=font)
     draw.rectangle([l - 2, tt - 2, r + 2, b + 2], fill=(255, 255, 255), outline=(200, 200, 200))  # readable over the line
-    _text(draw, (tx, ty), t, font, (20, 70, 120))
+    draw_text(draw, (tx, ty), t, font, (20, 70, 120))
     return canvas
 
 
@@ -432,7 +436,8 @@ def cluster_features(features: Any, k: int, random_state: int = 0, n_init: int =
     return remap[raw].reshape(h, w)
 
 
-def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def load_font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at ``size`` px (one bitmap size on Pillow < 10.1)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: one bitmap size
@@ -477,7 +482,7 @@ def uncertainty_scale(n_classes: int) -> tuple[float, str]:
 
 
 def _panel_font(height: int) -> Any:
-    return _font(max(12, min(40, height // 28)))
+    return load_font(max(12, min(40, height // 28)))
 
 
 def _beside(image: np.ndarray, panel_width: int, panel_height: int) -> tuple[Image.Image, int]:
@@ -520,7 +525,7 @@ def with_colorbar(image: np.ndarray, vmax: float, title: str, font_size: int | N
     """
     img = np.asarray(image)
     h = img.shape[0]
-    font = _panel_font(h) if font_size is None else _font(font_size)
+    font = _panel_font(h) if font_size is None else load_font(font_size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line = max(_text_size(probe, "Ag", font)[1], 8) + 6
     pad, bar_w = line // 2, line
@@ -532,7 +537,7 @@ def with_colorbar(image: np.ndarray, vmax: float, title: str, font_size: int | N
     canvas, x0 = _beside(img, 3 * pad + bar_w + text_w, 3 * pad + head + bar_h)
     draw = ImageDraw.Draw(canvas)
     for i, t in enumerate(titles):
-        _text(draw, (x0 + pad, pad + i * line), t, font)
+        draw_text(draw, (x0 + pad, pad + i * line), t, font)
     top = 2 * pad + head
     gradient = colormap(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
     canvas.paste(Image.fromarray(np.ascontiguousarray(gradient), "RGB"), (x0 + pad, top))
@@ -540,7 +545,7 @@ def with_colorbar(image: np.ndarray, vmax: float, title: str, font_size: int | N
     for text, f in ticks:
         y = top + round((1 - f) * (bar_h - 1))
         th = _text_size(probe, text, font)[1]
-        _text(draw, (x0 + 2 * pad + bar_w, min(max(top, y - th // 2), top + bar_h - th)), text, font)
+        draw_text(draw, (x0 + 2 * pad + bar_w, min(max(top, y - th // 2), top + bar_h - th)), text, font)
     return canvas
 
 
@@ -584,7 +589,7 @@ def kmeans_grid(
     height = GRID_TOP + len(blocks) * (cell_h + GRID_PAD)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = _font()
+    font = load_font()
 
     def col_x(j: int) -> int:
         return GRID_LEFT + j * (cell_w + GRID_PAD)
@@ -642,8 +647,8 @@ def reliability_diagram(confidence: np.ndarray, accuracy: np.ndarray, count: np.
     counts = np.asarray(count, dtype=np.float64)
     n, total = len(counts), float(np.sum(counts))
     share = counts / total if total > 0 else np.zeros(n)
-    font = _font()
-    line = _line_height(font)
+    font = load_font()
+    line = line_height(font)
     label_w = max(_vertical_size(_share_text(v), font)[1] for v in share) if n else line
     left, right = 8 + line + _width("0.75", font) + 10, 16
     w = max(size - left - right, 120)
@@ -666,7 +671,7 @@ def reliability_diagram(confidence: np.ndarray, accuracy: np.ndarray, count: np.
     draw = ImageDraw.Draw(canvas)
     for i, t in enumerate(wrap_text(f"reliability: ECE {ece:.4f} over {int(total):,} pixels "
                                     f"in {n} confidence bins", font, size - 16)[:2]):
-        _text(draw, (8, 6 + i * line), t, font)
+        draw_text(draw, (8, 6 + i * line), t, font)
 
     def at(x: float, y: float) -> tuple[float, float]:
         return left + x * w, top + (1 - y) * plot_h
@@ -691,17 +696,17 @@ def reliability_diagram(confidence: np.ndarray, accuracy: np.ndarray, count: np.
         x, y = at(v, 0)
         draw.line([x, y, x, y + 4], fill=(0, 0, 0))
         t = f"{v:g}"
-        _text(draw, (min(max(x - _width(t, font) / 2, 2), size - 2 - _width(t, font)), y + 6), t, font)
+        draw_text(draw, (min(max(x - _width(t, font) / 2, 2), size - 2 - _width(t, font)), y + 6), t, font)
         x, y = at(0, v)
         draw.line([x - 4, y, x, y], fill=(0, 0, 0))
         th = _text_size(_PROBE, t, font)[1]
-        _text(draw, (x - 6 - _width(t, font), min(max(y - th / 2 - 2, top), top + plot_h - th - 2)), t, font)
+        draw_text(draw, (x - 6 - _width(t, font), min(max(y - th / 2 - 2, top), top + plot_h - th - 2)), t, font)
     xl = "confidence (top-1 mean softmax)"
-    _text(draw, (left + (w - _width(xl, font)) / 2, top + plot_h + 6 + line), xl, font)
+    draw_text(draw, (left + (w - _width(xl, font)) / 2, top + plot_h + 6 + line), xl, font)
     yl = "accuracy (share of pixels correct)"
     vw, vh = _vertical_size(yl, font)
     _vertical_text(canvas, (6, int(top + (plot_h - vh) / 2)), yl, font)
-    _text(draw, (8, strip), "share of all pixels in each bin:", font)
+    draw_text(draw, (8, strip), "share of all pixels in each bin:", font)
     for i in range(n):
         t = _share_text(share[i])
         tw, th = _vertical_size(t, font)
@@ -719,7 +724,7 @@ def reliability_diagram(confidence: np.ndarray, accuracy: np.ndarray, count: np.
         elif kind == "diag":
             draw.line([x0, cy + 5, x0 + 20, cy - 6], fill=(120, 120, 120))
         for j, t in enumerate(lines):
-            _text(draw, (x0 + 32, y + j * line), t, font)
+            draw_text(draw, (x0 + 32, y + j * line), t, font)
         y += line * len(lines)
     return canvas
 
@@ -734,8 +739,8 @@ def confusion_image(confusion: np.ndarray, names: Sequence[str], cell: int = 28)
     cm = np.asarray(confusion, dtype=np.float64)
     k = len(cm)
     rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    font = _font()
-    line = _line_height(font)
+    font = load_font()
+    line = line_height(font)
     cell = max(cell, _width("100", font) + 6)
     label_w = max([_width(str(n), font) for n in names] + [40]) + 8
     col_h = max([_vertical_size(str(n), font)[1] for n in names] + [8])
@@ -744,7 +749,7 @@ def confusion_image(confusion: np.ndarray, names: Sequence[str], cell: int = 28)
     width = max(left + k * cell + 10, _width(CONFUSION_TITLE, font) + 16)
     canvas = Image.new("RGB", (width, top + k * cell + 10), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    _text(draw, (8, 6), CONFUSION_TITLE, font)
+    draw_text(draw, (8, 6), CONFUSION_TITLE, font)
     for r in range(k):
         for c in range(k):
             v = rows[r, c]
@@ -755,12 +760,12 @@ def confusion_image(confusion: np.ndarray, names: Sequence[str], cell: int = 28)
                 text = f"{100 * v:.0f}"
                 tw, th = _text_size(_PROBE, text, font)
                 l, t = _PROBE.textbbox((0, 0), text, font=font)[:2]
-                _text(draw, (box[0] + (cell - tw) // 2 - l, box[1] + (cell - th) // 2 - t), text, font,
+                draw_text(draw, (box[0] + (cell - tw) // 2 - l, box[1] + (cell - th) // 2 - t), text, font,
                       (255, 255, 255) if v > 0.5 else (0, 0, 0))
         name = str(names[r])
         tw, th = _text_size(_PROBE, name, font)
         t = _PROBE.textbbox((0, 0), name, font=font)[1]
-        _text(draw, (left - tw - 6, top + r * cell + (cell - th) // 2 - t), name, font)
+        draw_text(draw, (left - tw - 6, top + r * cell + (cell - th) // 2 - t), name, font)
     for c in range(k):  # column names written vertically, reading upwards
         name = str(names[c])
         vw, vh = _vertical_size(name, font)

@@ -50,6 +50,22 @@ def tiny_flags() -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny16_flags() -> dict:
+    """The flags of a tiny ADM that train-ddpm trains in a blink (its tests use it): 16 px, two levels of
+    one res block, attention at 8, learned sigmas (the hybrid loss)."""
+    return dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                num_head_channels=32, learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True)
+
+
+@pytest.fixture(scope="session")
+def tiny16_json(tmp_path_factory, tiny16_flags) -> Path:
+    """``tiny16_flags`` as a --model-flags JSON file."""
+    path = tmp_path_factory.mktemp("tiny16") / "tiny16.json"
+    path.write_text(json.dumps(tiny16_flags))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_config(tiny_flags) -> AdmConfig:
     return AdmConfig.from_flags(tiny_flags)
 

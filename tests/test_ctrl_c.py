@@ -7,7 +7,6 @@ some of its output is written. Also: the messages that named options a command d
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from pathlib import Path
 
@@ -19,9 +18,6 @@ from ddpmseg.features.cache import FeatureCache, FeatureWriter, parts_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# a tiny ADM that trains in a blink (tests/test_train.py's): 16 px, two levels, learned sigmas
-TRAIN_FLAGS = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-                   num_head_channels=32, learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True)
 FIT = ("--ensemble", "2", "--max-epochs", "1")
 
 
@@ -57,13 +53,6 @@ def three(tmp_path, eyes8) -> Path:
     for i in range(3):
         shutil.copy(eyes8 / f"image_{i}.jpg", d)
     return d
-
-
-@pytest.fixture(scope="module")
-def train_flags(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("train_flags") / "tiny16.json"
-    path.write_text(json.dumps(TRAIN_FLAGS))
-    return path
 
 
 # -- extract / merge ----------------------------------------------------------------------------
@@ -162,11 +151,11 @@ def _train_args(eyes8, out, flags) -> list:
             "--save-every", 2, "--sample-every", 0, "--log-every", 1, "--device", "cpu"]
 
 
-def test_train_ddpm_with_a_checkpoint_says_resume(eyes8, train_flags, tmp_path, monkeypatch):
+def test_train_ddpm_with_a_checkpoint_says_resume(eyes8, tiny16_json, tmp_path, monkeypatch):
     from ddpmseg.train import loop
 
     out = tmp_path / "run"
-    args = _train_args(eyes8, out, train_flags)
+    args = _train_args(eyes8, out, tiny16_json)
     interrupt_on_call(monkeypatch, loop._Trainer, "step", 4)  # steps 1-3 trained, step 2 saved
     err = interrupted(*args)
     assert err.endswith(f"the checkpoint of step 2 is kept in {out}; continue with the same command and --resume"), err
@@ -175,11 +164,11 @@ def test_train_ddpm_with_a_checkpoint_says_resume(eyes8, train_flags, tmp_path, 
     assert "step 4 (resumed at step 2)" in said
 
 
-def test_train_ddpm_without_a_checkpoint_says_it_starts_over(eyes8, train_flags, tmp_path, monkeypatch):
+def test_train_ddpm_without_a_checkpoint_says_it_starts_over(eyes8, tiny16_json, tmp_path, monkeypatch):
     from ddpmseg.train import loop
 
     out = tmp_path / "run"
-    args = _train_args(eyes8, out, train_flags)
+    args = _train_args(eyes8, out, tiny16_json)
     interrupt_on_call(monkeypatch, loop._Trainer, "step", 2)  # one step trained, nothing saved
     err = interrupted(*args)
     assert "kept" not in err.replace("nothing is kept", "")  # 0.2: "the checkpoints saved so far are kept"
@@ -192,12 +181,12 @@ def test_train_ddpm_without_a_checkpoint_says_it_starts_over(eyes8, train_flags,
     assert "step 4," in said and "resumed" not in said  # it started over
 
 
-def test_train_ddpm_messages_name_the_options_it_takes(eyes8, train_flags, tmp_path):
+def test_train_ddpm_messages_name_the_options_it_takes(eyes8, tiny16_json, tmp_path):
     out = tmp_path / "run"
-    ok(*_train_args(eyes8, out, train_flags)[:-2], "--steps", 2)  # a finished run (its --samples: 16)
+    ok(*_train_args(eyes8, out, tiny16_json)[:-2], "--steps", 2)  # a finished run (its --samples: 16)
     err = fails("train-ddpm", eyes8, "--out", out, "--resume", "--samples", 3, "--device", "cpu", match="--samples 3")
     assert "--n-samples" not in err  # 0.2: "leave out --n-samples", an option train-ddpm does not have
-    fails("train-ddpm", eyes8, "--out", tmp_path / "new", "--model-flags", train_flags, "--log-every", 0,
+    fails("train-ddpm", eyes8, "--out", tmp_path / "new", "--model-flags", tiny16_json, "--log-every", 0,
           match="--log-every must be at least 1, got 0")  # 0.2: "log_every must ..."
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +21,19 @@ from ddpmseg.cli.main import main
 from cli_helpers import fails, ok
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-# test_train's tiny ADM: 16 px, two levels, learned sigmas
-FLAGS = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-             num_head_channels=32, learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True)
 
 
-def _train(eyes8: Path, out: Path, *extra) -> str:
-    flags = out.parent / "tiny_flags.json"
-    flags.write_text(json.dumps(FLAGS))
+def _train(eyes8: Path, out: Path, flags: Path, *extra) -> str:
+    """train-ddpm of the tiny 16 px ADM (``flags``: conftest's tiny16_json)."""
     return ok("train-ddpm", eyes8, "--out", out, "--model-flags", flags, "--batch-size", 2, "--sample-every", 0,
               "--log-every", 1, "--device", "cpu", *extra)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, eyes8) -> Path:
+def run(tmp_path_factory, eyes8, tiny16_json) -> Path:
     """A train-ddpm run folder with steps 2 and 4 saved."""
     out = tmp_path_factory.mktemp("run") / "run"
-    _train(eyes8, out, "--steps", 4, "--save-every", 2)
+    _train(eyes8, out, tiny16_json, "--steps", 4, "--save-every", 2)
     return out
 
 
@@ -57,7 +52,7 @@ def test_ckpt_an_earlier_steps_file_of_a_run_reads_the_runs_flags(run, eyes8, tm
     assert len(ok("blocks", "--ckpt", early).splitlines()) == 1 + 4
 
 
-def test_ckpt_run_folder_with_step_picks_that_steps_ema(run, eyes8, tmp_path):
+def test_ckpt_run_folder_with_step_picks_that_steps_ema(run, eyes8, tmp_path, tiny16_json):
     from ddpmseg.features.cache import FeatureCache
 
     said = ok("extract", eyes8 / "image_0.jpg", "--ckpt", run, "--step", 2, "--out", tmp_path / "f.h5")
@@ -69,10 +64,8 @@ def test_ckpt_run_folder_with_step_picks_that_steps_ema(run, eyes8, tmp_path):
     assert runs.checkpoint_at(run) == run / "ema_0.9999_000004.pt" == runs.checkpoint_at(run, 4)
     fails("blocks", "--ckpt", run, "--step", 3, match=("--step 3", "ema_*_000003.pt", "steps 2, 4"))
     fails("blocks", "--ckpt", run / "ema_0.9999_000002.pt", "--step", 2, match=f"pass --ckpt {run}/ --step 2")
-    flags = tmp_path / "f.json"
-    flags.write_text(json.dumps(FLAGS))
     torch.save(_state(run / "ema_0.9999_000002.pt"), tmp_path / "plain.pt")
-    fails("blocks", "--ckpt", tmp_path / "plain.pt", "--model-flags", flags, "--step", 2,
+    fails("blocks", "--ckpt", tmp_path / "plain.pt", "--model-flags", tiny16_json, "--step", 2,
           match=("not one; leave out --step",))
     for name in ("blocks", "extract", "kmeans", "anomaly"):  # where --ckpt is taken, --step is explained
         text = CliRunner().invoke(main, [name, "--help"]).output
@@ -142,9 +135,9 @@ def _step_files(run: Path) -> list[str]:
     return sorted(p.name for p in run.iterdir() if p.suffix == ".pt")
 
 
-def test_keep_last_keeps_the_newest_saves_and_resume_continues(eyes8, tmp_path):
+def test_keep_last_keeps_the_newest_saves_and_resume_continues(eyes8, tmp_path, tiny16_json):
     out = tmp_path / "run"
-    _train(eyes8, out, "--steps", 6, "--save-every", 2, "--keep-last", 1)
+    _train(eyes8, out, tiny16_json, "--steps", 6, "--save-every", 2, "--keep-last", 1)
     assert _step_files(out) == ["ema_0.9999_000006.pt", "model000006.pt", "opt000006.pt"]
     assert json.loads((out / "train.json").read_text())["keep_last"] == 1
     ok("train-ddpm", eyes8, "--out", out, "--resume", "--steps", 8, "--keep-last", 2, "--device", "cpu")
@@ -152,7 +145,7 @@ def test_keep_last_keeps_the_newest_saves_and_resume_continues(eyes8, tmp_path):
                                 "opt000006.pt", "opt000008.pt"]
     # the same weights as a run that kept everything
     ref = tmp_path / "ref"
-    _train(eyes8, ref, "--steps", 8, "--save-every", 2)
+    _train(eyes8, ref, tiny16_json, "--steps", 8, "--save-every", 2)
     assert len(_step_files(ref)) == 12
     a, b = _state(out / "ema_0.9999_000008.pt"), _state(ref / "ema_0.9999_000008.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -181,17 +174,17 @@ def test_prune_deletes_only_after_a_complete_save_and_finishes_a_killed_prune(tm
     assert _step_files(run) == ["ema_0.9999_000006.pt", "model000006.pt", "opt000006.pt"]
 
 
-def test_train_ddpm_bar_shows_the_time_left(eyes8, tmp_path):
-    flags = tmp_path / "f.json"
-    flags.write_text(json.dumps(FLAGS))
-    r = CliRunner().invoke(main, ["train-ddpm", str(eyes8), "--out", str(tmp_path / "run"), "--model-flags", str(flags),
-                                  "--steps", 3, "--batch-size", 2, "--sample-every", 0, "--log-every", 1,
-                                  "--device", "cpu"])
+def test_train_ddpm_bar_shows_the_time_left_once(eyes8, tmp_path, tiny16_json):
+    r = CliRunner().invoke(main, ["train-ddpm", str(eyes8), "--out", str(tmp_path / "run"), "--model-flags",
+                                  str(tiny16_json), "--steps", 3, "--batch-size", 2, "--sample-every", 0,
+                                  "--log-every", 1, "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert re.search(r"eta=\d+s", r.stderr), r.stderr
-    from ddpmseg.train.loop import _duration
-
-    assert [_duration(s) for s in (4.4, 725, 12000, 245000)] == ["4s", "12m05s", "3h20m", "2d20h"]
+    frames = [f for f in re.split(r"[\r\n]+", r.stderr) if f.startswith("train:")]
+    # tqdm's own time left, labelled: "train: 100%|...| 3/3 [00:01, eta=00:00, 2.41step/s, img_s=..., loss=...]"
+    assert frames and all(f.count("eta=") == 1 for f in frames), r.stderr
+    assert not [f for f in frames if "<" in f], r.stderr  # not also tqdm's default "[elapsed<left, rate]"
+    assert re.search(r"\| 3/3 \[\d\d:\d\d, eta=00:00, ", frames[-1]), frames[-1]
+    assert "loss=" in frames[-1] and "img_s=" in frames[-1]
 
 
 def test_train_ddpm_help_states_the_cost():
@@ -248,13 +241,18 @@ def test_no_mask_found_says_what_is_there_and_why_it_did_not_count(tmp_path):
     assert no_mask_found([("00", None)], folder).endswith("for image_{i}")  # 001.png is not 00's
 
 
-def test_blocks_marks_the_auto_picks(tiny_ckpt):
-    from ddpmseg.backbones import create_backbone
+def test_blocks_marks_the_auto_picks(tiny_ckpt, run):
+    def auto(*args) -> list[int]:
+        rows = ok("blocks", *args).splitlines()
+        assert rows[0].endswith("in --blocks auto")
+        return [int(r.split()[0]) for r in rows[1:] if r.endswith("yes")]
 
-    rows = ok("blocks", "--ckpt", tiny_ckpt[0], "--model-flags", tiny_ckpt[1]).splitlines()
-    assert rows[0].endswith("in --blocks auto")
-    picked = [int(r.split()[0]) for r in rows[1:] if r.endswith("yes")]
-    assert picked == create_backbone(tiny_ckpt[0], flags=tiny_ckpt[1], device="cpu").default_blocks()
+    # tiny_ckpt: channel_mult 1,1,2,2,4,4 with 2 res blocks: 6 levels x (2 + 1) = 18 decoder blocks, the
+    # paper's decoder, so its depths: int(b * 17 / 17 + 0.5) = b
+    assert auto("--ckpt", tiny_ckpt[0], "--model-flags", tiny_ckpt[1]) == [5, 6, 7, 8, 12]
+    # the 16 px run: channel_mult 1,2 with 1 res block: 2 x (1 + 1) = 4 blocks; int(b * 3 / 17 + 0.5) for
+    # b = 5, 6, 7, 8, 12 is int(1.38), int(1.56), int(1.74), int(1.91), int(2.62): 1, 1, 1, 1, 2
+    assert auto("--ckpt", run) == [1, 2]
 
 
 def test_extract_summary_time_precision_and_out_help(tiny_ckpt, eyes8, tmp_path):
@@ -276,7 +274,31 @@ def test_suggest_csv_has_paths_and_says_the_diversity_scale(eyes_world, eyes8, t
     with open(tmp_path / "d" / "suggest.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["rank", "image", "diversity score (relative 0-1, not nats)", "path"]
-    for row in rows[1:]:
-        assert Path(row[3]) == (eyes8 / f"{row[1]}.jpg").resolve() and 0 <= float(row[2]) <= 1
+    assert all(Path(row[3]) == (eyes8 / f"{row[1]}.jpg").resolve() for row in rows[1:])
+    # no pool image trained the model, so the first pick is the most uncertain image, at weight 1 (its score over
+    # the pool's highest) with nothing picked to be far from
+    ok("suggest", "--model", d / "model", *pool, "--out", tmp_path / "u", "--n", 1)
+    with open(tmp_path / "u" / "suggest.csv", newline="") as f:
+        most_uncertain = list(csv.reader(f))[1][1]
+    assert rows[1][:3] == ["1", most_uncertain, "1"]
     text = " ".join(CliRunner().invoke(main, ["suggest", "--help"]).output.split())
     assert "not nats, so not comparable" in text
+
+
+def test_diversity_scores_by_hand():
+    """suggest.csv's diversity score: the pick's uncertainty over the pool's highest, times its distance to the
+    nearest picked (or labelled) image over the largest such distance. Three images on a line at 0, 1, 2."""
+    from ddpmseg.active.strategies import rank
+
+    e = np.array([[0.0], [1.0], [2.0]])
+    u = {"uncertainty": np.array([0.5, 0.4, 0.25]), "bald": np.zeros(3)}  # weights 1, 0.8, 0.5
+    # 1st: the most uncertain, image 0: weight 1. Distances to it 0, 1, 2, over 2: 0, 0.5, 1; times the weights:
+    # image 1 0.4, image 2 0.5 -> image 2 at 0.5. Then distances to the nearest pick 0, 1, 0, over 1: image 1 at 0.8
+    picks = rank(u, 3, "diversity", e)
+    assert [i for i, _ in picks] == [0, 2, 1] and [v for _, v in picks] == pytest.approx([1.0, 0.5, 0.8])
+    # image 2 labelled already (an image at 2): distances to it 2, 1, 0, over 2: 1, 0.5, 0; the weights are
+    # 0.3 / 0.5 = 0.6, 1, 0.9: image 0 at 0.6 (the most uncertain image, 1, is close to the labelled one). Then
+    # distances to the nearest 0, 1, 0, over 1: image 1 at 1 x 1
+    u = {"uncertainty": np.array([0.3, 0.5, 0.45]), "bald": np.zeros(3)}
+    picks = rank(u, 2, "diversity", e, labelled=np.array([[2.0]]))
+    assert [i for i, _ in picks] == [0, 1] and [v for _, v in picks] == pytest.approx([0.6, 1.0])

@@ -24,24 +24,15 @@ from ddpmseg.train import TrainConfig, train_ddpm
 from cli_helpers import fails, ok
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-# a tiny ADM that trains in a blink: 16 px, two levels, attention at 8, learned sigmas (the hybrid loss)
-FLAGS = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-             num_head_channels=32, learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True)
+# the tiny ADM of conftest's tiny16_flags: 16 px, two levels, attention at 8, learned sigmas
 QUICK = dict(batch_size=4, save_every=4, sample_every=0, log_every=2)
 
 
 @pytest.fixture(scope="module")
-def flags_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("flags") / "tiny.json"
-    path.write_text(json.dumps(FLAGS))
-    return path
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, eyes8, flags_file) -> Path:
+def run(tmp_path_factory, eyes8, tiny16_json) -> Path:
     """Eight eyes, 8 steps of batch 4, checkpoints at 4 and 8, a sample grid at the end."""
     out = tmp_path_factory.mktemp("train") / "run"
-    ok("train-ddpm", eyes8, "--out", out, "--model-flags", flags_file, "--steps", 8, "--batch-size", 4,
+    ok("train-ddpm", eyes8, "--out", out, "--model-flags", tiny16_json, "--steps", 8, "--batch-size", 4,
        "--save-every", 4, "--sample-every", 8, "--samples", 4, "--sample-steps", 4, "--log-every", 2, "--device", "cpu")
     return out
 
@@ -50,14 +41,14 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
-def test_the_run_folder_has_guided_diffusions_files(run):
+def test_the_run_folder_has_guided_diffusions_files(run, tiny16_flags):
     names = sorted(p.name for p in run.iterdir())
     for step in ("000004", "000008"):
         assert {f"model{step}.pt", f"ema_0.9999_{step}.pt", f"opt{step}.pt"} <= set(names)
     assert {"flags.json", "train.json", "log.jsonl", "loss.png", "samples_000008.png"} <= set(names)
     assert not [n for n in names if n.endswith(".tmp")]
     config = AdmConfig.from_json(run / "flags.json")
-    assert config == AdmConfig.from_flags(FLAGS)
+    assert config == AdmConfig.from_flags(tiny16_flags)
     # plain state dicts of guided-diffusion's own UNetModel: they load into it
     model = build_unet(config)
     model.load_state_dict(_state(run / "model000008.pt"))
@@ -89,9 +80,9 @@ def test_ckpt_run_folder_loads_the_newest_ema_on_every_command(run, tmp_path, ey
     assert (tmp_path / "p" / "image_2_labels.png").is_file() and (tmp_path / "k.png").is_file()
 
 
-def test_training_lowers_guided_diffusions_loss(tmp_path, eyes8, flags_file):
+def test_training_lowers_guided_diffusions_loss(tmp_path, eyes8, tiny16_flags, tiny16_json):
     """The objective is GaussianDiffusion.training_losses: on fixed images, t and noise it drops."""
-    config = AdmConfig.from_flags(FLAGS)
+    config = AdmConfig.from_flags(tiny16_flags)
     diffusion = build_diffusion(config)
     from ddpmseg.train.data import TrainImages
 
@@ -106,7 +97,7 @@ def test_training_lowers_guided_diffusions_loss(tmp_path, eyes8, flags_file):
             return float(diffusion.training_losses(model, x0, t, noise=noise)["loss"].mean())
 
     train_ddpm([eyes8], tmp_path / "r", TrainConfig(steps=40, lr=2e-3, save_every=1, **{k: v for k, v in QUICK.items() if k != "save_every"}),
-               model_flags=flags_file, device="cpu")
+               model_flags=tiny16_json, device="cpu")
     assert loss_of(tmp_path / "r" / "model000040.pt") < 0.7 * loss_of(tmp_path / "r" / "model000001.pt")
 
 
@@ -127,7 +118,7 @@ def test_a_fine_tune_killed_before_its_first_save_resumes_from_the_init_weights(
     assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before)  # not from random weights
 
 
-def test_bad_inputs_fail_before_training(tmp_path, eyes8, flags_file):
+def test_bad_inputs_fail_before_training(tmp_path, eyes8, tiny16_json):
     empty = tmp_path / "empty"
     empty.mkdir()
     fails("train-ddpm", empty, "--out", tmp_path / "a", "--image-size", 32, match=("no images found", str(empty)))
@@ -143,23 +134,23 @@ def test_bad_inputs_fail_before_training(tmp_path, eyes8, flags_file):
     fails("train-ddpm", eyes8, "--out", tmp_path / "f", "--resume", match=("--resume", "not a training run"))
     (tmp_path / "g").mkdir()
     (tmp_path / "g" / "notes.txt").write_text("mine")
-    fails("train-ddpm", eyes8, "--out", tmp_path / "g", "--model-flags", flags_file, match=("not empty",))
+    fails("train-ddpm", eyes8, "--out", tmp_path / "g", "--model-flags", tiny16_json, match=("not empty",))
     assert (tmp_path / "g" / "notes.txt").read_text() == "mine"
 
 
-def test_the_loss_aware_sampler_trains_and_resumes(tmp_path, eyes8, flags_file):
+def test_the_loss_aware_sampler_trains_and_resumes(tmp_path, eyes8, tiny16_json):
     config = TrainConfig(steps=6, schedule_sampler="loss-second-moment", **QUICK)
-    train_ddpm([eyes8], tmp_path / "r", config, model_flags=flags_file, device="cpu")
+    train_ddpm([eyes8], tmp_path / "r", config, model_flags=tiny16_json, device="cpu")
     assert (tmp_path / "r" / "sampler000004.pt").is_file()
     train_ddpm([eyes8], tmp_path / "r", resume=True, steps=8, device="cpu")
     history = _state(tmp_path / "r" / "sampler000008.pt")["counts"]
     assert int(history.sum()) == 8 * 4  # every sample's loss went into its timestep's history
 
 
-def test_resume_accepts_the_runs_own_settings_repeated(tmp_path, eyes8, flags_file):
+def test_resume_accepts_the_runs_own_settings_repeated(tmp_path, eyes8, tiny16_json):
     """Up-arrow and add --resume: the run's settings given again are fine, --steps raises the count."""
     out = tmp_path / "r"
-    args = ["train-ddpm", eyes8, "--out", out, "--model-flags", flags_file, "--batch-size", 4, "--lr", "2e-4",
+    args = ["train-ddpm", eyes8, "--out", out, "--model-flags", tiny16_json, "--batch-size", 4, "--lr", "2e-4",
             "--no-flip", "--samples", 4, "--save-every", 2, "--sample-every", 0, "--log-every", 2, "--device", "cpu"]
     ok(*args, "--steps", 2)
     assert "resumed at step 2" in ok(*args, "--steps", 4, "--resume")
@@ -168,27 +159,27 @@ def test_resume_accepts_the_runs_own_settings_repeated(tmp_path, eyes8, flags_fi
     saved = TrainConfig.from_json(out / "train.json")
     assert (saved.steps, saved.save_every, saved.lr, saved.flip) == (6, 3, 2e-4, False)  # what may change, changed
     # the Python API: the same settings (a whole TrainConfig) and architecture again
-    s = train_ddpm([eyes8], out, dataclasses.replace(saved, steps=8), model_flags=flags_file, resume=True, device="cpu")
+    s = train_ddpm([eyes8], out, dataclasses.replace(saved, steps=8), model_flags=tiny16_json, resume=True, device="cpu")
     assert (s.resumed_from, s.step) == (6, 8)
 
 
-def test_resume_refuses_settings_that_differ_naming_each(tmp_path, eyes8, flags_file):
+def test_resume_refuses_settings_that_differ_naming_each(tmp_path, eyes8, tiny16_flags, tiny16_json):
     out = tmp_path / "r"
     args = ["train-ddpm", eyes8, "--out", out, "--batch-size", 4, "--save-every", 2, "--sample-every", 0, "--device", "cpu"]
-    ok(*args, "--model-flags", flags_file, "--steps", 2, "--lr", "1e-4", "--samples", 4)
+    ok(*args, "--model-flags", tiny16_json, "--steps", 2, "--lr", "1e-4", "--samples", 4)
     before = sorted(p.name for p in out.iterdir())
     train_json = out / "train.json"
-    err = fails(*args, "--model-flags", flags_file, "--steps", 4, "--lr", "2e-4", "--samples", 8, "--no-flip", "--resume",
+    err = fails(*args, "--model-flags", tiny16_json, "--steps", 4, "--lr", "2e-4", "--samples", 8, "--no-flip", "--resume",
                 match=(f"--lr 0.0002 differs from the run's 0.0001 ({train_json})",
                        f"--samples 8 differs from the run's 4 ({train_json})",  # the option, not the field's name
                        "--no-flip differs from the run's --flip", "only --steps"))
     assert "--batch-size" not in err and "--model-flags" not in err and "--n-samples" not in err  # the same: not named
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({**FLAGS, "num_channels": 64}))
+    other.write_text(json.dumps({**tiny16_flags, "num_channels": 64}))
     fails(*args, "--model-flags", other, "--resume",
           match=(f"--model-flags {other} differs from the run's architecture", "num_channels 64 (the run's 32)"))
     fails(*args, "--image-size", 32, "--resume", match=(f"--image-size 32 differs from the run's 16 ({out / 'flags.json'})",))
-    fails(*args, "--init", flags_file, "--resume", match=("--init", "differs from the run's none (trained from scratch)"))
+    fails(*args, "--init", tiny16_json, "--resume", match=("--init", "differs from the run's none (trained from scratch)"))
     assert sorted(p.name for p in out.iterdir()) == before  # nothing trained, nothing written
 
 
@@ -197,9 +188,9 @@ def _cli(args: list, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, eyes8, flags_file):
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, eyes8, tiny16_json):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # bit-identical floats need the same thread count
-    args = ["train-ddpm", eyes8, "--model-flags", flags_file, "--steps", 24, "--batch-size", 2, "--save-every", 4,
+    args = ["train-ddpm", eyes8, "--model-flags", tiny16_json, "--steps", 24, "--batch-size", 2, "--save-every", 4,
             "--sample-every", 0, "--dropout", 0.1, "--device", "cpu"]
     whole = _cli([*args, "--out", tmp_path / "whole"], env)
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
@@ -225,10 +216,10 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, eyes8, fla
     assert rows == sorted(set(rows)) and rows[-1] == 24  # no step logged twice
 
 
-def test_two_gloo_ranks_match_one_process_with_the_whole_batch(tmp_path, eyes8, flags_file):
+def test_two_gloo_ranks_match_one_process_with_the_whole_batch(tmp_path, eyes8, tiny16_flags, tiny16_json):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    args = ["train-ddpm", eyes8, "--model-flags", flags_file, "--steps", 4, "--batch-size", 4, "--save-every", 4,
+    args = ["train-ddpm", eyes8, "--model-flags", tiny16_json, "--steps", 4, "--batch-size", 4, "--save-every", 4,
             "--sample-every", 0, "--device", "cpu"]
     one = _cli([*args, "--out", tmp_path / "one"], env)
     assert one.wait(timeout=300) == 0, one.stderr.read()
@@ -238,7 +229,7 @@ def test_two_gloo_ranks_match_one_process_with_the_whole_batch(tmp_path, eyes8, 
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = _state(tmp_path / "one" / "model000004.pt"), _state(tmp_path / "two" / "model000004.pt")
     torch.manual_seed(0)  # the run's seeded initialisation: training moved the weights away from it
-    init = build_unet(AdmConfig.from_flags(FLAGS)).state_dict()
+    init = build_unet(AdmConfig.from_flags(tiny16_flags)).state_dict()
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4
     for k in a:  # the same samples, gradients averaged over the ranks: equal up to float summation order
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -113,8 +113,8 @@ def _thumb_map(m: np.ndarray) -> np.ndarray:
 def _contact_sheet(rows: list[tuple[tuple[np.ndarray, np.ndarray], str, float]], vmax: float, by: str) -> Image.Image:
     """One row per suggestion: rank, name and score above the image and its uncertainty map (captions
     wrapped to the row's width, never cut); column headings; a colour bar."""
-    font = viz._font(12)
-    line = viz._line_height(font)
+    font = viz.load_font(12)
+    line = viz.line_height(font)
     gap = 6
     h = max(t[0].shape[0] for t, _, _ in rows)
     w = max(t[0].shape[1] for t, _, _ in rows)
@@ -124,13 +124,13 @@ def _contact_sheet(rows: list[tuple[tuple[np.ndarray, np.ndarray], str, float]],
     heights = [len(c) * line + h + 2 * gap for c in captions]
     sheet = Image.new("RGB", (cell_w + 2 * gap, gap + line + sum(heights)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    viz._text(draw, (gap, gap), "image", font)
-    viz._text(draw, (2 * gap + w, gap), "uncertainty", font)
+    viz.draw_text(draw, (gap, gap), "image", font)
+    viz.draw_text(draw, (2 * gap + w, gap), "uncertainty", font)
     y = gap + line
     for ((img, unc), _, _), caption in zip(rows, captions):
         y += gap
         for i, text in enumerate(caption):
-            viz._text(draw, (gap, y + i * line), text, font)
+            viz.draw_text(draw, (gap, y + i * line), text, font)
         y += len(caption) * line
         sheet.paste(Image.fromarray(img), (gap, y))
         heat, _ = viz.heatmap(unc, vmax=vmax)

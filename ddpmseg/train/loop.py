@@ -431,7 +431,11 @@ def _run(trainer: _Trainer, paths: list[Path], out: Path, start: int, workers: i
     cfg, dist, arch = trainer.config, trainer.dist, trainer.arch
     dataset = TrainImages(paths, arch.image_size, cfg.batch_size, cfg.seed, cfg.preprocess, cfg.flip, dist.rank, dist.world)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, cfg.steps), num_workers=workers)
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and dist.main))
+    # one time-left figure, tqdm's own, labelled eta=: smoothing=0 makes it this run's mean step time so far
+    # (saves and sample grids included) times the steps left, where tqdm's default would follow the last few steps
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and dist.main),
+               smoothing=0, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, eta={remaining}, "
+                                       "{rate_fmt}{postfix}]")
     logfile = (out / runs.LOG).open("a") if dist.main else None
     checkpoint, samples = None, None
     losses, seen, t0, interval_t0, last_loss = [], 0, time.perf_counter(), time.perf_counter(), math.nan
@@ -449,8 +453,7 @@ def _run(trainer: _Trainer, paths: list[Path], out: Path, start: int, workers: i
                     row = {"step": done, "loss": round(last_loss, 6), "lr": cfg.lr, "images_per_s": round(rate, 3)}
                     logfile.write(json.dumps(row) + "\n")
                     logfile.flush()
-                left = (cfg.steps - done) * (now - t0) / (done - start)  # this run's mean step time so far
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}", eta=_duration(left))
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}")
                 losses, interval_t0 = [], now
             bar.update(1)
             if dist.main and (done % cfg.save_every == 0 or done == cfg.steps):
@@ -471,18 +474,6 @@ def _run(trainer: _Trainer, paths: list[Path], out: Path, start: int, workers: i
         checkpoint = runs.ema_file(out, cfg.ema, done_steps[-1]) if done_steps else out
     return TrainSummary(out, max(start, cfg.steps), start, seconds, seen / max(seconds, 1e-9), last_loss, checkpoint,
                         samples, sum(p.numel() for p in trainer.model.parameters()), len(paths), skipped)
-
-
-def _duration(seconds: float) -> str:
-    """A time left as the bar shows it: 45s, 12m05s, 3h20m, 2d20h."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def _curve(out: Path, until: int) -> tuple[list[float], list[float]]:
