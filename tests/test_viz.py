@@ -203,7 +203,7 @@ def _texts(drawn: list) -> list:
 
 
 def test_wrap_text_fits_every_line_and_keeps_every_character() -> None:
-    font = viz._font(12)
+    font = viz.load_font(12)
     text = "1. a_really_very_extremely_long_image_name_without_any_spaces_at_all_0001 (score 0.1234)"
     lines = viz.wrap_text(text, font, 100)
     assert len(lines) > 3 and all(viz._width(line, font) <= 100 for line in lines)
