@@ -4,19 +4,31 @@
     python benchmarks/identity_digest.py > after.json    # on another
     diff before.json after.json                          # empty: bit-identical
 
-Runs the CLI only (``extract``, ``fit`` with both recipes, ``predict``), so it
-works on any version whose commands take these options, on two backbones built
-here without ddpmseg: the demo's tiny ADM (guided-diffusion, random weights,
-seed 0) and a tiny diffusers ``UNet2DModel`` pipeline folder (seed 0), both on
-the eyes8 images and masks. The digests cover the feature arrays and the noise
-in ``feats.h5`` (not its JSON attributes), every tensor of the fitted
-ensembles, and the pixels of every predicted PNG (labels, overlay,
-uncertainty). Single-threaded torch (``OMP_NUM_THREADS=1``), so the figures
-depend on the code, not on the thread count.
+Runs the CLI only (``extract``, ``fit`` with the reference and fast recipes,
+``predict``) on two backbones built here without ddpmseg: the demo's tiny ADM
+(guided-diffusion, random weights, seed 0) and a tiny diffusers
+``UNet2DModel`` pipeline folder (seed 0), both on the eyes8 images and masks
+vendored in ``tests/fixtures/eyes8`` (``--eyes8 DIR`` for another copy, e.g.
+when the script runs against a checkout without it). The digests cover the
+feature arrays and the noise in ``feats.h5`` (not its JSON attributes), every
+tensor of the fitted ensembles, and the pixels of every predicted PNG (labels,
+overlay, uncertainty). Single-threaded torch (``OMP_NUM_THREADS=1``), so the
+digests depend on the code, not on the thread count.
+
+The MLP settings go through ``fit --head-option n_members=3 / max_epochs=3 /
+recipe=NAME`` (ddpmseg 0.2.0's head registry). For a version before it, whose
+``fit`` has no ``--head-option``, pass ``--old-flags`` (``--ensemble 3
+--max-epochs 3 --recipe NAME``, the same settings; 0.2.0 still takes them as
+deprecated aliases, so both spellings give the same digests there).
+
+Unlike the other scripts here it prints digests, not figures: it writes no
+``benchmarks/results/*.json`` file (there is nothing for make_tables.py to
+tabulate); keep its output yourself to compare two versions.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -31,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-EYES8 = Path(__file__).resolve().parents[2] / "shared" / "data" / "eyes8"
+EYES8 = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "eyes8"  # vendored (MIT)
 TINY_ADM = {  # ddpmseg demo's tiny ADM (the ffhq_256 block structure at 64x64)
     "image_size": 64, "num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,1,2,2,4,4",
     "num_head_channels": 32, "attention_resolutions": "32,16,8", "learn_sigma": True,
@@ -107,14 +119,30 @@ def run(*args: str) -> None:
         raise SystemExit(f"ddpmseg {' '.join(args)} failed: {r.stderr.strip()}")
 
 
+def mlp_options(recipe: str, old_flags: bool) -> list[str]:
+    """fit's options for 3 members, 3 epochs at most and ``recipe``."""
+    if old_flags:  # versions before the head registry (0.2.0 keeps these as deprecated aliases)
+        return ["--ensemble", "3", "--max-epochs", "3", "--recipe", recipe]
+    return ["--head", "mlp", "--head-option", "n_members=3", "--head-option", "max_epochs=3",
+            "--head-option", f"recipe={recipe}"]
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eyes8", type=Path, default=EYES8, help=f"the eyes8 images and masks (default: {EYES8})")
+    ap.add_argument("--old-flags", action="store_true",
+                    help="fit with --ensemble/--max-epochs/--recipe, for a ddpmseg before 0.2.0 (no --head-option)")
+    args = ap.parse_args()
+    eyes8 = args.eyes8
+    if not all((eyes8 / f"image_{i}.jpg").is_file() and (eyes8 / f"image_mask{i}.npy").is_file() for i in range(8)):
+        raise SystemExit(f"{eyes8} does not hold eyes8's image_0..7.jpg and image_mask0..7.npy; give --eyes8 DIR")
     result: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         images = work / "images"
         images.mkdir()
         for i in range(8):
-            shutil.copy(EYES8 / f"image_{i}.jpg", images)
+            shutil.copy(eyes8 / f"image_{i}.jpg", images)
         train = [str(images / f"image_{i}.jpg") for i in range(6)]
         for name, make in (("adm", make_adm), ("diffusers", make_diffusers)):
             d = work / name
@@ -126,8 +154,8 @@ def main() -> None:
             entry: dict[str, dict] = {"features": digest_cache(feats)}
             for recipe in ("reference", "fast"):
                 model = d / f"model_{recipe}"
-                run("fit", "--features", str(feats), "--masks", str(EYES8), "--ensemble", "3", "--max-epochs", "3",
-                    "--recipe", recipe, "--out", str(model), "--device", "cpu")
+                run("fit", "--features", str(feats), "--masks", str(eyes8), *mlp_options(recipe, args.old_flags),
+                    "--out", str(model), "--device", "cpu")
                 entry[f"fit_{recipe}"] = _tensors(torch.load(model / "tensors.pt", weights_only=True))
                 preds = d / f"preds_{recipe}"
                 run("predict", str(images / "image_6.jpg"), str(images / "image_7.jpg"), "--model", str(model),

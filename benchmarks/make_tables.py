@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -445,6 +447,35 @@ def render(text: str, results: list[Result], every: bool = False) -> str:
     return MARKER.sub(one, text)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``: a reader
+    (or a crash, or Ctrl-C) sees the old page or the complete new one, never a half-written page.
+
+    The same steps as ``ddpmseg._io.write_atomic``, written out here because this script runs with
+    the standard library only (CI calls it before anything is imported) and a private module of
+    the package is not imported from outside it. The page keeps its permissions (a new one gets
+    0o666 less the umask, as a plain write).
+    """
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--doc", type=Path, default=DOC, help="the page holding the table markers")
@@ -452,7 +483,7 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table would change")
     ap.add_argument("--all", action="store_true", help="every row of every file instead of the newest per key")
     args = ap.parse_args()
-    text = args.doc.read_text()
+    text = args.doc.read_text(encoding="utf-8")
     new = render(text, load(args.results), args.all)
     names = [m[2] for m in MARKER.finditer(text)]
     if args.check:
@@ -462,7 +493,7 @@ def main() -> int:
         print(f"{args.doc}: {len(names)} tables up to date")
         return 0
     if new != text:
-        args.doc.write_text(new)
+        write_atomic(args.doc, new)
     print(f"{args.doc}: {len(names)} tables from {len(load(args.results))} result files")
     return 0
 
