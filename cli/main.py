@@ -687,7 +687,7 @@ def kmeans(obj, image, checkpoint, preset, model_flags, image_size, num_head_cha
 @click.option("--log-every", type=int, default=TRAIN.log_every, show_default=True, help="Steps between log.jsonl lines.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint with its own settings: repeating them is "
-                   "fine, a different value is refused; --steps, --save-every, --sample-every, --log-every may change.")
+                   "fine, a different value is refused; --steps, --save-every, --sample-every, --log-every, --keep-last may change.")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader processes reading images.")
 @_device
 @click.pass_context
