@@ -233,8 +233,8 @@ class Results:
         self.name, self.args, self.rows = name, args, []
         self._t0 = time.perf_counter()
 
-    def row(self, kind: str, **fields: Any) -> dict:
-        line = _jsonable({"benchmark": kind, **fields})
+    def row(self, benchmark: str, /, **fields: Any) -> dict:  # positional-only: a field may be called "kind"
+        line = _jsonable({"benchmark": benchmark, **fields})
         print(json.dumps(line), flush=True)
         self.rows.append(line)
         return line
