@@ -114,6 +114,14 @@ def ratio(a: Any, b: Any) -> str:
     return DASH if a in (None, 0) or b in (None, 0) else f"{a / b:.2f}x"
 
 
+def vs_naive(row: dict, naive: dict | None, key: str, rate: bool = False) -> str:
+    """The row's speed-up over the naive row of its run: naive's ``key`` over the row's (a time), or the
+    row's over naive's with ``rate`` (a throughput); a dash for the naive row itself or without one."""
+    if row["mode"] == "naive" or naive is None:
+        return DASH
+    return ratio(row.get(key), naive[key]) if rate else ratio(naive[key], row[key])
+
+
 def gb(row: dict, key: str = "peak_rss") -> str:
     if row.get(f"{key}_gb") is not None:
         return num(row[f"{key}_gb"], 2, " GB", lo=1)
@@ -162,8 +170,7 @@ def t_extract(results, every):
             num(row["achieved_gflops"], 0) + ("" if peak is None else f" ({peak:.0%})"))
         body.append([f"`{row.get('preset')}`", EXTRACT_MODES.get(row["mode"], row["mode"]),
                      num(row["seconds_per_image"], 2),
-                     DASH if row["mode"] == "naive" or naive is None else ratio(naive["seconds_per_image"],
-                                                                               row["seconds_per_image"]),
+                     vs_naive(row, naive, "seconds_per_image"),
                      num(row.get("gflop_per_image"), 0), rate, gb(row), DASH if err is None else f"{100 * err:.2f} %",
                      *tail(res)])
     return table(["preset", "mode", "s / image", "vs naive", "GFLOP / image", "GFLOP/s (share of matmul peak)",
@@ -201,9 +208,7 @@ def t_predict(results, every):
         body.append([row["mode"] + ("" if row["mode"] == "naive" else f" ({row.get('precision')})"),
                      num(row["seconds_per_image"], 2), num(row.get("extract_seconds_per_image"), 2),
                      num(row.get("classify_and_write_seconds_per_image"), 2),
-                     DASH if row["mode"] == "naive" or naive is None else ratio(naive["seconds_per_image"],
-                                                                               row["seconds_per_image"]),
-                     gb(row), *tail(res)])
+                     vs_naive(row, naive, "seconds_per_image"), gb(row), *tail(res)])
     return table(["mode", "s / image, end to end", "extraction", "classification + PNGs", "vs naive", "peak RSS",
                   *TAIL], body)
 
@@ -225,8 +230,7 @@ def t_fit_speed(results, every):
         naive = same_file(res, "fit", mode="naive")
         body.append([FIT_MODES.get(row["mode"], row["mode"]), row.get("images", DASH),
                      num(row.get("member_pixels_per_s"), 0),
-                     DASH if row["mode"] == "naive" or naive is None else ratio(row.get("member_pixels_per_s"),
-                                                                               naive["member_pixels_per_s"]),
+                     vs_naive(row, naive, "member_pixels_per_s", rate=True),
                      num(row.get("fit_seconds"), 1) if row["mode"] in ("tiles_full", "reference_full") else DASH,
                      num(row.get("steps_per_member"), 0) if row["mode"] in ("tiles_full", "reference_full") else DASH,
                      num(row.get("train_loss"), 3), gb(row), *tail(res)])

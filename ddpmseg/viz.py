@@ -501,10 +501,9 @@ def with_legend(image: np.ndarray, names: Sequence[str], colours: np.ndarray) ->
     """
     img = np.asarray(image)
     font = _panel_font(img.shape[0])
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line = max(_text_size(probe, "Ag", font)[1], 8) + 6
+    line = line_height(font)
     pad, swatch = line // 2, line - 4
-    text_w = max([_text_size(probe, str(n), font)[0] for n in names] + [_text_size(probe, "classes", font)[0]])
+    text_w = max([_width(str(n), font) for n in names] + [_width("classes", font)])
     canvas, x0 = _beside(img, 3 * pad + swatch + text_w, 2 * pad + line * (len(names) + 1))
     draw = ImageDraw.Draw(canvas)
     draw.text((x0 + pad, pad), "classes", fill=(0, 0, 0), font=font)
@@ -526,14 +525,13 @@ def with_colorbar(image: np.ndarray, vmax: float, title: str, font_size: int | N
     img = np.asarray(image)
     h = img.shape[0]
     font = _panel_font(h) if font_size is None else load_font(font_size)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line = max(_text_size(probe, "Ag", font)[1], 8) + 6
+    line = line_height(font)
     pad, bar_w = line // 2, line
     titles = str(title).split("\n")
     head = line * len(titles)
     bar_h = max(4 * line, h - 3 * pad - head)
     ticks = [(f"{vmax * f:.3g}", f) for f in (1.0, 0.5, 0.0)]
-    text_w = max([_text_size(probe, t, font)[0] for t, _ in ticks] + [_text_size(probe, t, font)[0] - bar_w - pad for t in titles])
+    text_w = max([_width(t, font) for t, _ in ticks] + [_width(t, font) - bar_w - pad for t in titles])
     canvas, x0 = _beside(img, 3 * pad + bar_w + text_w, 3 * pad + head + bar_h)
     draw = ImageDraw.Draw(canvas)
     for i, t in enumerate(titles):
@@ -544,7 +542,7 @@ def with_colorbar(image: np.ndarray, vmax: float, title: str, font_size: int | N
     draw.rectangle([x0 + pad, top, x0 + pad + bar_w - 1, top + bar_h - 1], outline=(0, 0, 0))
     for text, f in ticks:
         y = top + round((1 - f) * (bar_h - 1))
-        th = _text_size(probe, text, font)[1]
+        th = _text_size(_PROBE, text, font)[1]
         draw_text(draw, (x0 + 2 * pad + bar_w, min(max(top, y - th // 2), top + bar_h - th)), text, font)
     return canvas
 
