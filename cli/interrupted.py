@@ -69,18 +69,9 @@ def _written_since(folder: Path, pattern: str, before: dict[str, int] | None) ->
 # -- extract ---------------------------------------------------------------------------------------
 def _cached_images(out: Path) -> int:
     """Finished images of a cache: a folder's image files, an HDF5 file's complete images and its parts."""
-    from ddpmseg.features.cache import parts_dir
+    from ddpmseg.features.cache import finished_images
 
-    if out.is_dir():
-        return len(list(out.glob("*.h5")))
-    n = 0
-    if out.is_file():
-        import h5py
-
-        with h5py.File(out, "r") as f:
-            n = sum(1 for g in f["images"].values() if g.attrs.get("complete", False)) if "images" in f else 0
-    parts = parts_dir(out)
-    return n + (len(list(parts.glob("*.h5"))) if parts.is_dir() else 0)
+    return finished_images(out)
 
 
 def _extract_before(p: dict) -> Any:
@@ -104,13 +95,18 @@ def _predict_before(p: dict) -> Any:
     return _mtimes(Path(p["out"]), "*_labels.png")  # written last: an image with it is finished
 
 
-def _predict(p: dict, before: Any) -> str:
+def _finished(p: dict, before: Any, last: str, kept: str) -> str:
+    """predict's and anomaly's message: ``kept`` of the images whose ``last`` file this run wrote, and --skip-done."""
     out = Path(p["out"])
-    n = _written_since(out, "*_labels.png", before)
+    n = _written_since(out, last, before)
     again = "rerun with --skip-done to finish the rest" + (" (in place of --overwrite)" if p.get("overwrite") else "")
     if n:
-        return f"the PNGs of the {plural(n, 'image')} this run finished are kept in {out}; {again}"
+        return f"{kept} of the {plural(n, 'image')} this run finished are kept in {out}; {again}"
     return f"no image finished; {again}"
+
+
+def _predict(p: dict, before: Any) -> str:
+    return _finished(p, before, "*_labels.png", "the PNGs")
 
 
 def _anomaly_last(p: dict) -> str:
@@ -124,12 +120,7 @@ def _anomaly_before(p: dict) -> Any:
 
 
 def _anomaly(p: dict, before: Any) -> str:
-    out = Path(p["out"])
-    n = _written_since(out, _anomaly_last(p), before)
-    again = "rerun with --skip-done to finish the rest" + (" (in place of --overwrite)" if p.get("overwrite") else "")
-    if n:
-        return f"the outputs and scores.csv rows of the {plural(n, 'image')} this run finished are kept in {out}; {again}"
-    return f"no image finished; {again}"
+    return _finished(p, before, _anomaly_last(p), "the outputs and scores.csv rows")
 
 
 # -- train-ddpm ------------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ from ddpmseg._io import check_writable, write_atomic
 from ddpmseg.data import LabelSet
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.heads import get_head, head_names
+from ddpmseg.options import MODEL_FILES
 from ddpmseg.records import ModelRecord
 
-MODEL_FILES = ("model.json", "tensors.pt")
 # what torch.load raises for a truncated or foreign tensors.pt
 _TENSOR_FILE_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
 

@@ -27,3 +27,6 @@ KMEANS_K = 5  # kmeans: clusters per cell of the grid
 SUGGEST_STRATEGIES: tuple[str, ...] = ("uncertainty", "bald", "diversity")  # suggest --by (active/strategies.py)
 SUGGEST_N = 5  # suggest: images suggested
 ENGINES: tuple[str, ...] = ("local", "ray")  # extract / predict --engine: this process, or a Ray actor pool
+# What marks a folder as ddpmseg's (torch-free, so backbones.runs can name folders without loading torch)
+CACHE_FOLDER_MARKER = "ddpmseg-cache.json"  # a feature cache folder (features/cache.py)
+MODEL_FILES: tuple[str, ...] = ("model.json", "tensors.pt")  # a model folder (model.py)

@@ -81,9 +81,7 @@ def test_convert_takes_a_run_folder_or_a_file_of_a_run(run, tmp_path):
 
 def test_describe_folder_names_run_cache_and_model_folders(run, eyes_world, tmp_path):
     from ddpmseg.features.cache import FOLDER_MARKER
-    from ddpmseg.model import MODEL_FILES
 
-    assert (runs._CACHE_MARKER, runs._MODEL_JSON) == (FOLDER_MARKER, MODEL_FILES[0])  # the torch-free copies
     d, _ = eyes_world
     cache = tmp_path / "cache"
     cache.mkdir()

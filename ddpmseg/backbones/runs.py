@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Iterator
 
 from ddpmseg.errors import DdpmsegError
+from ddpmseg.options import CACHE_FOLDER_MARKER, MODEL_FILES
 
 FLAGS, TRAIN_CONFIG, LOG = "flags.json", "train.json", "log.jsonl"
 _MODEL = re.compile(r"^model(\d{6})\.pt$")
 _EMA = re.compile(r"^ema_([0-9.]+)_(\d{6})\.pt$")
 _STEP_FILE = re.compile(r"^(?:model|opt|sampler|ema_[0-9.]+_)(\d{6})\.pt$")  # every per-step file of a run
-# what other folders hold (torch-free copies of ddpmseg.features.cache.FOLDER_MARKER and model.MODEL_FILES[0])
-_CACHE_MARKER, _MODEL_JSON = "ddpmseg-cache.json", "model.json"
 
 
 def model_file(run: Path, step: int) -> Path:
@@ -148,9 +147,9 @@ def describe_folder(path: str | Path) -> str | None:
         return None
     if is_run(p):
         return "a train-ddpm run folder"
-    if (p / _CACHE_MARKER).is_file():
+    if (p / CACHE_FOLDER_MARKER).is_file():
         return "a feature cache folder"
-    if (p / _MODEL_JSON).is_file():
+    if (p / MODEL_FILES[0]).is_file():
         return "a model folder"
     if any((p / f).is_file() for f in ("config.json", "model_index.json", "unet/config.json")):
         return "a diffusers model folder"

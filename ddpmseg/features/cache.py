@@ -40,10 +40,11 @@ from ddpmseg._io import check_writable, remove_stale_temps, save_npy_atomic, wri
 from ddpmseg.data import natural_key
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.extractor import BlockMaps, upsample_concat
+from ddpmseg.options import CACHE_FOLDER_MARKER
 from ddpmseg.records import CACHE_FORMAT as CACHE_FORMAT_NAME
 from ddpmseg.records import CacheRecord
 
-FOLDER_MARKER, FOLDER_NOISE = "ddpmseg-cache.json", "noise.npy"
+FOLDER_MARKER, FOLDER_NOISE = CACHE_FOLDER_MARKER, "noise.npy"
 FOLDER_FORMAT = "ddpmseg-features-folder"
 SINGLE_FILE_SUFFIXES = (".h5", ".hdf5")
 
@@ -113,6 +114,28 @@ def _complete_parts(path: Path) -> list[Path]:
     return sorted(d.glob("*.h5")) if d.is_dir() else []
 
 
+def _finished_in_file(path: Path) -> dict[str, tuple[str, str | None]]:
+    """The finished images of a single-file cache and its parts: id -> (source, sha256 or None)."""
+    found: dict[str, tuple[str, str | None]] = {}
+    for src in ([path] if path.exists() else []) + _complete_parts(path):
+        f, _ = _open_h5(src)
+        with f:
+            for k, g in f["images"].items():
+                if g.attrs.get("complete", False):
+                    sha = g.attrs.get("sha256")
+                    found[k] = (str(g.attrs["source"]), None if sha is None else str(sha))
+    return found
+
+
+def finished_images(path: str | Path) -> int:
+    """How many images the cache ``path`` holds finished (a folder's image files; a file's complete
+    images and its parts), without knowing its record; 0 where there is none yet."""
+    path = Path(path)
+    if is_folder_cache(path):
+        return len(_folder_shards(path)) if path.is_dir() else 0
+    return len(_finished_in_file(path))
+
+
 class FeatureWriter:
     """Adds images to a cache file, crash-safely (see module docstring)."""
 
@@ -146,15 +169,7 @@ class FeatureWriter:
         For a folder cache, a mapping that opens an image's file only when it is looked up."""
         if self.folder:
             return _FolderIndex(self.path)
-        found: dict[str, tuple[str, str | None]] = {}
-        for src in ([self.path] if self.path.exists() else []) + _complete_parts(self.path):
-            f, _ = _open_h5(src)
-            with f:
-                for k, g in f["images"].items():
-                    if g.attrs.get("complete", False):
-                        sha = g.attrs.get("sha256")
-                        found[k] = (str(g.attrs["source"]), None if sha is None else str(sha))
-        return found
+        return _finished_in_file(self.path)
 
     def finished(self, image_id: str) -> bool:
         """Whether this run (or any other writer) has already written ``image_id``'s file."""
