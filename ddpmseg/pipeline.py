@@ -295,11 +295,6 @@ def predict_images(
         r = ray_data.run([{"path": str(p)} for p in paths], ray_data.PredictWorker,
                          dict(model_dir=str(model_dir), out=str(out), checkpoint=None if checkpoint is None else str(checkpoint),
                               device=device, legend=legend, overwrite=overwrite), engine_settings or ray_data.EngineSettings(), progress, "predict")
-        # a worker killed mid-write leaves its temp file; its image was redone by another worker
-        for q in paths:
-            for kind in OUTPUT_KINDS:
-                for tmp in out.glob(f".{q.stem}_{kind}.png.*.tmp"):
-                    tmp.unlink(missing_ok=True)
         return PredictSummary(out, len(paths), r.seconds, float("nan"), not_images, len(done) if skip_done else 0)
     segmenter = Segmenter(model_dir, checkpoint, device)
     for p in paths:  # fail on a bad image before any output is written

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ddpmseg import data, viz
-from ddpmseg._io import file_sha256
+from ddpmseg._io import file_sha256, remove_stale_temps
 from ddpmseg.backbones import Backbone, backbone_from_record, create_backbone, precision_dtype, resolve_device
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.cache import FeatureWriter
@@ -157,6 +157,8 @@ class Segmenter:
             present = [c for c in range(labelset.n_classes) if (labels == c).any()]
             overlay = viz.with_legend(overlay, [labelset.names[c] for c in present], palette[present])
             heat = viz.with_colorbar(heat, top, f"{title}\nthis image: max {float(unc.max(initial=0.0)):.3g}")
+        for kind in OUTPUT_KINDS:  # temp files of a writer killed on this image (a Ray worker, kill -9) go
+            remove_stale_temps(out / f"{path.stem}_{kind}.png")
         viz.save_png_atomic(out / f"{path.stem}_overlay.png", overlay)
         viz.save_png_atomic(out / f"{path.stem}_uncertainty.png", heat)
         viz.save_label_png(out / f"{path.stem}_labels.png", labels, palette)

@@ -77,8 +77,8 @@ def create_backbone(
                                "leave out --preset and --model-flags")
         source, flags = runs.latest_ema(source)
     elif (source is not None and preset is None and flags is None and image_size is None and num_head_channels is None
-          and runs.run_of(source) is not None):
-        flags = runs.run_of(source) / runs.FLAGS  # an earlier step's file of a run: the run's architecture
+          and (run := runs.run_of(source)) is not None):
+        flags = run / runs.FLAGS  # an earlier step's file of a run: the run's architecture
     found = get_preset(preset) if preset is not None else None
     diffusers = (found is not None and found.family == "diffusers") or (source is not None and is_diffusers_source(source))
     if diffusers and (image_size is not None or num_head_channels is not None):

@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.heads._base import HeadSpec, ImageMaps, NotFittedError, Segmentation, check_config
+from ddpmseg.heads._base import HeadSpec, ImageMaps, Key, NotFittedError, Segmentation, check_config
 from ddpmseg.heads._uncertainty import entropy, mutual_information
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "ddpmseg-ddp-head"
 STATE_VERSION = 2  # 1: the settings were also saved in the state (model.json holds them alone since 2)
 WARMUP = 50  # steps of linear lr warm-up
-Key = tuple[int, int]
 
 
 @dataclass(frozen=True)
