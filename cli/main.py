@@ -43,9 +43,11 @@ from ddpmseg.options import (
 )
 from ddpmseg.runtime import configure_threads
 from ddpmseg.heads import head_names
+from ddpmseg.distill.config import DISTILL_DROP, DISTILL_SAMPLE_STEPS, StudentTrainConfig
 from ddpmseg.train.config import SCHEDULE_SAMPLERS, TRAIN_PRECISIONS, TRAIN_PREPROCESS, TrainConfig
 
 TRAIN = TrainConfig()
+STUDENT_TRAIN = StudentTrainConfig()
 
 # The group's own options: given after the command, they get a hint (True: takes a value).
 GLOBAL_OPTIONS = {"--threads": True, "-q": False, "--quiet": False, "--debug": False}
@@ -86,7 +88,7 @@ def _one_line(e: BaseException) -> str:
 
 # Commands that run torch: they get configure_threads' automatic wait policy (ddpmseg/runtime.py).
 TORCH_COMMANDS = frozenset({"blocks", "convert", "extract", "fit", "predict", "evaluate", "kmeans", "demo", "train-ddpm",
-                            "anomaly", "suggest"})
+                            "anomaly", "suggest", "distill", "export"})
 
 
 INTERNAL_ERROR = 3  # the exit code of a bug (1: an error the message explains; 2: click's usage error; 130: Ctrl-C)
@@ -654,6 +656,69 @@ def kmeans(obj, image, checkpoint, preset, model_flags, image_size, num_head_cha
     path = kmeans_grid_image(image, checkpoint, out, k=k, config=cfg, device=device, progress=obj["progress"],
                              overwrite=overwrite, **_backbone_args(preset, model_flags, image_size, num_head_channels))
     click.echo(f"kmeans: {plural(len(cfg.steps), 'step')}, k={k} -> {path}")
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="The teacher: a model folder from `ddpmseg fit`.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Student folder to write (a model folder).")
+@click.argument("inputs", nargs=-1, metavar="[IMAGES]...", type=click.Path(path_type=Path))
+@click.option("--images", multiple=True, type=click.Path(path_type=Path),
+              help="Unlabelled real images of the domain (folders or files; repeatable; also positional). The "
+                   "teacher's own training images among them are the labelled set (see --labelled).")
+@click.option("--samples", type=click.IntRange(0), default=0, show_default=True, help="Images to sample from the teacher's DDPM.")
+@click.option("--sample-steps", type=click.IntRange(1), default=DISTILL_SAMPLE_STEPS, show_default=True,
+              help="DDIM steps per sample; the DDPM's step count (1000) or more: full ancestral sampling, as the reference.")
+@click.option("--labelled", multiple=True, type=click.Path(path_type=Path),
+              help="The labelled images (files or folders; default: the teacher's training images among --images).")
+@click.option("--masks", type=click.Path(path_type=Path), default=None, help="Their masks' folder (default: the teacher's fit --masks).")
+@click.option("--drop-uncertain", type=click.FloatRange(0, 1, max_open=True), default=DISTILL_DROP, show_default=True,
+              help="Fraction of the pseudo-labelled images to drop, most uncertain first (the reference's portion).")
+@click.option("--skip-certain", type=click.IntRange(0), default=0, show_default=True,
+              help="Also drop the N most certain images (the reference drops 30 of its 10,000 samples).")
+@click.option("--student", default="unet", show_default=True, help="The network: unet, unet-wide, basicunet, segresnet, flexunet-b0.")
+@click.option("--student-weights", type=click.Path(path_type=Path), default=None, help="Your own weights for the student (all or its encoder's).")
+@click.option("--size", type=click.IntRange(8), default=None, help="The student's input side (default: the teacher's grid).")
+@click.option("--epochs", type=click.IntRange(1), default=STUDENT_TRAIN.epochs, show_default=True)
+@click.option("--epoch-images", type=click.IntRange(1), default=STUDENT_TRAIN.epoch_images, show_default=True,
+              help="Images drawn per epoch at least (shuffled passes over a small training set).")
+@click.option("--batch-size", type=click.IntRange(1), default=STUDENT_TRAIN.batch_size, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=STUDENT_TRAIN.lr, show_default=True, help="Adam learning rate.")
+@click.option("--augment/--no-augment", default=STUDENT_TRAIN.augment, show_default=True, help="Random scale and crop (and flips).")
+@click.option("--flip/--no-flip", default=STUDENT_TRAIN.flip, show_default=True,
+              help="Random left-right flips (turn off when classes are left/right parts).")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the samples, the student's init and its batches.")
+@click.option("--resume", is_flag=True, help="Continue a killed run in --out: finished samples and labels are kept, training goes on from its last epoch.")
+@_device
+@_overwrite
+@click.pass_obj
+def distill(obj, model_dir, out, inputs, images, samples, sample_steps, labelled, masks, drop_uncertain, skip_certain, student,
+            student_weights, size, epochs, epoch_images, batch_size, lr, augment, flip, seed, resume, device, overwrite) -> None:
+    """Distil a teacher model into a fast student network (the reference's DatasetDDPM).
+
+    Pseudo-labels unlabelled --images and/or --samples drawn from the teacher's DDPM with the teacher,
+    drops the most uncertain, and trains a small segmentation network on them plus the labelled images.
+    The student folder works with predict, evaluate and suggest like a teacher's, and `ddpmseg export`
+    turns it into ONNX.
+
+    \b
+    Examples:
+      ddpmseg distill data/train data/unlabelled --model model/ --out student/
+      ddpmseg distill --images data/train --samples 1000 --model model/ --out student/
+    """
+    from ddpmseg.distill import StudentTrainConfig, distill as run_distill
+
+    train = StudentTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, epoch_images=epoch_images, augment=augment,
+                               flip=flip, seed=seed)
+    s = run_distill(model_dir, out, images=[*images, *inputs], samples=samples, sample_steps=sample_steps, labelled=labelled or None,
+                    masks=masks, drop_uncertain=drop_uncertain, skip_certain=skip_certain, student=student,
+                    student_weights=student_weights, size=size, train=train, resume=resume, overwrite=overwrite,
+                    device=device, progress=obj["progress"])
+    r = s.record
+    click.echo(f"distill: {plural(s.n_samples, 'sample')} + {plural(s.n_images, 'unlabelled image')} pseudo-labelled, "
+               f"{s.kept} kept ({s.dropped_uncertain} most uncertain, {s.dropped_certain} most certain dropped; {s.out / 'filter.png'}), "
+               f"+ {s.n_labelled} labelled; {r.student['name']} ({r.student['n_parameters'] / 1e6:.1f} M parameters, "
+               f"{r.student['size']} px), epoch {s.best_epoch} kept (mIoU {s.select_miou:.1f} on the labelled images), "
+               f"{_seconds(s.seconds)} -> {s.out}")
 
 
 @main.command("train-ddpm")

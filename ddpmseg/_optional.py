@@ -2,8 +2,8 @@
 
 guided-diffusion is a core dependency, but its modules raise torch
 FutureWarnings on import and two of them (``dist_util``, ``train_util``) need
-MPI: only the MPI-free ones are imported, quietly. diffusers, huggingface_hub
-and ray are optional extras: a missing one is a one-line error that says
+MPI: only the MPI-free ones are imported, quietly. diffusers, huggingface_hub,
+ray and monai/onnx (``distill``) are optional extras: a missing one is a one-line error that says
 which extra to install.
 """
 
@@ -22,6 +22,10 @@ _INSTALL = {
     "safetensors": 'pip install "ddpmseg[diffusers]"',
     "huggingface_hub": 'pip install "ddpmseg[diffusers]"',
     "ray": 'pip install "ddpmseg[ray]"',
+    "monai": 'pip install "ddpmseg[distill]"',
+    "onnx": 'pip install "ddpmseg[distill]"',
+    "onnxruntime": 'pip install "ddpmseg[distill]"',
+    "onnxscript": 'pip install "ddpmseg[distill]"',
 }
 GUIDED_DIFFUSION_MODULES = ("script_util", "unet", "gaussian_diffusion", "nn", "respace", "resample", "losses")
 

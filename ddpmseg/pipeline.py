@@ -29,7 +29,7 @@ from ddpmseg.features.cache import FeatureCache
 from ddpmseg.features.extractor import extract_block_maps, make_noise
 from ddpmseg.heads import ImageMaps, config_dict, get_head
 from ddpmseg.metrics import Calibration, SegmentationScore, present_miou, top_mean
-from ddpmseg.model import MODEL_FILES, SegmentationModel
+from ddpmseg.model import MODEL_FILES, SegmentationModel, load_model
 from ddpmseg.options import DEFAULT_SEED, ENGINES, EXTRACT_BATCH_SIZE, KMEANS_K, MIN_PIXELS
 from ddpmseg.records import ExtractConfig, FitConfig, ModelRecord
 from ddpmseg.workers import OUTPUT_KINDS, Analysis, Extractor, Segmenter, checked_settings, load_image
@@ -290,7 +290,7 @@ def predict_images(
     if engine == "ray":  # the model is checked here, the images by the workers (a bad one fails the run when reached)
         from ddpmseg.engines import ray_data
 
-        SegmentationModel.load(model_dir)
+        load_model(model_dir)
         out.mkdir(parents=True, exist_ok=True)
         r = ray_data.run([{"path": str(p)} for p in paths], ray_data.PredictWorker,
                          dict(model_dir=str(model_dir), out=str(out), checkpoint=None if checkpoint is None else str(checkpoint),
@@ -386,7 +386,7 @@ def evaluate_model(
         },
         "n_images": len(pairs),
         "images": ids,
-        "training_images": segmenter.model.record.fit.training_images(ids, [file_sha256(p) for p, _ in pairs]),
+        "training_images": segmenter.model.record.training_images(ids, [file_sha256(p) for p, _ in pairs]),
         "no_mask": [p.stem for p, m in found if m is None],
         "ece": calib.ece(),
         "reliability": {key: [nan_to_none(v) for v in bins[key]] for key in ("confidence", "accuracy", "count")},
@@ -394,7 +394,7 @@ def evaluate_model(
         "per_image": [{**r, "miou": nan_to_none(r["miou"])} for r in per_image],
         # classes no mask holds (several: are these the model's masks?) and classes the model never learned
         "absent_classes": [labelset.names[c] for c in absent],
-        "untrained_classes": [labelset.names[c] for c in segmenter.model.record.fit.untrained_classes],
+        "untrained_classes": [labelset.names[c] for c in segmenter.model.record.untrained_classes],
     }
 
 

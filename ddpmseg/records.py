@@ -5,6 +5,9 @@
     ModelRecord   model.json: format, format_version, ddpmseg_version, backbone, checkpoint,
                   extract, classes (name, names, colours), fit (FitConfig: the training
                   images, the common settings, the head's name and its options)
+    StudentRecord a distilled student's model.json (format "ddpmseg-student"): classes,
+                  student (network, input side, preprocessing), teacher, sources,
+                  filter, training (settings, images, the epoch kept)
 
 Every record has ``to_dict`` / ``from_dict`` (JSON-ready values, tuples as
 lists) and reads the files of earlier releases: missing fields take the
@@ -27,6 +30,7 @@ from ddpmseg.options import DEFAULT_SEED, DEFAULT_STEPS, IGNORE_INDEX, MIN_PIXEL
 
 CACHE_FORMAT, CACHE_VERSION = "ddpmseg-features", 1
 MODEL_FORMAT, MODEL_VERSION = "ddpmseg-model", 3
+STUDENT_FORMAT, STUDENT_VERSION = "ddpmseg-student", 1
 # model.json formats: 1 = 0.1.0 (no format_version field); 2 = the MLP ensemble's settings as fields of ``fit``
 # and the DDP head's in ``fit.ddp``; 3 = every head's options in ``fit.head_config``.
 
@@ -242,6 +246,18 @@ class ModelRecord:
         """The classes, with the ignore label the fit used."""
         return self.classes
 
+    def training_images(self, ids: list[str], sha256s: list[str]) -> list[str]:
+        """Which of ``ids`` (file digests ``sha256s``) trained the model (:meth:`FitConfig.training_images`)."""
+        return self.fit.training_images(ids, sha256s)
+
+    def labelled_images(self, ids: list[str], sha256s: list[str]) -> list[str]:
+        """Which of ``ids`` trained the model with a true mask (a teacher: every training image)."""
+        return self.fit.training_images(ids, sha256s)
+
+    @property
+    def untrained_classes(self) -> tuple[int, ...]:
+        return self.fit.untrained_classes
+
     def to_dict(self) -> dict[str, Any]:
         c = self.classes
         return {
@@ -275,3 +291,72 @@ class ModelRecord:
             )
         except KeyError as e:
             raise DdpmsegError(f"{source} lacks the field {e}; rerun `ddpmseg fit` to rewrite it") from None
+
+
+@dataclass(frozen=True)
+class StudentRecord:
+    """A student folder's model.json: a segmentation network distilled from a teacher model folder.
+
+    ``student``: network name, input side ``size``, ``preprocess`` (the
+    teacher's), parameter count; ``teacher``: its folder, head, backbone,
+    checkpoint and training images; ``sources``: the unlabelled images and
+    DDPM samples that were pseudo-labelled; ``filter``: the uncertainty filter
+    and what it kept; ``training``: the settings, the epoch kept and the images
+    (ids and file digests) the student was trained on.
+    """
+
+    classes: LabelSet
+    student: Mapping[str, Any]
+    teacher: Mapping[str, Any]
+    sources: Mapping[str, Any]
+    filter: Mapping[str, Any]
+    training: Mapping[str, Any]
+    format_version: int = STUDENT_VERSION
+    ddpmseg_version: str = __version__
+
+    @property
+    def labelset(self) -> LabelSet:
+        return self.classes
+
+    @property
+    def untrained_classes(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in self.training.get("untrained_classes", ()))
+
+    def training_images(self, ids: list[str], sha256s: list[str]) -> list[str]:
+        """Which of ``ids`` (file digests ``sha256s``) the student was trained on (real images, by content)."""
+        known = set(self.training.get("image_sha256", ()))
+        return [i for i, h in zip(ids, sha256s) if h in known]
+
+    def labelled_images(self, ids: list[str], sha256s: list[str]) -> list[str]:
+        """Which of ``ids`` trained the student with a true mask (the others it saw had the teacher's labels)."""
+        known = set(self.training.get("labelled_sha256", ()))
+        return [i for i, h in zip(ids, sha256s) if h in known]
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.classes
+        return json.loads(json.dumps({
+            "format": STUDENT_FORMAT,
+            "format_version": self.format_version,
+            "ddpmseg_version": self.ddpmseg_version,
+            "classes": {"name": c.name, "names": list(c.names), "colors": [list(x) for x in c.colors],
+                        "ignore_index": c.ignore_index},
+            "student": dict(self.student),
+            "teacher": dict(self.teacher),
+            "sources": dict(self.sources),
+            "filter": dict(self.filter),
+            "training": dict(self.training),
+        }))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "model.json") -> "StudentRecord":
+        if not isinstance(d, Mapping) or d.get("format") != STUDENT_FORMAT:
+            raise DdpmsegError(f"{source} is not a ddpmseg student's model.json; rerun `ddpmseg distill` to write it")
+        version = int(d.get("format_version", 1))
+        _check_version(version, STUDENT_VERSION, source)
+        try:
+            c = d["classes"]
+            labelset = LabelSet(c["name"], tuple(c["names"]), tuple(tuple(x) for x in c["colors"]), int(c.get("ignore_index", IGNORE_INDEX)))
+            return cls(labelset, d["student"], d["teacher"], d["sources"], d["filter"], d["training"], version,
+                       str(d.get("ddpmseg_version", "?")))
+        except KeyError as e:
+            raise DdpmsegError(f"{source} lacks the field {e}; rerun `ddpmseg distill` to rewrite it") from None

@@ -25,7 +25,7 @@ from ddpmseg.backbones import Backbone, backbone_from_record, create_backbone, p
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.cache import FeatureWriter
 from ddpmseg.features.extractor import extract_block_maps, make_noise
-from ddpmseg.model import SegmentationModel
+from ddpmseg.model import StudentModel, load_model
 from ddpmseg.options import EXTRACT_BATCH_SIZE
 from ddpmseg.records import CacheRecord, ExtractConfig
 
@@ -117,17 +117,35 @@ class Analysis:
 
 
 class Segmenter:
-    """A fitted model plus its backbone, ready to segment image files."""
+    """A model folder ready to segment image files: a teacher with its backbone, or a distilled student."""
 
     def __init__(self, model_dir: str | Path, checkpoint: str | Path | None = None, device: str = "auto") -> None:
         dev = resolve_device(device)
-        self.model = SegmentationModel.load(model_dir, device=dev)
-        r = self.model.record
-        self.backbone = backbone_from_record(r.backbone, r.checkpoint, checkpoint, dev, where=f"{model_dir}/model.json")
-        self.extract = r.extract
+        self.model = load_model(model_dir, device=dev)
+        self.is_student = isinstance(self.model, StudentModel)
+        if self.is_student:
+            if checkpoint is not None:
+                raise DdpmsegError(f"--ckpt: {model_dir} is a distilled student, which runs without the diffusion "
+                                   "model; leave --ckpt out")
+            self.backbone, self.extract = None, None
+        else:
+            r = self.model.record
+            self.backbone = backbone_from_record(r.backbone, r.checkpoint, checkpoint, dev, where=f"{model_dir}/model.json")
+            self.extract = r.extract
 
     def analyse(self, path: Path, keep_maps: bool = False) -> "Analysis":
-        """Everything predict, evaluate and suggest need of one image (see :class:`Analysis`)."""
+        """Everything predict, evaluate and suggest need of one image (see :class:`Analysis`); a student has
+        no block maps (``keep_maps`` is an error) and its ``seconds`` are the network's."""
+        if self.is_student:
+            if keep_maps:
+                raise DdpmsegError("a distilled student has no diffusion features to compare images by; "
+                                   "use its teacher's model folder")
+            rgb, x0, pre = load_image(path, self.model.size, self.model.preprocess)
+            t0 = time.perf_counter()
+            seg = self.model.segment(x0)
+            seconds = time.perf_counter() - t0
+            labels = data.restore_labels(seg.labels, pre, fill=255)
+            return Analysis(rgb, labels, data.restore_map(seg.uncertainty, pre, fill=0.0), seconds, seg, pre)
         size = self.backbone.image_size
         rgb, x0, pre = load_image(path, size, self.extract.preprocess)
         t0 = time.perf_counter()

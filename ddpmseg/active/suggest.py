@@ -60,7 +60,7 @@ def suggest_images(
     out = check_writable(out, folder=True)
     check_not_there([out / "suggest.csv", out / "suggest.png"], overwrite)
     segmenter = Segmenter(model_dir, checkpoint, device)
-    trained = set(segmenter.model.record.fit.training_images([p.stem for p in paths], [file_sha256(p) for p in paths]))
+    trained = set(segmenter.model.record.labelled_images([p.stem for p in paths], [file_sha256(p) for p in paths]))
     pool = [p for p in paths if p.stem not in trained]
     if not pool:
         raise DdpmsegError(f"every image given trained the model ({len(paths)}); give unlabelled images to rank")
