@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ddpmseg import data, viz
-from ddpmseg._io import check_not_there, check_writable, file_sha256, write_atomic
+from ddpmseg._io import check_writable, file_sha256, write_atomic
 from ddpmseg.distill.pseudo import FilterResult, PseudoLabel, filter_uncertain, pseudo_label
 from ddpmseg.distill.students import DEFAULT_STUDENT, build_student, get_student, load_weights
 from ddpmseg.distill.config import DISTILL_DROP, DISTILL_SAMPLE_STEPS, StudentTrainConfig
@@ -173,7 +173,10 @@ def distill(
             raise DdpmsegError(f"--resume: {out} was distilled with other {', '.join(changed)}; give the same settings, "
                                "or --overwrite to start again")
     elif not resume:
-        check_not_there(existing, overwrite)
+        if any(f.exists() for f in existing) and not overwrite:
+            done = "a finished" if (out / "model.json").exists() else "an unfinished"
+            raise DdpmsegError(f"--out {out} holds {done} distillation: pass --resume to continue it (more --epochs), "
+                               "--overwrite to start again, or choose another --out")
         if overwrite:
             for f in existing + [out / "train_log.jsonl"]:
                 f.unlink(missing_ok=True)

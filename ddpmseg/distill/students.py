@@ -75,9 +75,9 @@ def get_student(name: str) -> StudentSpec:
 def build_student(name: str, n_classes: int, size: int, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised student (seeded, without touching the global generator's state)."""
     spec = get_student(name)
-    if size % spec.multiple:
-        raise DdpmsegError(f"--size {size}: the {name} student needs a side that is a multiple of {spec.multiple}; "
-                           f"try --size {max(spec.multiple, round(size / spec.multiple) * spec.multiple)}")
+    if size % spec.multiple or size < 2 * spec.multiple:  # its coarsest map needs more than one pixel to normalise
+        raise DdpmsegError(f"--size {size}: the {name} student needs a side that is a multiple of {spec.multiple}, "
+                           f"at least {2 * spec.multiple}; try --size {max(2 * spec.multiple, round(size / spec.multiple) * spec.multiple)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return spec.build(n_classes)

@@ -94,9 +94,13 @@ def train_student(network: torch.nn.Module, images: np.ndarray, labels: np.ndarr
     remove_stale_temps(ckpt)
     if resume and ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if saved["config"] != json.loads(json.dumps(config.to_dict())):
-            raise DdpmsegError(f"{ckpt} was trained with other settings ({saved['config']}); resume with the same "
-                               "settings, or pass --overwrite to start again")
+        now = json.loads(json.dumps(config.to_dict()))
+        before = saved["config"]
+        changed = sorted(k for k in now if k != "epochs" and before.get(k) != now[k])
+        if changed:  # more (or fewer) epochs is fine; anything else would mix two trainings
+            was = ", ".join(f"{k}={before.get(k)}" for k in changed)
+            raise DdpmsegError(f"{ckpt} was trained with other settings ({was}); resume with the same settings, "
+                               "or pass --overwrite to start again")
         network.load_state_dict(saved["network"])
         opt.load_state_dict(saved["optimizer"])
         gen.set_state(saved["generator"])
