@@ -721,6 +721,32 @@ def distill(obj, model_dir, out, inputs, images, samples, sample_steps, labelled
                f"{_seconds(s.seconds)} -> {s.out}")
 
 
+@main.command()
+@click.argument("student", type=click.Path(path_type=Path))
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path),
+              help="The .onnx file to write; NAME.json beside it says how to run it (input size, preprocessing, classes).")
+@click.option("--image", type=click.Path(path_type=Path), default=None,
+              help="An image to check ONNX Runtime against torch on (default: a seeded random input).")
+@_overwrite
+def export(student, onnx_path, image, overwrite) -> None:
+    """Export a distilled STUDENT folder (`ddpmseg distill --out`) to ONNX, checked with ONNX Runtime.
+
+    Input "image" (N, 3, S, S) float32 in [-1, 1], output "logits" (N, K, S, S); teachers do not export.
+
+    \b
+    Examples:
+      ddpmseg export student/ --onnx student.onnx
+      ddpmseg export student/ --onnx student.onnx --image photo.jpg --overwrite
+    """
+    from ddpmseg.distill.export import export_onnx
+
+    s = export_onnx(student, onnx_path, image=image, overwrite=overwrite)
+    on = s.image.name if s.image is not None else "a random input"
+    click.echo(f"export: {s.path} ({s.size}x{s.size} input, {plural(s.n_classes, 'class', 'classes')}; {s.json_path.name} "
+               f"beside it); ONNX Runtime vs torch on {on}: max |logit diff| {s.max_abs_diff:.1e}; "
+               f"{s.onnxruntime_ms:.1f} ms vs {s.torch_ms:.1f} ms per image ({plural(s.threads, 'thread')})")
+
+
 @main.command("train-ddpm")
 @_apply(_images)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder: checkpoints, samples, logs.")
