@@ -140,8 +140,7 @@ class StudentModel:
     def segment(self, x0: torch.Tensor):
         """One preprocessed image (1, 3, S, S) in [-1, 1]: a :class:`~ddpmseg.heads.Segmentation` (argmax labels,
         the softmax's entropy as uncertainty, the softmax as ``proba``)."""
-        from ddpmseg.heads import Segmentation
-        from ddpmseg.heads._uncertainty import entropy
+        from ddpmseg.heads import Segmentation, entropy
 
         proba = self.network(x0.to(self.device).float()).float().softmax(1)[0]
         return Segmentation(labels=proba.argmax(0).cpu().numpy(), uncertainty=entropy(proba, 0).cpu().numpy(),

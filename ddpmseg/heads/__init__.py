@@ -22,8 +22,8 @@ from ddpmseg.errors import DdpmsegError
 if TYPE_CHECKING:
     from ddpmseg.heads._base import HeadSpec
 
-__all__ = ["HeadSpec", "ImageMaps", "NotFittedError", "Segmentation", "config_dict", "get_head", "head_names", "list_heads",
-           "read_config_file"]
+__all__ = ["HeadSpec", "ImageMaps", "NotFittedError", "Segmentation", "config_dict", "entropy", "get_head", "head_names",
+           "list_heads", "mutual_information", "read_config_file"]
 
 
 def head_names() -> list[str]:
@@ -53,4 +53,8 @@ def __getattr__(name: str) -> Any:  # the contract's names, imported on first us
         from ddpmseg.heads import _base
 
         return getattr(_base, name)
+    if name in ("entropy", "mutual_information"):  # of the probabilities a head (or a student) predicts
+        from ddpmseg.heads import _uncertainty
+
+        return getattr(_uncertainty, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
