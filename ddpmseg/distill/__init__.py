@@ -18,6 +18,8 @@ _EXPORTS = {
     "distill": "ddpmseg.distill.run",
     "DistillSummary": "ddpmseg.distill.run",
     "StudentTrainConfig": "ddpmseg.distill.config",
+    "export_onnx": "ddpmseg.distill.export",
+    "ExportSummary": "ddpmseg.distill.export",
 }
 __all__ = sorted(_EXPORTS)
 
