@@ -146,6 +146,24 @@ def _train(p: dict, before: Any) -> str:
             f"from step 0: {resume}, or use a new --out")
 
 
+# -- distill --------------------------------------------------------------------------------------
+def _distill(p: dict, before: Any) -> str:
+    out = Path(p["out"])
+    kept = []
+    samples = len(list((out / "samples").glob("sample_?????.png"))) if (out / "samples").is_dir() else 0
+    labels = sum(len(list((out / f).glob("*.json"))) for f in ("samples", "pseudo") if (out / f).is_dir())
+    if samples:
+        kept.append(plural(samples, "sample"))
+    if labels:
+        kept.append(f"{plural(labels, 'pseudo-label')}")
+    if (out / "train_log.jsonl").is_file():
+        epochs = len((out / "train_log.jsonl").read_text().splitlines())
+        kept.append(f"the student's training after {plural(epochs, 'epoch')}")
+    if not kept:
+        return f"nothing to continue from was written in {out}; run the same command again"
+    return f"{', '.join(kept)} are kept in {out}; continue with the same command and --resume"
+
+
 # -- download --------------------------------------------------------------------------------------
 def _download(p: dict, before: Any) -> str:
     from ddpmseg.backbones import get_preset
@@ -193,6 +211,7 @@ _AFTER: dict[str, Callable[[dict, Any], str]] = {
     "predict": _predict,
     "anomaly": _anomaly,
     "train-ddpm": _train,
+    "distill": _distill,
     "download": _download,
     "demo": _demo,
     **{c: _end(c) for c in ("evaluate", "suggest", "kmeans")},
@@ -205,6 +224,8 @@ _FALLBACK = {
     "anomaly": "the outputs and scores of images that finished are kept; rerun with --skip-done to finish the rest",
     "train-ddpm": "the checkpoints saved before the interrupt, if any, are kept in --out; with some, continue with "
                   "the same command and --resume",
+    "distill": "finished samples, pseudo-labels and training epochs, if any, are kept in --out; continue with the "
+               "same command and --resume",
     "download": "a partial download, if any, is kept as FILE.part; run the same command again to resume",
     "demo": "the demo folder holds the steps that finished; run it again",
     "evaluate": "the figures of --out, if any, are written at the end; run it again",

@@ -235,3 +235,19 @@ def test_missing_monai_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "monai.networks.nets", None)
     with pytest.raises(DdpmsegError, match=r'pip install "ddpmseg\[distill\]"'):
         build_student("unet", 3, 32)
+
+
+def test_ctrl_c_says_what_is_kept_and_resume_finishes(world, tmp_path, monkeypatch):
+    from test_ctrl_c import interrupt_on_call, interrupted
+
+    from ddpmseg.workers import Segmenter
+
+    d, imgs, unl, _ = world
+    out = tmp_path / "student"
+    args = ["distill", imgs, unl, "--model", d / "model", "--out", out, *_tiny()]
+    interrupt_on_call(monkeypatch, Segmenter, "analyse", 3)  # during pseudo-labelling: 2 images labelled
+    err = interrupted(*args)
+    assert err.endswith(f"2 pseudo-labels are kept in {out}; continue with the same command and --resume"), err
+    monkeypatch.undo()
+    ok(*args, "--resume")
+    assert json.loads((out / "model.json").read_text())["filter"]["pseudo_labelled"] == 3
