@@ -40,6 +40,19 @@ def _check_version(found: int, supported: int, what: str) -> None:
         raise DdpmsegError(f"{what} was written by a newer ddpmseg (format {found}, this one reads <= {supported}); upgrade ddpmseg")
 
 
+def _json_version(d: Any, fmt: str, supported: int, source: str, not_it: str) -> int:
+    """The format version of the JSON record ``d`` of format ``fmt``; ``not_it``: the error when it is another file."""
+    if not isinstance(d, Mapping) or d.get("format") != fmt:
+        raise DdpmsegError(f"{source} is not {not_it}")
+    version = int(d.get("format_version", 1))
+    _check_version(version, supported, source)
+    return version
+
+
+def _labelset(c: Mapping[str, Any], ignore_index: int) -> LabelSet:
+    return LabelSet(c["name"], tuple(c["names"]), tuple(tuple(x) for x in c["colors"]), int(ignore_index))
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Everything that fixes the features of an image, besides the weights.
@@ -273,10 +286,7 @@ class ModelRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "model.json") -> "ModelRecord":
-        if not isinstance(d, Mapping) or d.get("format") != MODEL_FORMAT:
-            raise DdpmsegError(f"{source} is not a ddpmseg model.json; rerun `ddpmseg fit` to write it")
-        version = int(d.get("format_version", 1))
-        _check_version(version, MODEL_VERSION, source)
+        version = _json_version(d, MODEL_FORMAT, MODEL_VERSION, source, "a ddpmseg model.json; rerun `ddpmseg fit` to write it")
         try:
             c = d["classes"]
             fit = FitConfig.from_dict(d["fit"])
@@ -284,7 +294,7 @@ class ModelRecord:
                 BackboneSpec.from_dict(d["backbone"]),
                 CheckpointRef.from_dict(d["checkpoint"]),
                 ExtractConfig.from_dict(d["extract"]),
-                LabelSet(c["name"], tuple(c["names"]), tuple(tuple(x) for x in c["colors"]), fit.ignore_index),
+                _labelset(c, fit.ignore_index),
                 fit,
                 version,
                 str(d.get("ddpmseg_version", "?")),
@@ -349,13 +359,10 @@ class StudentRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "model.json") -> "StudentRecord":
-        if not isinstance(d, Mapping) or d.get("format") != STUDENT_FORMAT:
-            raise DdpmsegError(f"{source} is not a ddpmseg student's model.json; rerun `ddpmseg distill` to write it")
-        version = int(d.get("format_version", 1))
-        _check_version(version, STUDENT_VERSION, source)
+        version = _json_version(d, STUDENT_FORMAT, STUDENT_VERSION, source,
+                                "a ddpmseg student's model.json; rerun `ddpmseg distill` to write it")
         try:
-            c = d["classes"]
-            labelset = LabelSet(c["name"], tuple(c["names"]), tuple(tuple(x) for x in c["colors"]), int(c.get("ignore_index", IGNORE_INDEX)))
+            labelset = _labelset(d["classes"], d["classes"].get("ignore_index", IGNORE_INDEX))
             return cls(labelset, d["student"], d["teacher"], d["sources"], d["filter"], d["training"], version,
                        str(d.get("ddpmseg_version", "?")))
         except KeyError as e:
