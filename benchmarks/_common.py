@@ -53,7 +53,15 @@ EYES8 = REPO / "tests" / "fixtures" / "eyes8"
 
 
 def peak_rss_mb() -> int:
-    """This process's peak resident set size in MiB."""
+    """This process's peak resident set size in MiB: Linux's VmHWM, which belongs to this program's memory
+    since its exec (getrusage's ru_maxrss keeps the peak of the process it was forked from, so a spawned child
+    of a parent that held a large model reported the parent's peak), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 

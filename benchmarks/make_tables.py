@@ -430,12 +430,50 @@ def t_precision(results, every):
     return table(["features", "held-out mIoU", "block-map error vs fp32", *TAIL], body)
 
 
+def t_distill_quality(results, every):
+    body = []
+    for row, res in pick(results, "distill_quality_summary", lambda r: r["variant"], every):
+        body.append([row["variant"], pm(row["miou_mean"], row.get("miou_std"), 1), num(row.get("seeds")), *tail(res)])
+    return table(["model (FASSEG, 10 labelled photos)", "held-out mIoU", "seeds", *TAIL], body)
+
+
+def t_distill_sampling(results, every):
+    body = []
+    for row, res in pick(results, "distill_sampling", lambda r: r["sample_steps"], every):
+        how = "ancestral, every step" if row["sampler"] == "ancestral" else f"DDIM {row['sample_steps']} steps"
+        body.append([how, num(row["samples"]), num(row["s_per_sample"], 3, lo=2),
+                     num(row["teacher_uncertainty_median"], 3, lo=3), num(row["teacher_uncertainty_p90"], 3, lo=3), *tail(res)])
+    return table(["sampler", "samples", "s / sample", "teacher's image uncertainty, median", "90th percentile", *TAIL], body)
+
+
+def t_distill_speed(results, every):
+    body = []
+    for row, res in pick(results, "distill_speed", lambda r: r["model"], every):
+        first = same_file(res, "distill_speed", model="teacher ffhq_256")
+        body.append([row["model"], num(row["s_per_image"], 3, lo=2), num(row.get("loop_s_per_image"), 3, lo=2),
+                     DASH if row is first or first is None else f"{first['s_per_image'] / row['s_per_image']:.0f}x",
+                     gb(row), *tail(res)])
+    for row, res in pick(results, "distill_onnx", lambda r: "onnx", every):
+        body.append(["student unet 256, ONNX Runtime (network only)", num(row["onnxruntime_ms"] / 1000, 4, lo=3),
+                     DASH, f"torch {num(row['torch_ms'], 1, ' ms')}, max logit diff {row['max_abs_diff']:.1e}", DASH, *tail(res)])
+    return table(["predict, 256x256 images", "s / image end to end", "s / image in the loop", "vs the teacher",
+                  "peak RSS", *TAIL], body)
+
+
+def t_student_forward(results, every):
+    body = [[f"`{row['student']}`", num(row["parameters_m"], 2, " M"), num(row["ms_256"], 1, " ms"), *tail(res)]
+            for row, res in pick(results, "student_forward", lambda r: r["student"], every)]
+    return table(["student", "parameters", "forward at 256 px", *TAIL], body)
+
+
 TABLES: dict[str, Callable[[list[Result], bool], str]] = {
     "extract": t_extract, "matmul-peak": t_matmul, "cache-size": t_cache_size, "predict": t_predict,
     "fit-speed": t_fit_speed, "fit-full": t_fit_full, "fit-quality": t_fit_quality, "tile-study": t_tile_study,
     "eyes8-fit": t_eyes8, "trained-features": t_trained, "threads": t_threads, "threads-cli": t_threads_cli,
     "ddp-head": t_ddp, "anomaly": t_anomaly, "ray": t_ray, "cache-append": t_cache_append,
     "calibration": t_calibration, "active": t_active, "precision-quality": t_precision,
+    "distill-quality": t_distill_quality, "distill-sampling": t_distill_sampling, "distill-speed": t_distill_speed,
+    "student-forward": t_student_forward,
 }
 MARKER = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

@@ -70,8 +70,9 @@ def _labelled_pairs(segmenter, images: list[Path], labelled: Sequence[str | Path
         chosen = [p for p in images if p.stem in trained]
         rest = [p for p in images if p.stem not in trained]
         if not chosen:
-            raise DdpmsegError("none of the --images trained the teacher, so no labelled image is known: give the "
-                               "teacher's labelled images with --labelled (their masks: --masks)")
+            given = "none of the images given trained the teacher" if images else "no image was given"
+            raise DdpmsegError(f"{given}, so no labelled image is known: give the teacher's labelled images as IMAGES "
+                               "or with --labelled (their masks: --masks)")
     pairs = []
     for p in chosen:
         m = data.find_mask(p.stem, mask_dir, image_path=p)
