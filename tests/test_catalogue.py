@@ -510,7 +510,10 @@ def test_ctrl_c_during_extract_exits_130_and_keeps_finished_images(tmp_path, tin
     cmd = [sys.executable, "-m", "ddpmseg.cli.main", "-q", *map(str, extract_args(tiny_ckpt, images, out)),
            "--device", "cpu"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")  # steady speed even on a busy machine
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT back to its default in the child: a test run started in the background of a shell (cmd &) ignores
+    # it, the child would inherit that, and Python installs its Ctrl-C handler only where SIGINT is not ignored
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and len(list(parts_dir(out).glob("*.h5"))) < 2:
         time.sleep(0.005)
