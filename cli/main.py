@@ -44,6 +44,7 @@ from ddpmseg.options import (
 from ddpmseg.runtime import configure_threads
 from ddpmseg.heads import head_names
 from ddpmseg.distill.config import DISTILL_DROP, DISTILL_SAMPLE_STEPS, StudentTrainConfig
+from ddpmseg.distill.students import DEFAULT_STUDENT, STUDENTS
 from ddpmseg.train.config import SCHEDULE_SAMPLERS, TRAIN_PRECISIONS, TRAIN_PREPROCESS, TrainConfig
 
 TRAIN = TrainConfig()
@@ -675,7 +676,8 @@ def kmeans(obj, image, checkpoint, preset, model_flags, image_size, num_head_cha
               help="Fraction of the pseudo-labelled images to drop, most uncertain first (the reference's portion).")
 @click.option("--skip-certain", type=click.IntRange(0), default=0, show_default=True,
               help="Also drop the N most certain images (the reference drops 30 of its 10,000 samples).")
-@click.option("--student", default="unet", show_default=True, help="The network: unet, unet-wide, basicunet, segresnet, flexunet-b0.")
+@click.option("--student", type=click.Choice(list(STUDENTS)), default=DEFAULT_STUDENT, show_default=True,
+              help="The student network (docs/distill.md compares them).")
 @click.option("--student-weights", type=click.Path(path_type=Path), default=None, help="Your own weights for the student (all or its encoder's).")
 @click.option("--size", type=click.IntRange(8), default=None, help="The student's input side (default: the teacher's grid).")
 @click.option("--epochs", type=click.IntRange(1), default=STUDENT_TRAIN.epochs, show_default=True)

@@ -52,6 +52,16 @@ def test_predict_with_ray_writes_exactly_the_plain_runs_files(local_ray, eyes_wo
     assert "predict: 0 images" in said and "8 images done before" in said  # a rerun skips finished images
 
 
+def test_a_distilled_student_predicts_the_same_files_with_ray(local_ray, eyes_world, eyes8, tmp_path):
+    pytest.importorskip("monai")
+    d, imgs = eyes_world
+    student = tmp_path / "student"
+    ok("distill", imgs, "--model", d / "model", "--out", student, "--epochs", 1, "--epoch-images", 8, "--size", 32)
+    ok("predict", eyes8, "--model", student, "--out", tmp_path / "plain")
+    ok("predict", eyes8, "--model", student, "--out", tmp_path / "ray", "--engine", "ray", "--workers", 2)
+    _same_files(tmp_path / "plain", tmp_path / "ray")
+
+
 def test_extract_with_ray_gives_the_plain_runs_features(local_ray, tiny_ckpt, eyes8, tmp_path):
     from ddpmseg.features.cache import FeatureCache
 

@@ -5,18 +5,20 @@ reference trains, does not load beside this project's CPU torch build: its
 compiled ops need CUDA libraries). Every student maps a (B, 3, S, S) image in
 [-1, 1] to (B, K, S, S) logits; ``multiple`` is what S must be divisible by.
 Random initialisation (seeded); ``load_weights`` loads a user's own weights.
+Importing this module imports neither torch nor MONAI (the CLI lists the names).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from ddpmseg._optional import optional_import
 from ddpmseg.errors import DdpmsegError
+
+if TYPE_CHECKING:
+    import torch
 
 PURPOSE = "ddpmseg distill's student networks"
 
@@ -74,6 +76,8 @@ def get_student(name: str) -> StudentSpec:
 
 def build_student(name: str, n_classes: int, size: int, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised student (seeded, without touching the global generator's state)."""
+    import torch
+
     spec = get_student(name)
     if size % spec.multiple or size < 2 * spec.multiple:  # its coarsest map needs more than one pixel to normalise
         raise DdpmsegError(f"--size {size}: the {name} student needs a side that is a multiple of {spec.multiple}, "
@@ -86,6 +90,8 @@ def build_student(name: str, n_classes: int, size: int, seed: int = 0) -> torch.
 def load_weights(network: torch.nn.Module, path: str | Path) -> tuple[int, int]:
     """Load the tensors of ``path`` whose names and shapes match ``network``'s (a whole student's or an
     encoder's, with or without a ``state_dict``/``model`` wrapper); (loaded, total) tensors."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise DdpmsegError(f"--student-weights {path} is not a file; give a .pt/.pth file of weights")
