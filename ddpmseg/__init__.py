@@ -6,15 +6,15 @@ The public API (imported lazily, so ``import ddpmseg`` stays cheap):
     FeatureCache, make_noise                               features and their cache
     get_head, list_heads                                   the head registry (fit --head NAME)
     PixelEnsemble, DDPHead                                 the heads: the paper's MLP ensemble; DDP's decoder
-    SegmentationModel                                      a fitted model directory
+    SegmentationModel, StudentModel, load_model            a fitted model folder; a distilled student's; either
     extract_features, fit_model, predict_images,
     evaluate_model, kmeans_grid_image                      the pipeline steps the CLI calls
     anomaly_maps, evaluate_anomaly, suggest_images, merge_caches   anomaly maps, active labelling, caches
+    distill, export_onnx                                   a fast student from a model's labels; it as ONNX
     configure_threads                                      torch's CPU threads: call before torch starts
 """
 
-from importlib import import_module
-from typing import Any
+from ddpmseg._lazy import lazy_exports
 
 from ddpmseg._version import __version__
 from ddpmseg.errors import DdpmsegError
@@ -45,12 +45,13 @@ _EXPORTS = {
     "suggest_images": "ddpmseg.active.suggest",
     "merge_caches": "ddpmseg.features.cache",
     "configure_threads": "ddpmseg.runtime",
+    "load_model": "ddpmseg.model",
+    "StudentModel": "ddpmseg.model",
+    "distill": "ddpmseg.distill.run",
+    "export_onnx": "ddpmseg.distill.export",
 }
 
 __all__ = ["__version__", "DdpmsegError", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'ddpmseg' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -12,8 +12,9 @@ module graph:
   package first.
 - A lazy re-export is an edge as well: ``importlib.import_module("x.y")``
   with a literal, and, in a module that calls ``import_module`` with a
-  computed name, every string constant that names one of our modules (an
-  ``_EXPORTS`` table such as ``ddpmseg/__init__.py``'s).
+  computed name or ``ddpmseg._lazy.lazy_exports``, every string constant
+  that names one of our modules (an ``_EXPORTS`` table such as
+  ``ddpmseg/__init__.py``'s).
 - Imports under ``if TYPE_CHECKING:`` are left out (they never run).
 - The parent packages that Python initialises before a submodule (importing
   ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first) are not edges of
@@ -176,6 +177,8 @@ class _Collector(ast.NodeVisitor):
                 self._add(arg.value, node.lineno)
             else:
                 self.dynamic = True
+        elif name == "lazy_exports":  # ddpmseg._lazy's table-driven __getattr__
+            self.dynamic = True
         self.generic_visit(node)
 
     def visit_Constant(self, node: ast.Constant) -> None:

@@ -12,7 +12,7 @@ Nothing here is imported by the core commands; MONAI and ONNX load only when use
 
 from __future__ import annotations
 
-from typing import Any
+from ddpmseg._lazy import lazy_exports
 
 _EXPORTS = {
     "distill": "ddpmseg.distill.run",
@@ -24,9 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'ddpmseg.distill' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -8,8 +8,7 @@ The run folder's layout (guided-diffusion's checkpoint names) is
 :mod:`ddpmseg.backbones.runs`; ``--ckpt RUN/`` loads its newest EMA weights.
 """
 
-from importlib import import_module
-from typing import Any
+from ddpmseg._lazy import lazy_exports
 
 _EXPORTS = {  # imported on first use: the CLI reads train.config's settings without loading torch
     "TrainConfig": "ddpmseg.train.config",
@@ -20,7 +19,4 @@ _EXPORTS = {  # imported on first use: the CLI reads train.config's settings wit
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'ddpmseg.train' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
