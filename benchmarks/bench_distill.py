@@ -1,6 +1,7 @@
 """Does a distilled student keep its teacher's quality, and how much faster is it? (``ddpmseg distill``)
 
     python benchmarks/bench_distill.py [--seeds 3] [--samples 1000] [--sample-steps 50] [--archs unet] [--sweep 200]
+                                       [--epochs 20] [--variants control,...] [--parts speed,quality]
 
 Quality, FASSEG (10 labelled photos, the other 10 held out; research use, read
 in place): the teacher is the default MLP ensemble on the 32 px DDPM that
@@ -154,6 +155,8 @@ def quality(args: argparse.Namespace, out: Results, work: Path) -> None:
                                                               augment=False),
             }
             for name, kw in variants.items():
+                if args.variants and not any(name.startswith(v) for v in args.variants):
+                    continue
                 student = work / f"{arch}_{name.split(':')[0].replace(' ', '_').replace(',', '')}_{seed}"
                 samples_from = work / f"samples_{seed}"  # one set of samples per seed, shared by the variants
                 augment = kw.pop("augment", True)
@@ -171,7 +174,8 @@ def quality(args: argparse.Namespace, out: Results, work: Path) -> None:
                         (student / "samples").rename(samples_from)
                         (student / "samples").symlink_to(samples_from)
                 log = [json.loads(line) for line in (student / "train_log.jsonl").read_text().splitlines()]
-                record(f"student {arch}: {name}", seed, student, seconds=round(time.perf_counter() - t0, 1),
+                label = f"student {arch}: {name}" + (f", {args.epochs} epochs" if args.epochs != 20 else "")
+                record(label, seed, student, seconds=round(time.perf_counter() - t0, 1),
                        kept=s.kept, dropped=s.dropped_uncertain, best_epoch=s.best_epoch,
                        train_images_per_s=round(statistics.median(r["images_per_s"] for r in log), 1))
     for name, values in scores.items():
@@ -187,6 +191,8 @@ def main() -> None:
     ap.add_argument("--sweep", type=int, default=200, help="samples per sampler in the --sample-steps sweep (0: none)")
     ap.add_argument("--archs", type=lambda s: s.split(","), default=["unet"], help="students whose quality is measured")
     ap.add_argument("--parts", type=lambda s: s.split(","), default=["speed", "quality"])
+    ap.add_argument("--variants", type=lambda s: s.split(","), default=[],
+                    help="only the student variants whose names start so (e.g. 'control,samples + filter 0.1')")
     args = ap.parse_args()
     with Results("distill", args) as out, tempfile.TemporaryDirectory() as tmp:
         if "speed" in args.parts:
