@@ -155,7 +155,7 @@ def quality(args: argparse.Namespace, out: Results, work: Path) -> None:
                                                               augment=False),
             }
             for name, kw in variants.items():
-                if args.variants and not any(name.startswith(v) for v in args.variants):
+                if args.variants and name not in args.variants and name.split(":")[0] not in args.variants:
                     continue
                 student = work / f"{arch}_{name.split(':')[0].replace(' ', '_').replace(',', '')}_{seed}"
                 samples_from = work / f"samples_{seed}"  # one set of samples per seed, shared by the variants
@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--archs", type=lambda s: s.split(","), default=["unet"], help="students whose quality is measured")
     ap.add_argument("--parts", type=lambda s: s.split(","), default=["speed", "quality"])
     ap.add_argument("--variants", type=lambda s: s.split(","), default=[],
-                    help="only the student variants whose names start so (e.g. 'control,samples + filter 0.1')")
+                    help="only these student variants (names, or the part before ':', e.g. 'control,samples + filter 0.1')")
     args = ap.parse_args()
     with Results("distill", args) as out, tempfile.TemporaryDirectory() as tmp:
         if "speed" in args.parts:
