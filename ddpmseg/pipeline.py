@@ -303,6 +303,8 @@ def predict_images(
     start, ext = time.perf_counter(), 0.0
     for p in tqdm(paths, desc="predict", unit="img", disable=not progress):
         ext += segmenter.write_outputs(p, out, legend)
+    if segmenter.is_student:
+        ext = float("nan")  # a student extracts no features
     return PredictSummary(out, len(paths), time.perf_counter() - start, ext, not_images,
                           len(done) if skip_done else 0)
 
