@@ -15,7 +15,7 @@ DISTILL_DROP = 0.1  # the reference's portion of pseudo-labelled images dropped,
 class StudentTrainConfig:
     """How the student is trained (saved in the student's model.json under ``training``)."""
 
-    epochs: int = 20
+    epochs: int = 40  # bench_distill: 40 beat 20 for the student on samples (58.5 vs 56.2 mIoU) and the control
     batch_size: int = 8
     lr: float = 1e-3
     epoch_images: int = 512  # pairs drawn per epoch at least (shuffled passes over the training set)
