@@ -116,7 +116,7 @@ def sampling_sweep(out: Results, teacher: Path, work: Path, n: int) -> None:
         t0 = time.perf_counter()
         paths = write_samples(segmenter.backbone, folder, count, sample_steps=steps, seed=0)
         seconds = (time.perf_counter() - t0) / count
-        scores = [p.uncertainty for p in pseudo_label(segmenter, [(p.stem, p, "sample") for p in paths], folder)]
+        scores = [p.uncertainty for p in pseudo_label(segmenter, paths, folder, "sample")]
         out.row("distill_sampling", sample_steps=steps, sampler="ancestral" if steps >= 1000 else "ddim", samples=count,
                 s_per_sample=round(seconds, 4), teacher_uncertainty_median=round(float(np.median(scores)), 4),
                 teacher_uncertainty_p90=round(float(np.quantile(scores, 0.9)), 4))

@@ -93,6 +93,15 @@ def present_miou(cm: np.ndarray, ignore_index: int | None = 255, ignored_pred: n
     return float(iou[classes].mean()) if classes else float("nan")
 
 
+IMAGE_UNCERTAINTY_FRACTION = 0.10  # the reference's image score: the top 10 % of the pixel map
+
+
+def image_uncertainty(pixel_map: Any) -> float:
+    """The reference's uncertainty of one image (``generate_dataset.py``): the mean of the top 10 % of its
+    pixels' scores (ensemble mutual information / JS score, or a student's entropy)."""
+    return top_mean(pixel_map, IMAGE_UNCERTAINTY_FRACTION)
+
+
 def top_mean(values: Any, fraction: float) -> float:
     """The mean of the ``fraction`` highest values (at least one): the reference's per-image uncertainty
     (top 10 % of the pixel map), the anomaly score (top 1 %)."""

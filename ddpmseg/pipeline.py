@@ -28,7 +28,7 @@ from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.cache import FeatureCache
 from ddpmseg.features.extractor import extract_block_maps, make_noise
 from ddpmseg.heads import ImageMaps, config_dict, get_head
-from ddpmseg.metrics import Calibration, SegmentationScore, present_miou, top_mean
+from ddpmseg.metrics import Calibration, SegmentationScore, image_uncertainty, present_miou
 from ddpmseg.model import MODEL_FILES, SegmentationModel, load_model
 from ddpmseg.options import DEFAULT_SEED, ENGINES, EXTRACT_BATCH_SIZE, KMEANS_K, MIN_PIXELS
 from ddpmseg.records import ExtractConfig, FitConfig, ModelRecord
@@ -303,8 +303,6 @@ def predict_images(
     start, ext = time.perf_counter(), 0.0
     for p in tqdm(paths, desc="predict", unit="img", disable=not progress):
         ext += segmenter.write_outputs(p, out, legend)
-    if segmenter.is_student:
-        ext = float("nan")  # a student extracts no features
     return PredictSummary(out, len(paths), time.perf_counter() - start, ext, not_images,
                           len(done) if skip_done else 0)
 
@@ -369,7 +367,7 @@ def evaluate_model(
         calib.update(proba, np.where(inside, truth, ignore if ignore is not None else -1))
         one = SegmentationScore(k, ignore).update(a.labels, truth)
         per_image.append({"image": p.stem, "miou": present_miou(one.confusion, ignore, one.ignored_pred),
-                          "uncertainty": top_mean(a.grid.uncertainty, 0.10)})
+                          "uncertainty": image_uncertainty(a.grid.uncertainty)})
     result = score.result()
     ids = [p.stem for p, _ in pairs]
     bins = calib.bins()

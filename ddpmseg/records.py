@@ -334,12 +334,14 @@ class StudentRecord:
 
     def training_images(self, ids: list[str], sha256s: list[str]) -> list[str]:
         """Which of ``ids`` (file digests ``sha256s``) the student was trained on (real images, by content)."""
-        known = set(self.training.get("image_sha256", ()))
-        return [i for i, h in zip(ids, sha256s) if h in known]
+        return self._by_content("image_sha256", ids, sha256s)
 
     def labelled_images(self, ids: list[str], sha256s: list[str]) -> list[str]:
         """Which of ``ids`` trained the student with a true mask (the others it saw had the teacher's labels)."""
-        known = set(self.training.get("labelled_sha256", ()))
+        return self._by_content("labelled_sha256", ids, sha256s)
+
+    def _by_content(self, key: str, ids: list[str], sha256s: list[str]) -> list[str]:
+        known = set(self.training.get(key, ()))
         return [i for i, h in zip(ids, sha256s) if h in known]
 
     def to_dict(self) -> dict[str, Any]:

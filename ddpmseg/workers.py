@@ -99,7 +99,7 @@ class Extractor:
 @dataclass
 class Analysis:
     """One image through a model: ``rgb``, ``labels`` and ``uncertainty`` at the original size, the
-    extraction ``seconds``, the model-grid :class:`~ddpmseg.heads.Segmentation` (labels,
+    extraction ``seconds`` (NaN for a student), the model-grid :class:`~ddpmseg.heads.Segmentation` (labels,
     uncertainty, mean softmax) and the preprocessing record that maps the grid back."""
 
     rgb: np.ndarray
@@ -135,24 +135,20 @@ class Segmenter:
 
     def analyse(self, path: Path, keep_maps: bool = False) -> "Analysis":
         """Everything predict, evaluate and suggest need of one image (see :class:`Analysis`); a student has
-        no block maps (``keep_maps`` is an error) and its ``seconds`` are the network's."""
+        no block maps (``keep_maps`` is an error) and no extraction (``seconds`` is NaN)."""
         if self.is_student:
             if keep_maps:
                 raise DdpmsegError("a distilled student has no diffusion features to compare images by; "
                                    "use its teacher's model folder")
             rgb, x0, pre = load_image(path, self.model.size, self.model.preprocess)
+            seg, maps, seconds = self.model.segment(x0), None, float("nan")
+        else:
+            size, e = self.backbone.image_size, self.extract
+            rgb, x0, pre = load_image(path, size, e.preprocess)
             t0 = time.perf_counter()
-            seg = self.model.segment(x0)
+            maps = extract_block_maps(self.backbone, x0, self.model.noise, e.steps, e.blocks, precision=e.precision)
             seconds = time.perf_counter() - t0
-            labels = data.restore_labels(seg.labels, pre, fill=255)
-            return Analysis(rgb, labels, data.restore_map(seg.uncertainty, pre, fill=0.0), seconds, seg, pre)
-        size = self.backbone.image_size
-        rgb, x0, pre = load_image(path, size, self.extract.preprocess)
-        t0 = time.perf_counter()
-        e = self.extract
-        maps = extract_block_maps(self.backbone, x0, self.model.noise, e.steps, e.blocks, precision=e.precision)
-        seconds = time.perf_counter() - t0
-        seg = self.model.classifier.predict_block_maps(maps, self.model.keys, size)
+            seg = self.model.classifier.predict_block_maps(maps, self.model.keys, size)
         labels = data.restore_labels(seg.labels, pre, fill=255)
         unc = data.restore_map(seg.uncertainty, pre, fill=0.0)
         return Analysis(rgb, labels, unc, seconds, seg, pre, maps if keep_maps else None)

@@ -20,18 +20,17 @@ from __future__ import annotations
 import numpy as np
 
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.metrics import top_mean
+from ddpmseg.metrics import image_uncertainty
 from ddpmseg.options import SUGGEST_N as DEFAULT_N
 from ddpmseg.options import SUGGEST_STRATEGIES as STRATEGIES
 
 DEFAULT_STRATEGY = STRATEGIES[0]
-TOP_FRACTION = 0.10
 
 
 def image_scores(mutual_information: np.ndarray) -> dict[str, float]:
     """Both scores of one image's (H, W) mutual-information map."""
     m = np.asarray(mutual_information, dtype=np.float64)
-    return {"uncertainty": top_mean(m, TOP_FRACTION), "bald": float(m.mean())}
+    return {"uncertainty": image_uncertainty(m), "bald": float(m.mean())}
 
 
 def embedding(maps: dict) -> np.ndarray:

@@ -23,9 +23,7 @@ from ddpmseg import viz
 from ddpmseg._io import file_sha256, remove_stale_temps, write_atomic
 from ddpmseg.data import load_mask
 from ddpmseg.errors import DdpmsegError
-from ddpmseg.metrics import top_mean
-
-TOP_FRACTION = 0.10  # the reference's per-image score: mean of the top 10 % of the pixel map
+from ddpmseg.metrics import image_uncertainty
 
 
 @dataclass(frozen=True)
@@ -43,14 +41,16 @@ class PseudoLabel:
         return load_mask(self.labels)
 
 
-def pseudo_label(segmenter, items: Sequence[tuple[str, Path, str]], folder: Path, *, progress: bool = False) -> list[PseudoLabel]:
-    """Label ``items`` ((id, image path, kind)) with the teacher ``segmenter`` (a
-    :class:`~ddpmseg.workers.Segmenter` of a teacher folder) into ``folder``; finished ones are read back."""
+def pseudo_label(segmenter, paths: Sequence[Path], folder: Path, kind: str, *, progress: bool = False) -> list[PseudoLabel]:
+    """Label the images ``paths`` (ids: their file stems) of ``kind`` ("image" or "sample") with the teacher
+    ``segmenter`` (a :class:`~ddpmseg.workers.Segmenter` of a teacher folder) into ``folder``; finished ones
+    are read back."""
     palette = segmenter.model.labelset.palette()
-    if items:
+    if paths:
         folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for image_id, path, kind in tqdm(items, desc="pseudo-labels", unit="img", disable=not progress):
+    for path in tqdm(paths, desc=f"pseudo-labels ({kind}s)", unit="img", disable=not progress):
+        image_id = path.stem
         record = folder / f"{image_id}.json"
         labels_png = folder / f"{image_id}_labels.png"
         digest = file_sha256(path)
@@ -64,7 +64,7 @@ def pseudo_label(segmenter, items: Sequence[tuple[str, Path, str]], folder: Path
         for f in (record, labels_png):
             remove_stale_temps(f)
         a = segmenter.analyse(path)
-        score = top_mean(a.grid.uncertainty, TOP_FRACTION)
+        score = image_uncertainty(a.grid.uncertainty)
         viz.save_label_png(labels_png, a.grid.labels, palette)
         text = json.dumps({"image": str(path.resolve()), "sha256": digest, "uncertainty": score, "kind": kind})
         write_atomic(record, lambda p: p.write_text(text + "\n"))

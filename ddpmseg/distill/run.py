@@ -83,10 +83,11 @@ def _labelled_pairs(segmenter, images: list[Path], labelled: Sequence[str | Path
 
 
 def _grid_pair(path: Path, size: int, mode: str) -> tuple[np.ndarray, data.Preprocess]:
-    """An image file as the student sees it: (S, S, 3) uint8 on its preprocessing grid."""
-    rgb = data.load_rgb(path)
-    pre = data.Preprocess.plan(rgb.shape[1::-1], size, mode)
-    x0, _ = data.preprocess_image(rgb, size, mode)
+    """An image file as the student sees it: (S, S, 3) uint8 on its preprocessing grid (``predict``'s
+    :func:`~ddpmseg.workers.load_image`, back in 0-255), and that grid's preprocessing record."""
+    from ddpmseg.workers import load_image
+
+    _, x0, pre = load_image(path, size, mode)
     return ((x0[0].permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8), pre
 
 
@@ -148,8 +149,7 @@ def distill(
     progress: bool = False,
 ) -> DistillSummary:
     """Distil the teacher ``model_dir`` into a student folder ``out`` (see the module docstring)."""
-    from ddpmseg.model import load_model
-    from ddpmseg.sampling import check_can_sample
+    from ddpmseg.sampling import check_sampling_args, resolve_ancestral
     from ddpmseg.workers import Segmenter
 
     start = time.perf_counter()
@@ -159,8 +159,6 @@ def distill(
     if not images and not samples:
         raise DdpmsegError("nothing to pseudo-label: give unlabelled images with --images and/or --samples N")
     # bad input first: every check below runs before any sampling, labelling or training
-    if isinstance(load_model(model_dir), StudentModel):
-        raise DdpmsegError(f"--model {model_dir} is a distilled student; distill from a teacher (`ddpmseg fit`'s folder)")
     paths = data.list_images(images) if images else []
     get_student(student)
     filter_uncertain([], drop_uncertain, skip_certain)
@@ -182,11 +180,13 @@ def distill(
             for f in existing + [out / "train_log.jsonl"]:
                 f.unlink(missing_ok=True)
     segmenter = Segmenter(model_dir, device=device)
+    if segmenter.is_student:
+        raise DdpmsegError(f"--model {model_dir} is a distilled student; distill from a teacher (`ddpmseg fit`'s folder)")
     teacher = segmenter.model
     mode, grid = teacher.record.extract.preprocess, segmenter.backbone.image_size
     size = size or grid
     if samples:
-        check_can_sample(segmenter.backbone)
+        check_sampling_args(segmenter.backbone, sample_steps, "fp32")
     pairs, unlabelled = _labelled_pairs(segmenter, paths, labelled, masks)
     labelset = teacher.labelset
     ignore = labelset.ignore_index
@@ -202,16 +202,15 @@ def distill(
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / SETTINGS_FILE, lambda f: f.write_text(json.dumps(settings, indent=2) + "\n"))
 
-    items: list[tuple[str, Path, str]] = [(p.stem, p, "image") for p in unlabelled]
+    drawn: list[Path] = []
     if samples:
         from ddpmseg.distill.samples import write_samples
 
         log.info("sampling %d images from the teacher's DDPM (%d steps each)", samples, sample_steps)
         drawn = write_samples(segmenter.backbone, out / "samples", samples, sample_steps=sample_steps, seed=train.seed,
                               progress=progress)
-        items += [(p.stem, p, "sample") for p in drawn]
-    labels = pseudo_label(segmenter, [i for i in items if i[2] == "image"], out / "pseudo", progress=progress)
-    labels += pseudo_label(segmenter, [i for i in items if i[2] == "sample"], out / "samples", progress=progress)
+    labels = pseudo_label(segmenter, unlabelled, out / "pseudo", "image", progress=progress)
+    labels += pseudo_label(segmenter, drawn, out / "samples", "sample", progress=progress)
     result = filter_uncertain(labels, drop_uncertain, skip_certain)
     if labels:
         _contact_sheet(result, labelset, out / "filter.png", size, mode)
@@ -229,12 +228,13 @@ def distill(
         sel_y.append(data.prepare_mask(truth, pre))
     x += sel_x
     y += sel_y
-    sampler = None if not samples else ("ancestral" if sample_steps >= len(segmenter.backbone.betas()) else "ddim")
+    sampler = None if not samples else ("ancestral" if resolve_ancestral(segmenter.backbone, sample_steps, None) else "ddim")
     network = network.to(segmenter.backbone.device)
     del segmenter  # the teacher's U-Net is not needed any more
     network, state = train_student(network, np.stack(x), np.stack(y), (np.stack(sel_x), np.stack(sel_y)), out, train,
                                    n_classes=labelset.n_classes, ignore_index=ignore, resume=resume, progress=progress)
     trained_ids = [p.id for p in result.kept if p.kind == "image"] + [p.stem for p, _ in pairs]
+    labelled_sha256 = [file_sha256(p) for p, _ in pairs]
     present = set(np.unique(np.concatenate([a.reshape(-1) for a in y])).tolist())
     record = StudentRecord(
         labelset,
@@ -245,7 +245,7 @@ def distill(
         teacher={"folder": str(Path(model_dir).resolve()), "head": teacher.record.fit.head,
                  "backbone": teacher.record.backbone.to_dict(), "checkpoint": teacher.record.checkpoint.to_dict(),
                  "training_images": list(teacher.record.fit.images), "image_sha256": list(teacher.record.fit.image_sha256)},
-        sources={"images": len([p for p in labels if p.kind == "image"]),
+        sources={"images": len(unlabelled),
                  "image_inputs": [str(i) for i in images], "samples": samples,
                  "sample_steps": sample_steps if samples else None,
                  "sampler": sampler,
@@ -257,8 +257,8 @@ def distill(
         training={**train.to_dict(), "best_epoch": state.best_epoch, "select_miou": state.best_score,
                   "selection": "the epoch with the best mIoU on the labelled images (true masks)",
                   "images": trained_ids,
-                  "image_sha256": [p.sha256 for p in result.kept if p.kind == "image"] + [file_sha256(p) for p, _ in pairs],
-                  "labelled_sha256": [file_sha256(p) for p, _ in pairs],
+                  "image_sha256": [p.sha256 for p in result.kept if p.kind == "image"] + labelled_sha256,
+                  "labelled_sha256": labelled_sha256,
                   "n_training_pairs": len(x),
                   "untrained_classes": [c for c in range(labelset.n_classes) if c != ignore and c not in present]},
     )
