@@ -152,13 +152,15 @@ def _training_masks(
     for image_id, path in pairs:
         pre = data.Preprocess.from_dict(cache.preprocess(image_id))
         mask = data.load_mask(path, labelset, expected_size=pre.original_size)
+        if ignore_index != 255 and labelset is not None and labelset.n_classes <= 255:
+            mask[mask == 255] = ignore_index  # 255 = unlabelled (sparse masks, `ddpmseg label`) under any label set
         if labelset is not None:
             data.check_labels(mask, labelset.n_classes, ignore_index, path)
         labelled = mask[mask != ignore_index]
         largest = max(largest, int(labelled.max()) if labelled.size else -1)
         # the reference's rule at the label's own resolution (its masks are 256x256 like its model grid):
         # counted on a small model's grid, a small class (eyes at 32 px) would vanish from every image
-        out.append(data.prepare_mask(data.apply_min_pixels(mask, min_pixels, ignore_index), pre))
+        out.append(data.prepare_mask(data.apply_min_pixels(mask, min_pixels, ignore_index), pre, ignore_index))
     return out, largest
 
 

@@ -123,8 +123,51 @@ def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
     return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
 
-def prepare_mask(mask: np.ndarray, pre: Preprocess) -> np.ndarray:
-    """Map an (H, W) label map onto the model grid exactly as the image was mapped (nearest)."""
+def prepare_mask(mask: np.ndarray, pre: Preprocess, ignore_index: int | None = None) -> np.ndarray:
+    """Map an (H, W) label map onto the model grid exactly as the image was mapped (nearest).
+
+    With ``ignore_index``, a grid cell whose nearest pixel is unlabelled but whose footprint holds
+    labelled pixels takes their most common label: thin strokes of a sparse mask drawn between the
+    nearest samples would otherwise vanish on a coarse grid. Cells with a labelled nearest pixel (every
+    cell of a dense mask) are unchanged."""
+    out = _prepare_nearest(mask, pre)
+    if ignore_index is None or not (out == ignore_index).any():
+        return out
+    return _fill_from_footprints(out, np.asarray(mask), pre, ignore_index)
+
+
+def _fill_from_footprints(out: np.ndarray, mask: np.ndarray, pre: Preprocess, ignore_index: int) -> np.ndarray:
+    """``out`` with its ``ignore_index`` cells set to the majority label of the labelled original pixels
+    that fall in each cell (pixel centres mapped to the grid; one pass over the labelled pixels only)."""
+    w, h = pre.original_size
+    rw, rh = pre.resized_size
+    left, top = pre.crop_box[:2]
+    ys, xs = np.nonzero(mask != ignore_index)
+    if ys.size == 0:
+        return out
+    gy = np.floor((ys + 0.5) * (rh / h)).astype(np.int64) - top
+    gx = np.floor((xs + 0.5) * (rw / w)).astype(np.int64) - left
+    sh, sw = out.shape
+    keep = (gy >= 0) & (gy < sh) & (gx >= 0) & (gx < sw)
+    cell = gy[keep] * sw + gx[keep]
+    lab = mask[ys[keep], xs[keep]].astype(np.int64)
+    holes = (out.reshape(-1) == ignore_index)
+    sel = holes[cell]
+    if not sel.any():
+        return out
+    cell, lab = cell[sel], lab[sel]
+    n_lab = int(lab.max()) + 1
+    pairs, counts = np.unique(cell * n_lab + lab, return_counts=True)
+    order = np.lexsort((-counts, pairs // n_lab))  # per cell, the most frequent label first (ties: the lowest)
+    pairs = pairs[order]
+    cells = pairs // n_lab
+    first = np.r_[True, cells[1:] != cells[:-1]]
+    filled = out.reshape(-1).copy()
+    filled[cells[first]] = pairs[first] % n_lab
+    return filled.reshape(out.shape)
+
+
+def _prepare_nearest(mask: np.ndarray, pre: Preprocess) -> np.ndarray:
     mask = np.asarray(mask)
     w, h = pre.original_size
     if mask.ndim != 2 or mask.shape != (h, w):
