@@ -89,7 +89,7 @@ def _one_line(e: BaseException) -> str:
 
 # Commands that run torch: they get configure_threads' automatic wait policy (ddpmseg/runtime.py).
 TORCH_COMMANDS = frozenset({"blocks", "convert", "extract", "fit", "predict", "evaluate", "kmeans", "demo", "train-ddpm",
-                            "anomaly", "suggest", "distill", "export"})
+                            "anomaly", "suggest", "distill", "export", "label"})
 
 
 INTERNAL_ERROR = 3  # the exit code of a bug (1: an error the message explains; 2: click's usage error; 130: Ctrl-C)
@@ -906,6 +906,51 @@ def evaluate_anomaly_command(maps_dir, masks, as_json) -> None:
         return
     click.echo(format_table(r))
     click.echo(f"evaluate-anomaly: {plural(r['n_images'], 'image')}, {r['n_anomalous']} with anomalies")
+
+
+@main.command()
+@_apply(_images)
+@click.option("--classes", required=True, help="Label set: a CSV (index,name,r,g,b) or a shipped name (e.g. ffhq_34).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for the labels (NAME.png, what fit --masks reads) and the strokes (strokes/NAME.json).")
+@click.option("--features", type=click.Path(path_type=Path), default=None,
+              help="A feature cache holding the images (from `ddpmseg extract`).")
+@click.option("--ckpt", "checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Or a checkpoint: features are extracted on demand into OUT/.ddpmseg-label/features.")
+@click.option("--preset", default=None, help="With --ckpt: architecture preset (see `ddpmseg presets`).")
+@click.option("--model-flags", type=click.Path(path_type=Path), default=None, help="With --ckpt: guided-diffusion flags JSON.")
+@click.option("--image-size", type=click.IntRange(1), default=None, help="With --ckpt: a custom ADM's image size.")
+@click.option("--num-head-channels", type=click.IntRange(1), default=None, help="With --ckpt: a custom ADM's head channels.")
+@_apply(_common_extract)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but 127.0.0.1 / localhost lets other machines in (with the token).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free one).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+@_device
+def label(inputs, images, classes, out, features, checkpoint, preset, model_flags, image_size, num_head_channels, steps,
+          blocks, seed, preprocess, precision, noise_samples, host, port, open_browser, device) -> None:
+    """Label IMAGES in the browser: paint strokes, Predict (a fit on every stroke so far), Accept, correct.
+
+    Prints the page's URL with its access token; serves until Ctrl-C. Every edit is saved at once in
+    OUT (pip install "ddpmseg[label]").
+
+    \b
+    Examples:
+      ddpmseg label photos/ --classes classes.csv --out labels/ --features feats.h5
+      ddpmseg label photos/ --classes classes.csv --out labels/ --ckpt ffhq.pt --open
+      ddpmseg fit --features feats.h5 --masks labels/ --classes classes.csv --out model/
+    """
+    from ddpmseg.label import label_images
+
+    if (features is None) == (checkpoint is None):
+        raise click.UsageError("give the features: --features CACHE or --ckpt CKPT (one of the two)")
+    if features is not None and any(v is not None for v in (preset, model_flags, image_size, num_head_channels)):
+        raise click.UsageError("--preset / --model-flags / --image-size / --num-head-channels go with --ckpt only")
+    label_images(_image_inputs(inputs, images), classes, out, features=features, checkpoint=checkpoint,
+                 host=host, port=port, open_browser=open_browser,
+                 backbone_args=_backbone_args(preset, model_flags, image_size, num_head_channels),
+                 extract=_extract_config(steps, blocks, seed, preprocess, precision, noise_samples=noise_samples),
+                 device=device, announce=lambda url: click.echo(f"label: open {url}  (Ctrl-C stops; labels in {out})"))
 
 
 @main.command()

@@ -3,7 +3,7 @@
 guided-diffusion is a core dependency, but its modules raise torch
 FutureWarnings on import and two of them (``dist_util``, ``train_util``) need
 MPI: only the MPI-free ones are imported, quietly. diffusers, huggingface_hub,
-ray and monai/onnx (``distill``) are optional extras: a missing one is a one-line error that says
+ray, monai/onnx (``distill``) and starlette/uvicorn (``label``) are optional extras: a missing one is a one-line error that says
 which extra to install.
 """
 
@@ -26,6 +26,8 @@ _INSTALL = {
     "onnx": 'pip install "ddpmseg[distill]"',
     "onnxruntime": 'pip install "ddpmseg[distill]"',
     "onnxscript": 'pip install "ddpmseg[distill]"',
+    "starlette": 'pip install "ddpmseg[label]"',
+    "uvicorn": 'pip install "ddpmseg[label]"',
 }
 GUIDED_DIFFUSION_MODULES = ("script_util", "unet", "gaussian_diffusion", "nn", "respace", "resample", "losses")
 

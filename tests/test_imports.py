@@ -75,6 +75,9 @@ TORCH_FREE = [
     "ddpmseg.data.masks",
     "ddpmseg.data.palette",
     "ddpmseg.train.config",
+    "ddpmseg.label",
+    "ddpmseg.label.store",
+    "ddpmseg.label.strokes",
     "ddpmseg.cli.main",  # at load time; each command imports what it runs
 ]
 
