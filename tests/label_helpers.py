@@ -71,3 +71,22 @@ def served(session) -> Iterator[str]:
         stop.set()
         t.join(10)
         sock.close()
+
+
+CLASSES = "index,name,r,g,b\n0,skin,230,180,140\n1,eye,40,90,220\n"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_ckpt, eyes8):
+    """Three eye crops, a 2-class label set and their features from the tiny random ADM (64 px)."""
+    from ddpmseg.pipeline import extract_features
+
+    d = tmp_path_factory.mktemp("label_world")
+    imgs = d / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        shutil.copy(eyes8 / f"image_{i}.jpg", imgs)
+    (d / "classes.csv").write_text(CLASSES)
+    ckpt, flags = tiny_ckpt
+    extract_features(ckpt, [imgs], d / "feats.h5", model_flags=flags)
+    return d

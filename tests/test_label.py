@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from cli_helpers import cli as run_cli, fails
+from label_helpers import world  # noqa: F401 (a fixture)
 from ddpmseg import data
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.label import open_session
@@ -35,25 +36,8 @@ from ddpmseg.label import server  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CLASSES = "index,name,r,g,b\n0,skin,230,180,140\n1,eye,40,90,220\n"
 TOKEN = "test-token-123"
 FIT = {"n_members": 2, "recipe": "fast", "max_epochs": 2}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_ckpt, eyes8):
-    """Three eye crops, a 2-class label set and their features from the tiny random ADM (64 px)."""
-    from ddpmseg.pipeline import extract_features
-
-    d = tmp_path_factory.mktemp("label_world")
-    imgs = d / "imgs"
-    imgs.mkdir()
-    for i in range(3):
-        shutil.copy(eyes8 / f"image_{i}.jpg", imgs)
-    (d / "classes.csv").write_text(CLASSES)
-    ckpt, flags = tiny_ckpt
-    extract_features(ckpt, [imgs], d / "feats.h5", model_flags=flags)
-    return d
 
 
 def session(world, out, **kw):
