@@ -28,6 +28,7 @@ _INSTALL = {
     "onnxscript": 'pip install "ddpmseg[distill]"',
     "starlette": 'pip install "ddpmseg[label]"',
     "uvicorn": 'pip install "ddpmseg[label]"',
+    "pycocotools": 'pip install "ddpmseg[instances]"',
 }
 GUIDED_DIFFUSION_MODULES = ("script_util", "unet", "gaussian_diffusion", "nn", "respace", "resample", "losses")
 
