@@ -32,7 +32,7 @@ from ddpmseg.metrics import Calibration, SegmentationScore, image_uncertainty, p
 from ddpmseg.model import MODEL_FILES, SegmentationModel, load_model
 from ddpmseg.options import DEFAULT_SEED, ENGINES, EXTRACT_BATCH_SIZE, KMEANS_K, MIN_PIXELS
 from ddpmseg.records import ExtractConfig, FitConfig, ModelRecord
-from ddpmseg.workers import OUTPUT_KINDS, Analysis, Extractor, Segmenter, checked_settings, load_image
+from ddpmseg.workers import OUTPUT_KINDS, Analysis, Extractor, Segmenter, cached_image, checked_settings, load_image
 
 
 # -- extract -----------------------------------------------------------------------
@@ -222,6 +222,7 @@ def fit_model(
         ids = [i for i, _ in pairs]
         digests = [cache.sha256(i) or "" for i in ids]
         maps = [cache.block_maps(i) for i in ids]
+        sources = [(i, cache.source(i), cache.sha256(i)) for i in ids]
         n_pixels = int(sum((m != ignore_index).sum() for m in label_maps))
         trained = set(np.unique(np.concatenate([m.reshape(-1) for m in label_maps])).tolist())
         untrained = [c for c in range(labelset.n_classes) if c != ignore_index and c not in trained]
@@ -235,7 +236,10 @@ def fit_model(
     start = time.perf_counter()
     est = spec.build(config, n_classes=labelset.n_classes, ignore_index=ignore_index, random_state=seed,
                      device=str(resolve_device(device)), progress=progress)
-    est.fit(ImageMaps(maps, tuple(cache_record.extract.keys), size), label_maps)
+    images = None
+    if getattr(est, "needs_images", False):  # a head that reads pixels (segdiff's RRDB encoder)
+        images = [cached_image(*src, size, cache_record.extract.preprocess) for src in sources]
+    est.fit(ImageMaps(maps, tuple(cache_record.extract.keys), size, images), label_maps)
     seconds = time.perf_counter() - start
     n_iter = [int(v) for v in np.atleast_1d(est.n_iter_)]
     fit = FitConfig(images=tuple(ids), masks=str(masks.resolve()), image_sha256=tuple(digests), seed=seed,

@@ -48,6 +48,17 @@ def load_image(path: Path, size: int, mode: str) -> tuple[np.ndarray, torch.Tens
     return rgb, x0, pre
 
 
+def cached_image(image_id: str, source: str, digest: str | None, size: int, mode: str) -> torch.Tensor:
+    """The model input (3, S, S) of a cached image, read again from its source file (for a head that
+    reads pixels); a file moved or changed since extraction is a one-line error."""
+    path = Path(source)
+    if not path.is_file() or (digest and file_sha256(path) != digest):
+        what = "is gone" if not path.is_file() else "has changed since extraction (sha256 differs)"
+        raise DdpmsegError(f"image {image_id!r}: its source {path} {what}, and this head reads the images' pixels; "
+                           "put the file back or extract the features again")
+    return load_image(path, size, mode)[1][0]
+
+
 def _same_image(path: Path, digest: str, cached: tuple[str, str | None]) -> bool:
     """Whether ``path`` (of file digest ``digest``) is the image cached under its id."""
     source, sha = cached
@@ -148,7 +159,8 @@ class Segmenter:
             t0 = time.perf_counter()
             maps = extract_block_maps(self.backbone, x0, self.model.noise, e.steps, e.blocks, precision=e.precision)
             seconds = time.perf_counter() - t0
-            seg = self.model.classifier.predict_block_maps(maps, self.model.keys, size)
+            pixels = {"image": x0[0]} if getattr(self.model.classifier, "needs_images", False) else {}
+            seg = self.model.classifier.predict_block_maps(maps, self.model.keys, size, **pixels)
         labels = data.restore_labels(seg.labels, pre, fill=255)
         unc = data.restore_map(seg.uncertainty, pre, fill=0.0)
         return Analysis(rgb, labels, unc, seconds, seg, pre, maps if keep_maps else None)

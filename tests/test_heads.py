@@ -25,8 +25,13 @@ OPTIONS = {
     "mlp": ["n_members", "recipe", "max_epochs", "pixel_fraction", "batch_size", "lr", "precision"],
     "ddp": ["width", "depth", "resolution", "bit_scale", "aux_weight", "diffusion", "iterations", "batch_size", "crop",
             "lr", "weight_decay", "steps", "generations", "time_difference"],
+    "segdiff": ["encoder", "diffusion", "width", "levels", "rrdb_blocks", "rrdb_features", "timesteps", "iterations",
+                "batch_size", "crop", "lr", "weight_decay", "ema", "sampler", "steps", "generations"],
 }
 TINY = {"mlp": {"n_members": 2, "max_epochs": 2, "recipe": "reference"},
+        # segdiff's frozen encoder reads the block maps (the contract's X); its pixel one: tests/test_segdiff.py
+        "segdiff": {"encoder": "frozen", "width": 8, "levels": 2, "rrdb_blocks": 1, "rrdb_features": 8,
+                    "iterations": 3, "batch_size": 2, "steps": 2, "generations": 2},
         "ddp": {"width": 16, "depth": 1, "iterations": 4, "batch_size": 2, "crop": 8, "steps": 2}}
 
 
@@ -43,11 +48,12 @@ def _world(n: int = 3, size: int = 16):
 
 
 def test_the_registry_finds_the_heads_by_module():
-    assert head_names() == ["ddp", "mlp"]
+    assert head_names() == ["ddp", "mlp", "segdiff"]
     assert [o.name for o in get_head("mlp").options()] == OPTIONS["mlp"]
     assert [o.name for o in get_head("ddp").options()] == OPTIONS["ddp"]
+    assert [o.name for o in get_head("segdiff").options()] == OPTIONS["segdiff"]
     assert get_head("mlp").key == "ensemble" and get_head("ddp").key == "ddp"  # tensors.pt keys of 0.1.0 / 4f5f4df
-    with pytest.raises(DdpmsegError, match=r"^head 'segdif' is unknown: use one of ddp, mlp \(see `ddpmseg heads`\)$"):
+    with pytest.raises(DdpmsegError, match=r"^head 'segdif' is unknown: use one of ddp, mlp, segdiff \(see `ddpmseg heads`\)$"):
         get_head("segdif")
 
 
@@ -58,7 +64,7 @@ def test_listing_the_heads_imports_neither_torch_nor_sklearn():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False", "False"]
 
 
-@pytest.mark.parametrize("name", ["mlp", "ddp"])
+@pytest.mark.parametrize("name", ["mlp", "ddp", "segdiff"])
 def test_every_head_follows_the_estimator_contract(name):
     spec = get_head(name)
     config = spec.make_config(TINY[name])
@@ -255,10 +261,10 @@ def test_an_unknown_head_in_model_json_says_to_upgrade(eyes_world, tmp_path):
     d, imgs = eyes_world
     shutil.copytree(d / "model", tmp_path / "model")
     record = json.loads((tmp_path / "model" / "model.json").read_text())
-    record["fit"]["head"] = "segdiff"
+    record["fit"]["head"] = "segdif"
     (tmp_path / "model" / "model.json").write_text(json.dumps(record))
     fails("predict", imgs / "image_0.jpg", "--model", tmp_path / "model", "--out", tmp_path / "p",
-          match="was fitted with the head 'segdiff', which this ddpmseg does not have (its heads: ddp, mlp); upgrade")
+          match="was fitted with the head 'segdif', which this ddpmseg does not have (its heads: ddp, mlp, segdiff); upgrade")
 
 
 def test_config_dataclasses_are_frozen_and_typed():

@@ -56,11 +56,14 @@ class Segmentation:
 @dataclass(frozen=True)
 class ImageMaps:
     """``X`` of every head's ``fit``: per image its native block maps {(t, block): (C, h, w)}, the
-    (t, block) order of the features (``keys``) and the side of the model grid (``size``)."""
+    (t, block) order of the features (``keys``) and the side of the model grid (``size``); ``images``
+    (optional): per image its model input (3, S, S) in [-1, 1], for a head that reads pixels (its
+    ``needs_images`` is true; ``fit`` then passes them, and prediction ``image=``)."""
 
     maps: Sequence[Mapping[Key, Any]]
     keys: tuple[Key, ...]
     size: int
+    images: Sequence[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.maps)
