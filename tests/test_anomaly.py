@@ -170,3 +170,107 @@ def test_anomaly_bad_inputs(normal_ddpm, textures, tmp_path):
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(bad / "good_000.png")
     fails("evaluate-anomaly", "--maps", maps, "--masks", bad, match="is 10x10 (WxH) but its map is 32x32")
     fails("evaluate-anomaly", "--maps", tmp_path, "--masks", bad, match="no *_anomaly.npy in")
+
+
+# -- knn: distances to normal patches of the DDPM features -----------------------------------------
+def test_greedy_coreset_equals_a_plain_farthest_point_loop():
+    from ddpmseg.anomaly.knn import greedy_coreset
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)).astype(np.float32)  # 6 dims: no random projection (the JL size is larger)
+    chosen, dist = greedy_coreset(torch.from_numpy(x), 20, seed=3)
+    picked = [int(chosen[0])]  # the same random start; then, by hand, the point farthest from all picked
+    for _ in range(19):
+        d = np.min([np.linalg.norm(x - x[i], axis=1) for i in picked], axis=0)
+        picked.append(int(np.argmax(d)))
+    assert chosen.tolist() == picked
+    final = np.min([np.linalg.norm(x - x[i], axis=1) for i in picked], axis=0)
+    assert np.allclose(dist.numpy(), final, atol=5e-3)  # the expansion |x|^2 - 2xc + |c|^2 loses ~1e-6 near 0
+
+
+def test_nearest_distance_and_patch_features_against_plain_computations(random_backbone):
+    from scipy.ndimage import uniform_filter
+    from scipy.spatial.distance import cdist
+
+    from ddpmseg.anomaly.knn import KnnSettings, block_widths, nearest_distance, patch_features
+    from ddpmseg.features.extractor import extract_block_maps
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(50, 7)), rng.normal(size=(5000, 7))  # the bank in two chunks
+    got = nearest_distance(torch.from_numpy(a).float(), torch.from_numpy(b).float(), chunk=4096)
+    assert np.allclose(got.numpy(), cdist(a, b).min(1), atol=1e-4)
+
+    x0 = torch.rand(1, 3, 32, 32) * 2 - 1
+    noise = torch.randn(1, 3, 32, 32)
+    blocks = tuple(random_backbone.default_blocks())
+    settings = KnnSettings((50, 150), blocks, 0, grid=16)
+    feats = patch_features(random_backbone, x0, noise, settings)
+    widths = block_widths(random_backbone, settings)
+    assert feats.shape == (16 * 16, sum(widths))
+    maps = extract_block_maps(random_backbone, x0, noise, (50, 150), blocks)
+    lo = 0
+    for (t, blk), w in zip([(t, b) for t in (50, 150) for b in blocks], widths):
+        m = maps[(t, blk)].numpy()
+        if m.shape[-1] == 16:  # at the grid's resolution: the 3x3 mean with zeros beyond the border, unresized
+            want = uniform_filter(m.astype(np.float64), size=(1, 3, 3), mode="constant", cval=0.0)
+            assert np.allclose(feats[:, lo : lo + w].T.reshape(w, 16, 16).numpy(), want, atol=1e-4)
+        lo += w
+    assert lo == feats.shape[1]
+
+
+def test_anomaly_knn_end_to_end(normal_ddpm, textures, tmp_path):
+    """The bank from the run's own training images (train.json), kept and reused, one scale, the same
+    outputs as heal but the healed picture; a changed training image is a one-line error."""
+    from ddpmseg.anomaly.knn import BANK_FILE
+
+    out = tmp_path / "knn"
+    said = ok("anomaly", textures / "test", "--ckpt", normal_ddpm, "--out", out, "--method", "knn", "--save-maps",
+              "--device", "cpu")
+    assert "anomaly: 15 images" in said and "colour scale 0.." in said
+    listed = json.loads((normal_ddpm / "train.json").read_text())["images"]
+    assert len(listed) == 48 and all(Path(e["path"]).is_absolute() and len(e["sha256"]) == 64 for e in listed)
+    assert (out / BANK_FILE).is_file() and not list(out.glob("*_healed.png"))
+    result = json.loads(ok("evaluate-anomaly", "--maps", out, "--masks", textures / "masks", "--json"))
+    assert result["pixel_auroc"] > 0.75 and result["image_auroc"] > 0.75, result  # chance is 0.5
+    # the image score is the largest patch distance (scores.csv), and evaluate-anomaly scores images by it
+    rows = dict(r.split(",") for r in (out / "scores.csv").read_text().splitlines()[1:])
+    assert len(rows) == 15 and all(float(v) > 0 for v in rows.values())
+    stamp = (out / BANK_FILE).stat().st_mtime_ns
+    ok("anomaly", textures / "test" / "good_000.png", "--ckpt", normal_ddpm, "--out", out, "--method", "knn",
+       "--overwrite", "--device", "cpu")
+    assert (out / BANK_FILE).stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert float(dict(r.split(",") for r in (out / "scores.csv").read_text().splitlines()[1:])["good_000"]) == \
+        pytest.approx(float(rows["good_000"]), rel=1e-5)
+    ok("anomaly", textures / "test" / "good_000.png", "--ckpt", normal_ddpm, "--out", out, "--method", "knn",
+       "--overwrite", "--coreset", 0.5, "--device", "cpu")
+    assert (out / BANK_FILE).stat().st_mtime_ns != stamp  # other settings: another bank
+    first = Path(listed[0]["path"])
+    kept = first.read_bytes()
+    try:
+        first.write_bytes(kept + b"\0")
+        fails("anomaly", textures / "test" / "good_000.png", "--ckpt", normal_ddpm, "--out", tmp_path / "k2",
+              "--method", "knn", match=(str(first), "has changed since training", "--normal"))
+    finally:
+        first.write_bytes(kept)
+
+
+def test_anomaly_knn_bad_inputs(random_backbone, textures, tmp_path):
+    (tmp_path / "w").mkdir()
+    ckpt = tmp_path / "w" / "random.pt"  # no flags.json beside it: not a run folder
+    torch.save(random_backbone.model.state_dict(), ckpt)
+    img = textures / "test" / "good_000.png"
+    fails("anomaly", img, "--ckpt", ckpt, "--model-flags", _flags_file(tmp_path), "--out", tmp_path / "a",
+          "--method", "knn", match=("is not a train-ddpm run folder", "--normal DIR"))
+    fails("anomaly", img, "--ckpt", ckpt, "--model-flags", _flags_file(tmp_path), "--out", tmp_path / "a",
+          "--method", "knn", "--normal", textures / "train", "--grid", 99, match="--grid 99")
+    said = ok("anomaly", img, "--ckpt", ckpt, "--model-flags", _flags_file(tmp_path), "--out", tmp_path / "b",
+              "--method", "knn", "--normal", textures / "train", "--grid", 8, "--device", "cpu")
+    assert "anomaly: 1 image" in said
+    # a small image's picture is enlarged so the map is legible beside its colour bar
+    assert Image.open(tmp_path / "b" / "good_000_anomaly.png").height >= 256
+
+
+def _flags_file(tmp_path: Path) -> Path:
+    f = tmp_path / "flags.json"
+    f.write_text(json.dumps(FLAGS))
+    return f

@@ -10,7 +10,12 @@ from __future__ import annotations
 DEFAULT_START_STEPS: tuple[int, ...] = (100, 250, 400)  # noise to each, heal back, average the maps
 DEFAULT_SAMPLE_STEPS = 50  # DDIM steps of each reverse process
 DEFAULT_BATCH_SIZE = 4  # images per forward pass
-DEFAULT_VMAX = 0.25  # the map value drawn brightest in the PNGs
+DEFAULT_VMAX = 0.25  # heal: the map value drawn brightest in the PNGs (knn: the bank's radius, see knn.py)
 TOP_FRACTION = 0.01  # an image's score: the mean of its map's top 1 %
-OUTPUT_KINDS = ("anomaly", "healed")  # NAME_anomaly.png, NAME_healed.png
+OUTPUT_KINDS = ("anomaly", "healed")  # heal: NAME_anomaly.png, NAME_healed.png (knn: NAME_anomaly.png)
+METHODS = ("heal", "knn")  # reconstruction by partial diffusion; distance to normal patches (PatchCore-style)
+DEFAULT_METHOD = "heal"
+KNN_CORESET = 0.1  # knn: the fraction of the normal patches kept in the bank (greedy k-centre)
+KNN_GRID = 0  # knn: patch grid cells a side; 0: half the model grid
+DISPLAY_SIDE = 256  # pictures of smaller images are enlarged (nearest) to this shorter side, so the map is legible
 MAP_SUFFIX = "_anomaly.npy"  # NAME_anomaly.npy: the map itself (--save-maps), what evaluate-anomaly scores

@@ -8,8 +8,10 @@
   above it; thresholds sweep the normal pixels' quantiles;
 - the best achievable Dice over thresholds (Pinaya et al.'s figure), pooled
   over all pixels of all images, and the threshold that gives it;
-- image AUROC of the per-image scores (the mean of each map's top 1 %), when
-  some masks are empty (normal images) and some are not.
+- image AUROC of the per-image scores (those of the folder's scores.csv, which
+  ``anomaly`` writes: heal's top-1 % mean, knn's largest patch distance; the mean
+  of each map's top 1 % without one), when some masks are empty (normal images)
+  and some are not.
 
 numpy, scipy and scikit-learn only: ``evaluate-anomaly`` never loads torch.
 """
@@ -102,6 +104,20 @@ def image_auroc(scores: Sequence[float], anomalous: Sequence[bool]) -> float | N
     return float(roc_auc_score(y, np.asarray(scores, np.float64)))
 
 
+def read_scores(path: Path) -> dict[str, float]:
+    """The image scores of an ``anomaly`` output folder's scores.csv ({} when there is none)."""
+    import csv
+
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        try:
+            return {r["image"]: float(r["score"]) for r in csv.DictReader(f)}
+        except (KeyError, TypeError, ValueError):
+            raise DdpmsegError(f"{path} is not an `anomaly` scores file (columns image, score); remove it or "
+                               "rerun `ddpmseg anomaly`") from None
+
+
 def load_binary_mask(path: Path, expected: tuple[int, int]) -> np.ndarray:
     """A mask file (PNG of any mode or .npy) as (H, W) bool: non-zero = anomaly."""
     if path.suffix == ".npy":
@@ -148,12 +164,14 @@ def evaluate_anomaly(maps_dir: str | Path, masks_dir: str | Path) -> dict[str, A
         masks.append(load_binary_mask(found[n], a.shape))
     anomalous = [bool(m.any()) for m in masks]
     dice, threshold = best_dice(maps, masks)
+    written = read_scores(maps_dir / "scores.csv")
+    scores = [written[n] if n in written else image_score(a) for n, a in zip(names, maps)]
     return {
         "pixel_auroc": pixel_auroc(maps, masks),
         "aupro_30": aupro(maps, masks),
         "best_dice": dice,
         "best_dice_threshold": threshold,
-        "image_auroc": image_auroc([image_score(a) for a in maps], anomalous),
+        "image_auroc": image_auroc(scores, anomalous),
         "n_images": len(maps),
         "n_anomalous": int(sum(anomalous)),
         "images": names,

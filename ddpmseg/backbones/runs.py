@@ -2,7 +2,7 @@
 checkpoint ``--ckpt RUN/`` means.
 
     RUN/flags.json              the architecture (guided-diffusion flags)
-    RUN/train.json              the training settings (TrainConfig)
+    RUN/train.json              the training settings (TrainConfig) and the images (absolute paths, sha256)
     RUN/modelNNNNNN.pt          weights after step NNNNNN (six digits), plain state dicts ...
     RUN/ema_0.9999_NNNNNN.pt    ... their exponential moving average (what --ckpt RUN/ loads) ...
     RUN/optNNNNNN.pt            ... and the optimizer state (what --resume continues from)
@@ -28,6 +28,7 @@ from ddpmseg.errors import DdpmsegError
 from ddpmseg.options import CACHE_FOLDER_MARKER, MODEL_FILES
 
 FLAGS, TRAIN_CONFIG, LOG = "flags.json", "train.json", "log.jsonl"
+IMAGES_KEY = "images"  # train.json: [{"path": absolute path, "sha256": digest}] of the training images
 _MODEL = re.compile(r"^model(\d{6})\.pt$")
 _EMA = re.compile(r"^ema_([0-9.]+)_(\d{6})\.pt$")
 _STEP_FILE = re.compile(r"^(?:model|opt|sampler|ema_[0-9.]+_)(\d{6})\.pt$")  # every per-step file of a run
@@ -186,3 +187,19 @@ def prune(run: str | Path, keep_last: int) -> list[int]:
         for f in sorted(files, key=lambda f: not f.name.startswith("opt")):  # the optimizer file first
             f.unlink(missing_ok=True)
     return sorted(old)
+
+
+def training_images(run: str | Path) -> list[tuple[Path, str]]:
+    """(absolute path, sha256) of the images ``run`` was trained on, as its train.json records them
+    (runs of an earlier ddpmseg recorded none: a one-line error)."""
+    import json
+
+    run = Path(run)
+    try:
+        listed = json.loads((run / TRAIN_CONFIG).read_text()).get(IMAGES_KEY)
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not listed:
+        raise DdpmsegError(f"training run {run} records no training images in its {TRAIN_CONFIG} (a run of an "
+                           "earlier ddpmseg, or not a train-ddpm run); give the normal images with --normal DIR")
+    return [(Path(e["path"]), str(e["sha256"])) for e in listed]

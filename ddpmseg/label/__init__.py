@@ -70,6 +70,7 @@ def label_images(images: Sequence[str | Path], classes: str | Path, out: str | P
         log.warning("--host %s: the labeller is reachable from other machines; anyone with the token can read the "
                     "images and change the labels", host)
     sock = server.bind(host, port)
+    threading.Thread(target=session.labeller.warm_up, daemon=True, name="ddpmseg-label-warm-up").start()
     url = server.url_of(sock, host, session.token)
     announce(url)
     if open_browser:

@@ -81,6 +81,16 @@ class Labeller:
         if self.features is not None:
             self._check_cache()
 
+    def warm_up(self) -> None:
+        """Import what the first fit needs (scikit-learn, torch's optimisers: ~9 s on a slow CPU), so the
+        first Predict does not pay for it; the server runs this in a thread as it starts."""
+        import torch
+
+        import ddpmseg.model  # noqa: F401
+        import ddpmseg.pipeline  # noqa: F401
+
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
     # -- features -----------------------------------------------------------------------------
     @property
     def cache_path(self) -> Path:

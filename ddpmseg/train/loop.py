@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import ddpmseg.backbones.runs as runs
 from ddpmseg import data, viz
-from ddpmseg._io import check_writable, write_atomic
+from ddpmseg._io import check_writable, file_sha256, write_atomic
 from ddpmseg.backbones import AdmConfig, adm_architecture, get_preset, read_state_dict, resolve_device
 from ddpmseg.backbones.adm import build_diffusion, build_unet
 from ddpmseg.errors import DdpmsegError
@@ -417,7 +417,10 @@ def train_ddpm(
             for tmp in out.glob(".*.tmp"):  # of a save killed midway
                 tmp.unlink(missing_ok=True)
             _write_json(out / runs.FLAGS, {**arch.to_dict(), "dropout": config.dropout})
-            _write_json(out / runs.TRAIN_CONFIG, config.to_dict())
+            # the training images (absolute paths, contents) beside the settings: `anomaly --method knn` builds its
+            # bank of normal patches from them by default
+            _write_json(out / runs.TRAIN_CONFIG, {**config.to_dict(), runs.IMAGES_KEY: [
+                {"path": str(p.resolve()), "sha256": file_sha256(p)} for p in paths]})
             kept = _read_log(out, start)
             write_atomic(out / runs.LOG, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
         dist.barrier()
