@@ -840,8 +840,18 @@ def merge(sources, out) -> None:
 @_apply(_images)
 @_apply(_common_backbone)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--method", type=click.Choice(anomaly_config.METHODS), default=anomaly_config.DEFAULT_METHOD,
+              show_default=True, help="heal: |image - healed| after partial diffusion; knn: distance to the nearest "
+              "normal patch in the DDPM features (PatchCore-style).")
+@click.option("--normal", multiple=True, type=click.Path(path_type=Path),
+              help="knn: normal images (folders or files, repeatable) for the bank; default: the images the run "
+              "(--ckpt RUN/) was trained on.")
+@click.option("--coreset", type=click.FloatRange(0, 1, min_open=True), default=anomaly_config.KNN_CORESET,
+              show_default=True, help="knn: fraction of the normal patches kept in the bank (greedy k-centre).")
+@click.option("--grid", type=click.IntRange(0), default=anomaly_config.KNN_GRID, show_default=True,
+              help="knn: patch grid cells a side (0: half the model grid).")
 @click.option("--start-steps", default=",".join(map(str, anomaly_config.DEFAULT_START_STEPS)), show_default=True,
-              help="Noise each image to each of these steps, heal it back, average the maps.")
+              help="heal: noise each image to each of these steps, heal it back, average the maps.")
 @click.option("--sample-steps", type=click.IntRange(1), default=anomaly_config.DEFAULT_SAMPLE_STEPS, show_default=True,
               help="DDIM steps of each reverse process (evenly spaced from the start step to 0).")
 @click.option("--ancestral", is_flag=True, help="Full ancestral sampling (every step from the start; slow) instead of DDIM.")
@@ -851,26 +861,32 @@ def merge(sources, out) -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=anomaly_config.DEFAULT_BATCH_SIZE, show_default=True,
               help="Images per forward pass.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True)
-@click.option("--vmax", type=click.FloatRange(0, min_open=True), default=anomaly_config.DEFAULT_VMAX, show_default=True,
-              help="Map value drawn brightest in the PNGs (one scale for every image).")
+@click.option("--vmax", type=click.FloatRange(0, min_open=True), default=None,
+              help=f"Map value drawn brightest in the PNGs, one scale for every image (default: heal "
+              f"{anomaly_config.DEFAULT_VMAX:g}; knn the bank's radius, the farthest a normal patch of an unseen "
+              "normal image lay from the bank).")
 @click.option("--save-maps", is_flag=True, help="Also write NAME_anomaly.npy (float32, original size) for evaluate-anomaly.")
 @click.option("--skip-done", is_flag=True,
               help="Leave out images whose outputs and scores.csv row exist (a rerun finishes the rest).")
 @_overwrite
 @click.pass_obj
 def anomaly(obj, inputs, images, checkpoint, preset, model_flags, image_size, num_head_channels, device, out,
-            start_steps, sample_steps, ancestral, smooth, seed, batch_size, precision, vmax, save_maps, skip_done,
-            overwrite) -> None:
-    """Anomaly maps of IMAGES from a DDPM of normal images: |image - healed| after partial diffusion.
+            method, normal, coreset, grid, start_steps, sample_steps, ancestral, smooth, seed, batch_size, precision,
+            vmax, save_maps, skip_done, overwrite) -> None:
+    """Anomaly maps of IMAGES from a DDPM of normal images: |image - healed| after partial diffusion
+    (--method heal), or the distance to the nearest normal patch of its features (--method knn).
 
     \b
     Examples:
       ddpmseg anomaly new_images/ --ckpt normal_run/ --out maps/ --save-maps
+      ddpmseg anomaly new_images/ --ckpt normal_run/ --method knn --out maps_knn/
+      ddpmseg anomaly new_images/ --ckpt ffhq.pt --method knn --normal good_images/ --out maps_knn/
       ddpmseg anomaly new_images/ --ckpt normal_run/ --step 5000 --start-steps 250 --out maps250/
     """
     from ddpmseg.anomaly.detect import anomaly_maps
 
-    s = anomaly_maps(_image_inputs(inputs, images), checkpoint, out, start_steps=_ints(start_steps, "start-steps"),
+    s = anomaly_maps(_image_inputs(inputs, images), checkpoint, out, method=method, normal=list(normal) or None,
+                     coreset=coreset, grid=grid, start_steps=_ints(start_steps, "start-steps"),
                      sample_steps=sample_steps, ancestral=ancestral, smooth=smooth, seed=seed, batch_size=batch_size,
                      save_maps=save_maps, vmax=vmax, device=device, precision=precision, progress=obj["progress"],
                      overwrite=overwrite, skip_done=skip_done,
@@ -879,7 +895,8 @@ def anomaly(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
     click.echo(f"anomaly: {plural(s.n_images, 'image')} -> {s.out} ({s.seconds / n:.2f} s/image; scores in "
                f"{s.out / 'scores.csv'})"
                + (f"; {plural(s.already_done, 'image')} done before, left out" if s.already_done else "")
-               + (f"; {100 * s.above_vmax:.2g} % of map pixels above --vmax {s.vmax:g} (drawn at the top colour"
+               + f"; colour scale 0..{s.vmax:.3g}"
+               + (f"; {100 * s.above_vmax:.2g} % of map pixels above --vmax {s.vmax:.3g} (drawn at the top colour"
                   + ("): raise --vmax to see them" if s.above_vmax >= 0.01 else ")") if s.above_vmax > 0 else "")
                + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
 
