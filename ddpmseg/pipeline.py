@@ -129,6 +129,7 @@ class FitSummary:
     final_loss: float = float("nan")
     unlabelled: list[str] = field(default_factory=list)  # cached images without a mask
     untrained: list[str] = field(default_factory=list)  # classes with no training pixel: never predicted
+    n_instances: int | None = None  # an instance head's training instances
 
 
 def _labelled_ids(cache: FeatureCache, masks: Path) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -166,9 +167,10 @@ def _training_masks(
 
 def fit_model(
     features: str | Path,
-    masks: str | Path,
+    masks: str | Path | None,
     out: str | Path,
     *,
+    instances: str | Path | None = None,
     head: str = "mlp",
     options: Mapping[str, Any] | None = None,
     labels: int | None = None,
@@ -190,10 +192,16 @@ def fit_model(
     resolution, is ignored in that image (the reference's 20, at 256x256).
     Classes left with no training pixel are named in the summary and in
     model.json (``fit.untrained_classes``): the model never predicts them.
+    An instance head (``diffinst``) trains on ``instances`` (COCO JSON or instance-id PNGs,
+    :mod:`ddpmseg.instances.annotations`) instead of ``masks``.
     """
     spec = get_head(head)
     config = spec.make_config(options)  # every setting checked before any work
-    masks = Path(masks)
+    if (spec.task == "instances") != (instances is not None) or (instances is None) == (masks is None):
+        raise DdpmsegError(f"--head {head} trains on --instances ANN (COCO JSON or instance-id PNGs), not --masks"
+                           if spec.task == "instances" else
+                           f"--head {head} segments classes: give --masks DIR (--instances needs --head diffinst)")
+    masks = Path(masks) if masks is not None else None
     check_writable(out, folder=True)
     what = describe_folder(out)
     if what in ("a train-ddpm run folder", "a feature cache folder"):  # never mixed with a model, --overwrite or not
@@ -202,6 +210,17 @@ def fit_model(
     check_not_there([Path(out) / f for f in MODEL_FILES], overwrite, "--out")
     if min_pixels < 0:
         raise DdpmsegError(f"--min-pixels must be 0 or more, got {min_pixels}")
+    if instances is not None:
+        from ddpmseg.instances.steps import fit_instances
+
+        with FeatureCache(features) as cache:
+            est, record, r = fit_instances(spec, config, cache, Path(features), Path(instances), labels=labels,
+                                           classes=classes, seed=seed, device=str(resolve_device(device)), progress=progress)
+            noise = torch.from_numpy(cache.noise)
+        SegmentationModel(record, est, noise).save(out)
+        return FitSummary(Path(out), r["ids"], record.fit.n_pixels, record.labelset.n_classes, r["seconds"], head,
+                          est.describe(), [int(est.n_iter_)], float(est.final_loss_), r["unlabelled"], r["untrained"],
+                          r["n_instances"])
     with FeatureCache(features) as cache:
         pairs, unlabelled = _labelled_ids(cache, masks)
         if not pairs:
@@ -276,6 +295,7 @@ def predict_images(
     skip_done: bool = False,
     engine: str = "local",
     engine_settings: Any = None,
+    coco: str | Path | None = None,
 ) -> PredictSummary:
     """Write per image, at its original size: ``NAME_labels.png`` (palette PNG, pixel = label),
     ``NAME_overlay.png`` (class colours over the image, with a legend of the classes present) and
@@ -283,11 +303,26 @@ def predict_images(
     ``legend=False`` the last two have no panel (exactly the image's size). ``shard="I/N"``: only
     share I of N of the sorted images; ``skip_done``: leave out images whose three PNGs exist.
     ``engine="ray"``: a Ray actor pool writes the same files (``engine_settings``:
-    :class:`~ddpmseg.engines.ray_data.EngineSettings`)."""
+    :class:`~ddpmseg.engines.ray_data.EngineSettings`). An instance model (``fit --head diffinst``) writes
+    ``NAME_instances.png`` / ``.json`` and ``NAME_overlay.png`` instead (:mod:`ddpmseg.instances.outputs`),
+    and with ``coco`` one COCO results file for the run."""
     _check_engine(engine)
     not_images: list[str] = []
     paths = data.take_shard(data.list_images(images, skipped=not_images), shard)
     out = check_writable(out, folder=True)
+    from ddpmseg.instances.steps import is_instance_model, predict_instance_images
+
+    if is_instance_model(model_dir):  # instance files (ddpmseg.instances.outputs), the plain loop
+        if engine != "local":
+            raise DdpmsegError(f"--engine {engine}: {model_dir} is an instance model, which predicts in the plain loop "
+                               "only; leave --engine out")
+        n, seconds, ext, before = predict_instance_images(
+            paths, model_dir, out, checkpoint=checkpoint, device=device, progress=progress, overwrite=overwrite,
+            legend=legend, skip_done=skip_done, coco=coco)
+        return PredictSummary(out, n, seconds, ext, not_images, before)
+    if coco is not None:
+        raise DdpmsegError(f"--coco: {model_dir} segments classes, not instances; --coco needs an instance model "
+                           "(`ddpmseg fit --head diffinst --instances ANN`)")
     done = [p for p in paths if all((out / f"{p.stem}_{kind}.png").is_file() for kind in OUTPUT_KINDS)]
     if skip_done:
         paths = [p for p in paths if p not in done]
@@ -316,8 +351,9 @@ def predict_images(
 def evaluate_model(
     model_dir: str | Path,
     images: Sequence[str | Path],
-    masks: str | Path,
+    masks: str | Path | None,
     *,
+    instances: str | Path | None = None,
     checkpoint: str | Path | None = None,
     device: str = "auto",
     progress: bool = False,
@@ -341,7 +377,22 @@ def evaluate_model(
     of them usually mean masks of another label set); ``untrained_classes``:
     classes the model had no training pixel of (it never predicts them). With
     ``out``: ``reliability.png`` and ``confusion.png`` there (refused if they exist, unless ``overwrite``).
+    With ``instances`` (an instance model): COCO mask AP instead, see
+    :func:`ddpmseg.instances.steps.evaluate_instances`.
     """
+    if (masks is None) == (instances is None):
+        raise DdpmsegError("evaluate: give --masks DIR (a class model) or --instances ANN (an instance model), one of them")
+    if instances is not None:
+        from ddpmseg.instances.steps import evaluate_instances
+
+        if out is not None:
+            raise DdpmsegError("--out: evaluate --instances writes no figures; leave --out out")
+        return evaluate_instances(model_dir, data.list_images(images), instances, checkpoint=checkpoint, device=device,
+                                  progress=progress)
+    from ddpmseg.instances.steps import is_instance_model
+
+    if is_instance_model(model_dir):
+        raise DdpmsegError(f"--masks: {model_dir} is an instance model; score it with --instances ANN (COCO mask AP)")
     if out is not None:  # before any forward pass, like every command's --out
         out = check_writable(out, folder=True)
         check_not_there([out / "reliability.png", out / "confusion.png"], overwrite)

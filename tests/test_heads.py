@@ -27,12 +27,16 @@ OPTIONS = {
             "lr", "weight_decay", "steps", "generations", "time_difference"],
     "segdiff": ["encoder", "diffusion", "width", "levels", "rrdb_blocks", "rrdb_features", "timesteps", "iterations",
                 "batch_size", "crop", "lr", "weight_decay", "ema", "sampler", "steps", "generations"],
+    "diffinst": ["proposals", "stages", "width", "pca", "pooler", "resolution", "diffusion", "scale", "iterations",
+                 "batch_size", "lr", "weight_decay", "steps", "renewal", "threshold", "flip"],
 }
 TINY = {"mlp": {"n_members": 2, "max_epochs": 2, "recipe": "reference"},
         # segdiff's frozen encoder reads the block maps (the contract's X); its pixel one: tests/test_segdiff.py
         "segdiff": {"encoder": "frozen", "width": 8, "levels": 2, "rrdb_blocks": 1, "rrdb_features": 8,
                     "iterations": 3, "batch_size": 2, "steps": 2, "generations": 2},
-        "ddp": {"width": 16, "depth": 1, "iterations": 4, "batch_size": 2, "crop": 8, "steps": 2}}
+        "ddp": {"width": 16, "depth": 1, "iterations": 4, "batch_size": 2, "crop": 8, "steps": 2},
+        "diffinst": {"proposals": 4, "stages": 1, "width": 16, "pca": 4, "pooler": 2, "resolution": 16,
+                     "iterations": 3, "batch_size": 2, "steps": 2, "threshold": 0.0}}
 
 
 def _world(n: int = 3, size: int = 16):
@@ -48,12 +52,13 @@ def _world(n: int = 3, size: int = 16):
 
 
 def test_the_registry_finds_the_heads_by_module():
-    assert head_names() == ["ddp", "mlp", "segdiff"]
+    assert head_names() == ["ddp", "diffinst", "mlp", "segdiff"]
+    assert [get_head(n).task for n in head_names()] == ["semantic", "instances", "semantic", "semantic"]
     assert [o.name for o in get_head("mlp").options()] == OPTIONS["mlp"]
     assert [o.name for o in get_head("ddp").options()] == OPTIONS["ddp"]
     assert [o.name for o in get_head("segdiff").options()] == OPTIONS["segdiff"]
     assert get_head("mlp").key == "ensemble" and get_head("ddp").key == "ddp"  # tensors.pt keys of 0.1.0 / 4f5f4df
-    with pytest.raises(DdpmsegError, match=r"^head 'segdif' is unknown: use one of ddp, mlp, segdiff \(see `ddpmseg heads`\)$"):
+    with pytest.raises(DdpmsegError, match=r"^head 'segdif' is unknown: use one of ddp, diffinst, mlp, segdiff \(see `ddpmseg heads`\)$"):
         get_head("segdif")
 
 
@@ -64,7 +69,39 @@ def test_listing_the_heads_imports_neither_torch_nor_sklearn():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False", "False"]
 
 
-@pytest.mark.parametrize("name", ["mlp", "ddp", "segdiff"])
+def _instance_world(n: int = 3, size: int = 16):
+    """The same block maps, and each 4x4 cell of class 1 or 2 as one instance (classes are COCO ids: 0 is none)."""
+    from ddpmseg.instances.core import Instances
+
+    X, labels = _world(n, size)
+    ys = []
+    for lab in labels:
+        masks = [np.kron(np.arange(16).reshape(4, 4) == k, np.ones((4, 4), bool)) for k in range(16)]
+        keep = [(m, int(lab[m][0])) for m in masks if lab[m][0] > 0]
+        ys.append(Instances(np.stack([m for m, _ in keep]), [c for _, c in keep], np.ones(len(keep))))
+    return X, ys
+
+
+def _instances_contract(spec, config, est, twin, params):
+    X, y = _instance_world()
+    with pytest.raises(NotFittedError, match="call fit\\(X, y\\) first"):
+        est.predict_instances(X.maps[0], X.keys, X.size)
+    assert est.fit(X, y) is est and not hasattr(twin, "module_")
+    assert np.atleast_1d(est.n_iter_).min() >= 1 and np.isfinite(np.mean(est.final_loss_))
+    inst = est.predict_instances(X.maps[0], X.keys, X.size)
+    r = spec.fitted_config(est).working_resolution(X.size)
+    assert inst.masks.shape[1:] == (r, r) and len(inst) >= 1  # threshold 0: every kept proposal is an instance
+    assert set(inst.classes.tolist()) <= {1, 2} and np.all(np.diff(inst.scores) <= 0)
+    assert isinstance(est.describe(), str) and "\n" not in est.describe()
+    fitted = spec.fitted_config(est)
+    again_config = spec.make_config(json.loads(json.dumps(config_dict(fitted))))
+    assert again_config == fitted
+    again = spec.load(est.state_dict(), again_config, device="cpu", n_classes=3, ignore_index=0, random_state=0)
+    inst2 = again.predict_instances(X.maps[0], X.keys, X.size)
+    assert np.array_equal(inst.masks, inst2.masks) and np.array_equal(inst.scores, inst2.scores)
+
+
+@pytest.mark.parametrize("name", ["mlp", "ddp", "segdiff", "diffinst"])
 def test_every_head_follows_the_estimator_contract(name):
     spec = get_head(name)
     config = spec.make_config(TINY[name])
@@ -74,6 +111,8 @@ def test_every_head_follows_the_estimator_contract(name):
     assert set(OPTIONS[name]) | {"n_classes", "ignore_index", "random_state", "device", "progress"} <= set(params)
     twin = sklearn.base.clone(est)
     assert twin is not est and twin.get_params() == params
+    if spec.task == "instances":  # fit(X, instances), predict_instances
+        return _instances_contract(spec, config, est, twin, params)
     X, y = _world()
     with pytest.raises(NotFittedError) as info:
         est.predict_block_maps(X.maps[0], X.keys, X.size)
@@ -264,7 +303,7 @@ def test_an_unknown_head_in_model_json_says_to_upgrade(eyes_world, tmp_path):
     record["fit"]["head"] = "segdif"
     (tmp_path / "model" / "model.json").write_text(json.dumps(record))
     fails("predict", imgs / "image_0.jpg", "--model", tmp_path / "model", "--out", tmp_path / "p",
-          match="was fitted with the head 'segdif', which this ddpmseg does not have (its heads: ddp, mlp, segdiff); upgrade")
+          match="was fitted with the head 'segdif', which this ddpmseg does not have (its heads: ddp, diffinst, mlp, segdiff); upgrade")
 
 
 def test_config_dataclasses_are_frozen_and_typed():

@@ -128,13 +128,16 @@ class Option:
 @dataclass(frozen=True)
 class HeadSpec:
     """A head's registry entry: its name, a one-line summary, its config dataclass and estimator class.
-    ``state_key``: the key of its learned state in tensors.pt (default: the name)."""
+    ``state_key``: the key of its learned state in tensors.pt (default: the name). ``task``:
+    "semantic" (``fit(X, label maps)``, ``predict_block_maps``) or "instances" (``fit(X, instances)``
+    with one :class:`ddpmseg.instances.Instances` per image, ``predict_instances(maps, keys, size)``)."""
 
     name: str
     summary: str
     config: type
     estimator: type
     state_key: str = ""
+    task: str = "semantic"
 
     @property
     def key(self) -> str:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ddpmseg import data
@@ -19,7 +17,7 @@ from ddpmseg.data.palette import distinct_colors
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.extractor import extract_block_maps
 from ddpmseg.heads import ImageMaps, config_dict, get_head
-from ddpmseg.instances.annotations import Annotations, load_annotations, to_coco
+from ddpmseg.instances.annotations import load_annotations, to_coco
 from ddpmseg.instances.core import Instances
 from ddpmseg.instances.metrics import mask_ap
 from ddpmseg.instances.outputs import OUTPUT_FILES, write_instance_outputs
