@@ -903,21 +903,27 @@ def anomaly(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
 
 @main.command("evaluate-anomaly")
 @click.option("--maps", "maps_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder of NAME_anomaly.npy (ddpmseg anomaly --save-maps).")
-@click.option("--masks", required=True, type=click.Path(path_type=Path),
+              help="The --out folder of `ddpmseg anomaly` (NAME_anomaly.npy from --save-maps; scores.csv).")
+@click.option("--masks", default=None, type=click.Path(path_type=Path),
               help="Folder of binary masks NAME.png / NAME.npy (non-zero = anomaly; empty for normal images).")
+@click.option("--labels", default=None, type=click.Path(path_type=Path),
+              help="Or, for data without masks, a CSV image,anomalous (stem, 0 or 1): image AUROC only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate_anomaly_command(maps_dir, masks, as_json) -> None:
-    """Pixel AUROC, AUPRO (to 30 % FPR), best Dice and image AUROC of anomaly maps against masks.
+def evaluate_anomaly_command(maps_dir, masks, labels, as_json) -> None:
+    """Pixel AUROC, AUPRO (to 30 % FPR), best Dice and image AUROC of anomaly maps against masks
+    (image AUROC alone against per-image --labels).
 
     \b
     Examples:
       ddpmseg evaluate-anomaly --maps anomalies/ --masks ground_truth/
       ddpmseg evaluate-anomaly --maps anomalies/ --masks ground_truth/ --json
+      ddpmseg evaluate-anomaly --maps anomalies/ --labels defective.csv
     """
-    from ddpmseg.anomaly.metrics import evaluate_anomaly, format_table
+    from ddpmseg.anomaly.metrics import evaluate_anomaly, evaluate_image_labels, format_table
 
-    r = evaluate_anomaly(maps_dir, masks)
+    if (masks is None) == (labels is None):
+        raise DdpmsegError("give --masks DIR (per-pixel truth) or --labels CSV (per-image truth), one of them")
+    r = evaluate_anomaly(maps_dir, masks) if masks is not None else evaluate_image_labels(maps_dir, labels)
     if as_json:
         click.echo(json.dumps(r))
         return

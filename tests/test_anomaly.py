@@ -235,6 +235,19 @@ def test_anomaly_knn_end_to_end(normal_ddpm, textures, tmp_path):
     # the image score is the largest patch distance (scores.csv), and evaluate-anomaly scores images by it
     rows = dict(r.split(",") for r in (out / "scores.csv").read_text().splitlines()[1:])
     assert len(rows) == 15 and all(float(v) > 0 for v in rows.values())
+    # per-image truth instead of masks (data such as ELPV has no masks): the same image AUROC, by hand too
+    truth = {n: int(np.asarray(Image.open(textures / "masks" / f"{n}.png")).any()) for n in rows}
+    (tmp_path / "labels.csv").write_text("image,anomalous\n" + "".join(f"{n},{v}\n" for n, v in truth.items()))
+    by_labels = json.loads(ok("evaluate-anomaly", "--maps", out, "--labels", tmp_path / "labels.csv", "--json"))
+    pos = [float(rows[n]) for n in rows if truth[n]]
+    neg = [float(rows[n]) for n in rows if not truth[n]]
+    pairs = np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg])  # AUROC = P(score of + > score of -)
+    assert by_labels["image_auroc"] == pytest.approx(result["image_auroc"]) == pytest.approx(pairs)
+    assert by_labels["pixel_auroc"] is None and "n/a" not in ok("evaluate-anomaly", "--maps", out, "--labels",
+                                                               tmp_path / "labels.csv")
+    (tmp_path / "short.csv").write_text("image,anomalous\ngood_000,0\n")
+    fails("evaluate-anomaly", "--maps", out, "--labels", tmp_path / "short.csv", match="has no row for 14 scored images")
+    fails("evaluate-anomaly", "--maps", out, match="give --masks DIR")
     stamp = (out / BANK_FILE).stat().st_mtime_ns
     ok("anomaly", textures / "test" / "good_000.png", "--ckpt", normal_ddpm, "--out", out, "--method", "knn",
        "--overwrite", "--device", "cpu")

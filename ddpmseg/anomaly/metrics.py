@@ -178,8 +178,40 @@ def evaluate_anomaly(maps_dir: str | Path, masks_dir: str | Path) -> dict[str, A
     }
 
 
+def evaluate_image_labels(maps_dir: str | Path, labels: str | Path) -> dict[str, Any]:
+    """Image AUROC of an ``anomaly`` output folder's scores.csv against per-image labels: a CSV
+    ``image,anomalous`` (image = the file's stem, anomalous 0 or 1), for data without masks."""
+    import csv
+
+    maps_dir, labels = Path(maps_dir), Path(labels)
+    scores = read_scores(maps_dir / "scores.csv")
+    if not scores:
+        raise DdpmsegError(f"no scores.csv in {maps_dir}; give the --out folder of `ddpmseg anomaly`")
+    try:
+        with labels.open(newline="") as f:
+            truth = {r["image"]: r["anomalous"].strip() for r in csv.DictReader(f)}
+    except OSError as e:
+        raise DdpmsegError(f"--labels {labels}: cannot read it ({e.strerror})") from None
+    except (KeyError, AttributeError, TypeError):
+        raise DdpmsegError(f"--labels {labels} needs the columns image,anomalous (a stem, 0 or 1 per row)") from None
+    bad = [k for k, v in truth.items() if v not in ("0", "1")]
+    if bad:
+        raise DdpmsegError(f"--labels {labels}: anomalous must be 0 or 1, but {bad[0]!r} has {truth[bad[0]]!r}")
+    missing = [n for n in scores if n not in truth]
+    if missing:
+        raise DdpmsegError(f"--labels {labels} has no row for {len(missing)} scored images ({', '.join(missing[:3])}"
+                           f"{', ...' if len(missing) > 3 else ''}); add them")
+    names = sorted(scores, key=data.natural_key)
+    anomalous = [truth[n] == "1" for n in names]
+    return {"pixel_auroc": None, "aupro_30": None, "best_dice": None, "best_dice_threshold": None,
+            "image_auroc": image_auroc([scores[n] for n in names], anomalous), "n_images": len(names),
+            "n_anomalous": int(sum(anomalous)), "images": names}
+
+
 def format_table(result: dict[str, Any]) -> str:
     rows = [("pixel AUROC", result["pixel_auroc"]), ("AUPRO (FPR <= 0.3)", result["aupro_30"]),
             ("best Dice", result["best_dice"]), ("  at threshold", result["best_dice_threshold"]),
             ("image AUROC", result["image_auroc"])]
-    return "\n".join(f"{k:20s} {'n/a (all images of one kind)' if v is None else f'{v:.4f}'}" for k, v in rows)
+    none = "n/a (no masks)" if result.get("pixel_auroc") is None else "n/a (all images of one kind)"
+    return "\n".join(f"{k:20s} {none if v is None else f'{v:.4f}'}" for k, v in rows
+                     if v is not None or k == "image AUROC" or result.get("pixel_auroc") is not None)
