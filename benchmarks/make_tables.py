@@ -420,6 +420,39 @@ def t_active(results, every):
     return table(["labelled photos", *[str(n) for n in labelled], "curve mean", *TAIL], body)
 
 
+LABEL_KINDS = {"trained": "32 px DDPM trained on the faces", "tiny": "tiny random-weight ADM, 64 px"}
+
+
+def _ms(row: dict, key: str, cap: int = 2, lo: int = 1) -> str:
+    """A ``{"mean", "sd"}`` figure of bench_label's summary rows as mean +- sd."""
+    v = row.get(key)
+    return DASH if v is None else pm(v["mean"], v.get("sd"), cap, lo)
+
+
+def t_label_predict(results, every):
+    body = []
+    for row, res in pick(results, "label", lambda r: r["kind"], every):
+        body.append([LABEL_KINDS.get(row["kind"], row["kind"]), _ms(row, "predict_first_s"), _ms(row, "label_fit_s"),
+                     _ms(row, "predict_other_s"), _ms(row, "predict_after_edit_s"), _ms(row, "predict_first_ckpt_s"),
+                     num(row["seeds"]), *tail(res)])
+    return table(["features", "first Predict: fit + predict (s)", "of which the fit (s)", "Predict, another photo (s)",
+                  "Predict after one more stroke (s)", "first Predict with `--ckpt` (s)", "seeds", *TAIL], body)
+
+
+def t_label_quality(results, every):
+    body = []
+    for row, res in pick(results, "label", lambda r: r["kind"], every):
+        body.append([LABEL_KINDS.get(row["kind"], row["kind"]), f"{row['n_labelled']} / {row['n_test']}",
+                     _ms(row, "labelled_pixels_percent", 1) + " %",
+                     _ms(row, "miou_strokes_label", 1), _ms(row, "miou_full_label", 1),
+                     _ms(row, "miou_strokes_default", 1), _ms(row, "miou_full_default", 1),
+                     f"{_ms(row, 'fit_s_strokes_label', 1)} / {_ms(row, 'fit_s_full_default', 0, 0)}", num(row["seeds"]),
+                     *tail(res)])
+    return table(["features", "labelled / held-out photos", "pixels under strokes", "strokes, Predict's fit",
+                  "full masks, Predict's fit", "strokes, `fit` default", "full masks, `fit` default",
+                  "fit s: strokes (Predict's) / full masks (default)", "seeds", *TAIL], body)
+
+
 def t_precision(results, every):
     body = []
     for row, res in pick(results, "precision_quality_summary", lambda r: r["precision"], every):
@@ -474,6 +507,7 @@ TABLES: dict[str, Callable[[list[Result], bool], str]] = {
     "calibration": t_calibration, "active": t_active, "precision-quality": t_precision,
     "distill-quality": t_distill_quality, "distill-sampling": t_distill_sampling, "distill-speed": t_distill_speed,
     "student-forward": t_student_forward,
+    "label-predict": t_label_predict, "label-quality": t_label_quality,
 }
 MARKER = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

@@ -74,6 +74,7 @@ class Labeller:
                                "on demand), one of the two")
         self.progress = Progress()
         self._lock = threading.Lock()
+        self._waiting = 0  # Predicts waiting for the lock (the background ranking gives way to them)
         self._extractor = None
         self._model = None
         self._fitted_digest: str | None = None
@@ -153,8 +154,12 @@ class Labeller:
         """Fit on every saved label if they changed since the last fit, then segment ``name``; the
         labels and uncertainty maps are kept in LABELS/.ddpmseg-label/predictions/."""
         self.store.entry(name)
-        if not self._lock.acquire(timeout=600):
-            raise DdpmsegError("another Predict is still running; wait for it")
+        self._waiting += 1
+        try:
+            if not self._lock.acquire(timeout=600):
+                raise DdpmsegError("another Predict has run for 10 minutes and still runs; wait for it")
+        finally:
+            self._waiting -= 1
         self.progress = Progress(True, "starting", time.perf_counter(), self.progress.fits, self.progress.last_fit_seconds)
         t0 = time.perf_counter()
         try:
@@ -221,6 +226,8 @@ class Labeller:
         todo = [n for n in self.store.names if n in cached and n not in labelled and n not in self.scores][:limit]
         from ddpmseg.active.strategies import image_scores
 
-        with self._lock:
-            for n in todo:
+        for n in todo:  # one image at a time, giving way to a Predict that waits
+            if self._waiting:
+                return
+            with self._lock:
                 self.scores[n] = image_scores(self._grid(n)[0].uncertainty)["uncertainty"]
