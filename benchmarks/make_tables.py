@@ -499,6 +499,50 @@ def t_student_forward(results, every):
     return table(["student", "parameters", "forward at 256 px", *TAIL], body)
 
 
+SEGDIFF_VARIANTS = {
+    "mlp": "MLP ensemble (default `fit`), 32 px features",
+    "ddp": "DDP head, 32 px features",
+    "segdiff_frozen": "SegDiff, G on the frozen 32 px features",
+    "segdiff_rrdb": "SegDiff, G an RRDB on the 64 px pixels",
+    "control_rrdb": "control: SegDiff's network as a one-step segmenter, 64 px pixels",
+}
+SEGDIFF_SAMPLING = {"ddim10_g1": "DDIM 10 steps, 1 generation", "ddim10_g9": "DDIM 10 steps, 9 generations",
+                    "ancestral_g1": "ancestral 100 steps, 1 generation", "ancestral_g9": "ancestral 100 steps, 9 generations"}
+
+
+def t_segdiff(results, every):
+    """From the per-seed rows, per run setting (the newest run of each; ``every``: every run), so a run stopped
+    early still shows what it measured (marked)."""
+    import statistics
+
+    body = []
+    runs: dict[Any, Result] = {}
+    for res in results:  # oldest first: a newer run of the same settings replaces an older one
+        if res.rows("segdiff"):
+            args = res.data.get("args") or {}
+            key = res.path.name if every else tuple(args.get(k) for k in ("iterations", "crop", "size", "ddp_iterations"))
+            runs[key] = res
+    for res in sorted(runs.values(), key=lambda r: -len(r.rows("segdiff"))):  # the full comparison first
+        args = res.data.get("args") or {}
+        groups: dict[str, list[dict]] = {}
+        for row in res.rows("segdiff"):
+            groups.setdefault(row["variant"], []).append(row)
+        timing = "" if args.get("alone") else " (shared CPU)"
+        for variant, rows in groups.items():
+            base = next((k for k in SEGDIFF_VARIANTS if variant == k or variant.startswith(k + "_")), variant)
+            sampling = variant[len(base) + 1:]
+            steps = {"ddp": args.get("ddp_iterations"), "mlp": None}.get(base, args.get("iterations"))
+            miou = [r["heldout_miou"] for r in rows]
+            sd = statistics.stdev(miou) if len(miou) > 1 else None
+            seeds = num(len(rows)) + ("" if res.data.get("complete", True) else " (run stopped early)")
+            body.append([SEGDIFF_VARIANTS.get(base, base), num(steps) if steps else DASH,
+                         SEGDIFF_SAMPLING.get(sampling, sampling or DASH), pm(statistics.mean(miou), sd, 1), seeds,
+                         num(statistics.mean(r["fit_seconds"] for r in rows), 0) + timing,
+                         num(statistics.mean(r["predict_s_per_image"] for r in rows), 3, lo=3) + timing, *tail(res)])
+    return table(["head", "training steps", "inference", "held-out mIoU", "seeds", "fit s", "predict s / image",
+                  *TAIL], body)
+
+
 TABLES: dict[str, Callable[[list[Result], bool], str]] = {
     "extract": t_extract, "matmul-peak": t_matmul, "cache-size": t_cache_size, "predict": t_predict,
     "fit-speed": t_fit_speed, "fit-full": t_fit_full, "fit-quality": t_fit_quality, "tile-study": t_tile_study,
@@ -506,7 +550,7 @@ TABLES: dict[str, Callable[[list[Result], bool], str]] = {
     "ddp-head": t_ddp, "anomaly": t_anomaly, "ray": t_ray, "cache-append": t_cache_append,
     "calibration": t_calibration, "active": t_active, "precision-quality": t_precision,
     "distill-quality": t_distill_quality, "distill-sampling": t_distill_sampling, "distill-speed": t_distill_speed,
-    "student-forward": t_student_forward,
+    "student-forward": t_student_forward, "segdiff": t_segdiff,
     "label-predict": t_label_predict, "label-quality": t_label_quality,
 }
 MARKER = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
