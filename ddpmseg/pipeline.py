@@ -161,7 +161,12 @@ def _training_masks(
         largest = max(largest, int(labelled.max()) if labelled.size else -1)
         # the reference's rule at the label's own resolution (its masks are 256x256 like its model grid):
         # counted on a small model's grid, a small class (eyes at 32 px) would vanish from every image
-        out.append(data.prepare_mask(data.apply_min_pixels(mask, min_pixels, ignore_index), pre, ignore_index))
+        kept = data.apply_min_pixels(mask, min_pixels, ignore_index)
+        grid = data.prepare_mask(mask, pre, ignore_index)  # a sparse mask's strokes kept on a coarse grid
+        dropped = np.setdiff1d(np.unique(mask[mask != ignore_index]), np.unique(kept[kept != ignore_index]))
+        if dropped.size:  # the rule's classes ignored on the grid too (never a neighbour's label in their place)
+            grid[np.isin(grid, dropped)] = ignore_index
+        out.append(grid)
     return out, largest
 
 

@@ -240,6 +240,27 @@ def test_thin_strokes_survive_a_coarse_grid(mode):
     assert np.array_equal(got, _footprint_reference(mask, pre, UNLABELLED))
     dense = rng.integers(0, 3, (120, 90))
     assert np.array_equal(data.prepare_mask(dense, pre, UNLABELLED), data.prepare_mask(dense, pre))
+    dense[30:80, 20:60] = UNLABELLED  # a void region of a dense mask is not filled from its neighbours
+    assert np.array_equal(data.prepare_mask(dense, pre, UNLABELLED), data.prepare_mask(dense, pre))
+
+
+def test_a_class_under_min_pixels_is_ignored_not_replaced(world):
+    """fit's 20-pixel rule on a sparse mask: the rare class's cells are ignored, never given a neighbour's label."""
+    from ddpmseg.features.cache import FeatureCache
+    from ddpmseg.pipeline import _training_masks
+
+    mask = np.full((256, 256), UNLABELLED, np.int64)
+    mask[100:104, 20:200] = 0
+    mask[104:106, 60:65] = 1  # 10 pixels of class 1, touching the class-0 stroke
+    path = world / "rare.npy"
+    np.save(path, mask)
+    with FeatureCache(world / "feats.h5") as cache:
+        (grid,), largest = _training_masks(cache, [("image_0", path)], data.load_label_set(world / "classes.csv"),
+                                           UNLABELLED, 20)
+        pre = data.Preprocess.from_dict(cache.preprocess("image_0"))
+    assert largest == 1 and set(np.unique(grid)) == {0, UNLABELLED}
+    assert (grid[data.prepare_mask(mask, pre) == 1] == UNLABELLED).all()
+    assert (grid == 0).sum() >= (data.prepare_mask(np.where(mask == 1, UNLABELLED, mask), pre) == 0).sum()
 
 
 def test_fit_masks_labels_on_a_few_strokes(world, tmp_path):

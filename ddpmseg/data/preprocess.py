@@ -123,17 +123,25 @@ def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
     return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
 
+SPARSE_FRACTION = 0.5
+"""A mask with more than this fraction of its pixels unlabelled is sparse (strokes): see :func:`prepare_mask`."""
+
+
 def prepare_mask(mask: np.ndarray, pre: Preprocess, ignore_index: int | None = None) -> np.ndarray:
     """Map an (H, W) label map onto the model grid exactly as the image was mapped (nearest).
 
-    With ``ignore_index``, a grid cell whose nearest pixel is unlabelled but whose footprint holds
-    labelled pixels takes their most common label: thin strokes of a sparse mask drawn between the
-    nearest samples would otherwise vanish on a coarse grid. Cells with a labelled nearest pixel (every
-    cell of a dense mask) are unchanged."""
+    With ``ignore_index``, a sparse mask (more than :data:`SPARSE_FRACTION` of it ``ignore_index``:
+    strokes) keeps its thin strokes: a grid cell whose nearest pixel is unlabelled but whose footprint
+    holds labelled pixels takes their most common label (strokes drawn between the nearest samples
+    would otherwise vanish on a coarse grid). Cells with a labelled nearest pixel, and every cell of a
+    denser mask (whose ignored pixels are void regions, not unknown ones), are unchanged."""
     out = _prepare_nearest(mask, pre)
     if ignore_index is None or not (out == ignore_index).any():
         return out
-    return _fill_from_footprints(out, np.asarray(mask), pre, ignore_index)
+    mask = np.asarray(mask)
+    if (mask == ignore_index).mean() <= SPARSE_FRACTION:
+        return out
+    return _fill_from_footprints(out, mask, pre, ignore_index)
 
 
 def _fill_from_footprints(out: np.ndarray, mask: np.ndarray, pre: Preprocess, ignore_index: int) -> np.ndarray:
