@@ -408,3 +408,17 @@ def test_other_hosts_warn(world, tmp_path, caplog):
                  port=0, announce=urls.append, stop=stop)
     assert urls and urls[0].startswith("http://0.0.0.0:")
     assert any("other machines" in r.message for r in caplog.records)
+
+
+def test_the_page_is_package_data():
+    """Every file of the page is installed (setup.cfg's package_data), so a wheel serves it too."""
+    import configparser
+    import fnmatch
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).parents[1] / "setup.cfg")
+    assert "ddpmseg.label" in cfg["options"]["packages"].split()
+    patterns = [p.strip() for p in cfg["options.package_data"]["ddpmseg.label"].split(",")]
+    files = [f.relative_to(server.STATIC.parent).as_posix() for f in server.STATIC.iterdir()]
+    assert {"static/index.html", *(f"static/{n}" for n in server.STATIC_FILES)} <= set(files)
+    assert all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in files), (files, patterns)
