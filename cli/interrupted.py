@@ -198,6 +198,13 @@ def _demo(p: dict, before: Any) -> str:
     return f"{p['directory']} holds the demo's steps that finished; run it again (it rewrites the folder)"
 
 
+def _label(p: dict, noted: Any) -> str:
+    out = Path(p["out"])
+    n = len([f for f in out.glob("*.png") if f.is_file()]) if out.is_dir() else 0
+    return (f"the labelling server stopped; every edit was saved as it was made: {plural(n, 'labelled image')} in "
+            f"{out} (NAME.png, strokes/NAME.json); run the same command to go on, or `ddpmseg fit --masks {out}`")
+
+
 _BEFORE: dict[str, Callable[[dict], Any]] = {
     "extract": _extract_before,
     "merge": lambda p: _cached_images(Path(p["out"])),
@@ -214,6 +221,7 @@ _AFTER: dict[str, Callable[[dict, Any], str]] = {
     "distill": _distill,
     "download": _download,
     "demo": _demo,
+    "label": _label,
     **{c: _end(c) for c in ("evaluate", "suggest", "kmeans")},
 }
 # What holds whatever the files show, should looking fail.
@@ -228,6 +236,7 @@ _FALLBACK = {
                "same command and --resume",
     "download": "a partial download, if any, is kept as FILE.part; run the same command again to resume",
     "demo": "the demo folder holds the steps that finished; run it again",
+    "label": "every edit was saved in --out as it was made; run the same command to go on",
     "evaluate": "the figures of --out, if any, are written at the end; run it again",
     "suggest": "suggest.csv and suggest.png are written at the end; run it again (with --overwrite if they are there)",
     "kmeans": "the grid PNG is written at the end; run it again (with --overwrite if it is there)",

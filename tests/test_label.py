@@ -373,9 +373,12 @@ def test_kill_9_keeps_every_acknowledged_edit(world, tmp_path):
     finally:
         p.send_signal(signal.SIGINT)
         try:
-            p.wait(10)
+            _, err = p.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             p.kill()
+            raise
+    assert p.returncode == 130  # Ctrl-C: one line saying what is kept
+    assert err.strip().splitlines() == [err.strip()] and "every edit was saved" in err and "1 labelled image" in err
 
 
 # -- CLI and library errors ---------------------------------------------------------------------
