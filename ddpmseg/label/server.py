@@ -84,7 +84,7 @@ class Session:
 
 def create_app(session: Session):
     """The Starlette app of one labelling session."""
-    starlette = optional_import("starlette", PURPOSE)  # noqa: F841  (the one-line error when the extra is missing)
+    optional_import("starlette", PURPOSE)  # the one-line error when the extra is missing
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
