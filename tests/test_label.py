@@ -424,3 +424,17 @@ def test_the_page_is_package_data():
     files = [f.relative_to(server.STATIC.parent).as_posix() for f in server.STATIC.iterdir()]
     assert {"static/index.html", *(f"static/{n}" for n in server.STATIC_FILES)} <= set(files)
     assert all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in files), (files, patterns)
+
+
+def test_a_missing_browser_fails_where_ci_requires_it(monkeypatch):
+    """.ci/run sets DDPMSEG_REQUIRE_BROWSER=1: there the browser test fails without chromium, never skips."""
+    import label_helpers
+
+    monkeypatch.setattr(label_helpers, "_which", lambda names: None)
+    monkeypatch.setattr(label_helpers, "BROWSER_REQUIRED", True)
+    with pytest.raises(pytest.fail.Exception, match="DDPMSEG_REQUIRE_BROWSER=1"):
+        label_helpers.need_browser()
+    monkeypatch.setattr(label_helpers, "BROWSER_REQUIRED", False)
+    with pytest.raises(pytest.skip.Exception, match="chromium-driver"):
+        label_helpers.need_browser()
+    assert "DDPMSEG_REQUIRE_BROWSER=1" in (Path(__file__).parents[1] / ".ci" / "run").read_text()

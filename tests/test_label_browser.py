@@ -1,6 +1,6 @@
 """`ddpmseg label` in a real headless Chromium (Debian's chromium + chromium-driver through selenium):
 draw a stroke of each of two classes, check the label PNG on disk, reload the page (labels and undo
-history come back), undo/redo, Predict, and check the prediction. Skips locally without a browser;
+history come back), undo/redo, Predict, check the prediction, Accept it and undo that. Skips locally without a browser;
 fails in CI (.ci/run sets DDPMSEG_REQUIRE_BROWSER=1 and installs the browser)."""
 
 from __future__ import annotations
@@ -116,5 +116,14 @@ def test_strokes_save_reload_undo_and_predict_in_chromium(world, tmp_path):
             assert (pred[lab != UNLABELLED] == lab[lab != UNLABELLED]).mean() > 0.8
             states = [e.text for e in driver.find_elements("css selector", "#images li .state")]
             assert states[0] == "predicted"
+
+            driver.find_element("id", "accept").click()  # the prediction becomes labels, one undoable edit
+            wait_for(driver, SAVED + " && window.ddpmsegLabel.cur.cursor === 3", what="Accept saved")
+            assert np.array_equal(data.load_mask(out / "image_0.png"), pred)
+            hist = json.loads((out / "strokes" / "image_0.json").read_text())
+            assert [op["k"] for op in hist["ops"]] == ["s", "s", "set"]
+            body.send_keys(Keys.CONTROL, "z")
+            wait_for(driver, SAVED + " && window.ddpmsegLabel.cur.cursor === 2", what="undo of Accept saved")
+            assert np.array_equal(data.load_mask(out / "image_0.png"), lab)
     finally:
         driver.quit()
