@@ -182,6 +182,17 @@ def test_put_labels_becomes_an_undoable_edit(client):
     assert np.array_equal(rle_decode(doc["ops"][0]["rle"], 256, 256), lab)
 
 
+def test_masks_made_elsewhere_open_as_one_edit(client):
+    """A full mask already in LABELS/ (colour-coded with the label set's colours) is there to correct."""
+    c, s = client
+    truth = np.zeros((256, 256), np.uint8)
+    truth[60:190, 40:220] = 1
+    Image.fromarray(s.store.labelset.palette()[truth]).save(s.store.out / "image_2.png")  # RGB colours
+    doc = c.get("/api/history/image_2", headers=H).json()
+    assert doc["cursor"] == 1 and doc["ops"][0]["k"] == "set"
+    assert np.array_equal(rle_decode(doc["ops"][0]["rle"], 256, 256), truth)
+
+
 def test_python_replay_matches_an_independent_disk_rasteriser():
     """A stroke is dabs every r/2 along each segment; check against a brute-force distance test."""
     lab = np.full((40, 50), UNLABELLED, np.uint8)

@@ -147,7 +147,7 @@ class LabelStore:
         path = self.label_path(name)
         if not path.is_file():
             return np.full((e.height, e.width), UNLABELLED, np.uint8)
-        a = data.load_mask(self._inside(path), expected_size=(e.width, e.height))
+        a = data.load_mask(self._inside(path), self.labelset, expected_size=(e.width, e.height))  # colour masks too
         return a.astype(np.uint8)
 
     def history(self, name: str) -> dict[str, Any]:
