@@ -435,3 +435,16 @@ def test_no_module_imports_another_packages_private_module() -> None:
         if i.source != owner and not i.source.startswith(owner + "."):
             bad.append(f"{i.source} (line {i.line}) imports {i.target}")
     assert not bad, "; ".join(bad)
+
+
+def test_setup_cfg_installs_every_package() -> None:
+    """A wheel (not an editable install) holds only the packages setup.cfg lists: every folder of
+    ddpmseg/ with an __init__.py must be there (ddpmseg.distill once was not)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ddpmseg").rglob("__init__.py")
+             if "__pycache__" not in p.parts}
+    assert found and found <= listed, sorted(found - listed)
