@@ -53,7 +53,7 @@ class KnnSettings:
     seed: int
     grid: int
     pool: int = 3
-    coreset: float = 0.1  # fraction of the normal patches kept (1: every patch)
+    coreset: float = 0.01  # fraction of the normal patches kept (1: every patch)
     scale: bool = True  # each block map divided by its RMS over the normal patches (else the largest blocks dominate)
 
 
