@@ -499,6 +499,19 @@ def t_student_forward(results, every):
     return table(["student", "parameters", "forward at 256 px", *TAIL], body)
 
 
+def t_instances(results, every):
+    body = []
+    for row, res in pick(results, "instances_summary", lambda r: (r["dataset"], r["variant"]), every):
+        size = f"{row['parameters'] / 1e6:.2f} M, {row['iterations']} steps" if row.get("parameters") else DASH
+        timing = " (contaminated)" if row.get("timings") == "contaminated" else ""
+        body.append([row["dataset"], row["variant"], pm(row["ap_mean"], row.get("ap_std"), 1),
+                     pm(row["ap50_mean"], row.get("ap50_std"), 1), num(row["seeds"]), size,
+                     num(row["fit_seconds_mean"], 0) + timing, num(row["predict_s_per_image_mean"], 3, lo=3) + timing,
+                     *tail(res)])
+    return table(["data", "model", "mask AP", "AP50", "seeds", "head size, training", "fit s", "predict s / image",
+                  *TAIL], body)
+
+
 SEGDIFF_VARIANTS = {
     "mlp": "MLP ensemble (default `fit`), 32 px features",
     "ddp": "DDP head, 32 px features",
@@ -550,7 +563,7 @@ TABLES: dict[str, Callable[[list[Result], bool], str]] = {
     "ddp-head": t_ddp, "anomaly": t_anomaly, "ray": t_ray, "cache-append": t_cache_append,
     "calibration": t_calibration, "active": t_active, "precision-quality": t_precision,
     "distill-quality": t_distill_quality, "distill-sampling": t_distill_sampling, "distill-speed": t_distill_speed,
-    "student-forward": t_student_forward, "segdiff": t_segdiff,
+    "student-forward": t_student_forward, "segdiff": t_segdiff, "instances": t_instances,
     "label-predict": t_label_predict, "label-quality": t_label_quality,
 }
 MARKER = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)

@@ -455,7 +455,9 @@ def heads() -> None:
 
 @main.command()
 @click.option("--features", required=True, type=click.Path(path_type=Path), help="Feature cache from `ddpmseg extract`: a .h5 file or a cache folder.")
-@click.option("--masks", required=True, type=click.Path(path_type=Path), help="Folder of label maps (.npy, label PNGs or colour PNGs with --classes).")
+@click.option("--masks", default=None, type=click.Path(path_type=Path), help="Folder of label maps (.npy, label PNGs or colour PNGs with --classes).")
+@click.option("--instances", default=None, type=click.Path(path_type=Path),
+              help="Instance annotations for --head diffinst: a COCO JSON file or a folder of instance-id PNGs (instead of --masks).")
 @click.option("--labels", default=None, type=int, help="Use the first N labelled images (natural sort order).")
 @click.option("--classes", default=None, help="Label set: a shipped name (e.g. ffhq_34) or a CSV index,name,r,g,b.")
 @click.option("--seed", default=DEFAULT_SEED, show_default=True, help="Seed of the head's initialisation, batches and sampling.")
@@ -487,21 +489,27 @@ def heads() -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model folder to write.")
 @_overwrite
 @click.pass_obj
-def fit(obj, features, masks, labels, classes, seed, ignore_index, min_pixels, head, head_option, head_config, device,
-        out, overwrite, **aliases) -> None:
+def fit(obj, features, masks, instances, labels, classes, seed, ignore_index, min_pixels, head, head_option, head_config,
+        device, out, overwrite, **aliases) -> None:
     """Train a head (the paper's MLP ensemble by default) on cached features and masks.
 
     \b
     Examples:
       ddpmseg fit --features feats.h5 --masks masks/ --out model/
       ddpmseg fit --features feats.h5 --masks masks/ --classes ffhq_34 --labels 20 --out model20/
+      ddpmseg fit --features feats.h5 --head diffinst --instances coco.json --out inst/
     """
     from ddpmseg.pipeline import fit_model
 
     options = _head_options(head, head_option, head_config, aliases)
-    s = fit_model(features, masks, out, head=head, options=options, labels=labels, classes=classes, seed=seed,
-                  ignore_index=ignore_index, min_pixels=min_pixels, device=device, progress=obj["progress"],
+    s = fit_model(features, masks, out, instances=instances, head=head, options=options, labels=labels, classes=classes,
+                  seed=seed, ignore_index=ignore_index, min_pixels=min_pixels, device=device, progress=obj["progress"],
                   overwrite=overwrite)
+    if s.n_instances is not None:
+        click.echo(f"fit: {plural(len(s.image_ids), 'image')}, {plural(s.n_instances, 'instance')}, {s.seconds:.1f} s "
+                   f"({s.description}) -> {s.out}"
+                   + _skipped(s.unlabelled, "cached image without annotations", "cached images without annotations"))
+        return
     click.echo(f"fit: {plural(len(s.image_ids), 'image')}, {plural(s.n_pixels, 'pixel')}, "
                f"{plural(s.n_classes, 'class', 'classes')}, {s.seconds:.1f} s ({s.description}) -> {s.out}"
                + _skipped(s.unlabelled, "cached image without a mask", "cached images without a mask"))
@@ -521,24 +529,31 @@ def fit(obj, features, masks, labels, classes, seed, ignore_index, min_pixels, h
               help="A legend of the classes beside the overlay and a colour bar beside the uncertainty map.")
 @click.option("--skip-done", is_flag=True,
               help="Leave out images whose three PNGs exist (a rerun finishes the rest; the default with --engine ray).")
+@click.option("--coco", default=None, type=click.Path(path_type=Path),
+              help="Instance models: also write one COCO results JSON for the whole run (RLE masks, boxes, scores).")
 @_overwrite
 @_apply(_scale)
 @click.pass_obj
-def predict(obj, inputs, images, model_dir, out, checkpoint, device, legend, skip_done, overwrite, shard, engine, address,
-            workers, cpus_per_worker, gpus_per_worker) -> None:
+def predict(obj, inputs, images, model_dir, out, checkpoint, device, legend, skip_done, coco, overwrite, shard, engine,
+            address, workers, cpus_per_worker, gpus_per_worker) -> None:
     """Segment IMAGES (files or folders): label, overlay and uncertainty PNGs at the original size.
 
     \b
     Examples:
       ddpmseg predict photos/ --model model/ --out predictions/
       ddpmseg predict photos/*.jpg --model model/ --out predictions/ --skip-done
+      ddpmseg predict photos/ --model inst/ --out found/ --coco found/results.json   (an instance model)
+
+    An instance model (`fit --head diffinst`) writes NAME_instances.png (uint16 ids), NAME_instances.json
+    and NAME_overlay.png instead.
     """
     from ddpmseg.pipeline import predict_images
 
     settings = _engine_settings(engine, address, workers, cpus_per_worker, gpus_per_worker)
     s = predict_images(_image_inputs(inputs, images), model_dir, out, checkpoint=checkpoint, device=device,
                        progress=obj["progress"], overwrite=overwrite, legend=legend, shard=shard,
-                       skip_done=skip_done or (engine == "ray" and not overwrite), engine=engine, engine_settings=settings)
+                       skip_done=skip_done or (engine == "ray" and not overwrite), engine=engine, engine_settings=settings,
+                       coco=coco)
     n = max(s.n_images, 1)
     split = "" if s.extract_seconds != s.extract_seconds else f", {s.extract_seconds / n:.2f} s of it extraction"
     click.echo(f"predict: {plural(s.n_images, 'image')} -> {s.out} ({s.seconds / n:.2f} s/image{split})"
@@ -549,7 +564,9 @@ def predict(obj, inputs, images, model_dir, out, checkpoint, device, legend, ski
 @main.command()
 @_apply(_images)
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--masks", required=True, type=click.Path(path_type=Path))
+@click.option("--masks", default=None, type=click.Path(path_type=Path), help="Folder of label maps (class models).")
+@click.option("--instances", default=None, type=click.Path(path_type=Path),
+              help="Instance models: COCO JSON or instance-id PNGs; scores COCO mask AP, AP50, AP75 and per-class AP.")
 @click.option("--ckpt", "checkpoint", default=None, type=click.Path(path_type=Path), help="Checkpoint, if moved since fit.")
 @_device
 @click.option("--out", default=None, type=click.Path(path_type=Path),
@@ -557,7 +574,7 @@ def predict(obj, inputs, images, model_dir, out, checkpoint, device, legend, ski
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_overwrite
 @click.pass_obj
-def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, out, as_json, overwrite) -> None:
+def evaluate(obj, inputs, images, model_dir, masks, instances, checkpoint, device, out, as_json, overwrite) -> None:
     """Per-class IoU and mIoU of a model on labelled IMAGES (files or folders), calibration (ECE) and
     per-image scores.
 
@@ -565,13 +582,27 @@ def evaluate(obj, inputs, images, model_dir, masks, checkpoint, device, out, as_
     Examples:
       ddpmseg evaluate test/images --masks test/masks --model model/
       ddpmseg evaluate test/images --masks test/masks --model model/ --out figures/ --json
+      ddpmseg evaluate test/images --instances test/coco.json --model inst/ --json
     """
     from ddpmseg.pipeline import evaluate_model
 
-    r = evaluate_model(model_dir, _image_inputs(inputs, images), masks, checkpoint=checkpoint, device=device,
-                       progress=obj["progress"] and not as_json, out=out, overwrite=overwrite)
+    r = evaluate_model(model_dir, _image_inputs(inputs, images), masks, instances=instances, checkpoint=checkpoint,
+                       device=device, progress=obj["progress"] and not as_json, out=out, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps(r))
+        return
+    if instances is not None:
+        pct = lambda v: "  n/a" if v is None else f"{100 * v:5.1f}"  # noqa: E731
+        width = max([len(n) for n in r["per_class"]] + [4])
+        for name, ap in r["per_class"].items():
+            click.echo(f"{name:{width}s}  {pct(ap)}")
+        if r["training_images"]:
+            click.echo(f"evaluate: NOTE {len(r['training_images'])} of the {plural(r['n_images'], 'image')} trained this "
+                       f"model ({few(r['training_images'])}): their score is not a held-out one")
+        click.echo(f"evaluate: mask AP {pct(r['ap']).strip()}, AP50 {pct(r['ap50']).strip()}, AP75 {pct(r['ap75']).strip()} "
+                   f"over {plural(r['n_images'], 'image')} ({plural(r['n_instances'], 'instance')}, "
+                   f"{plural(r['n_predictions'], 'detection')})"
+                   + _skipped(r["no_annotation"], "image without annotations", "images without annotations"))
         return
     width = max(len(n) for n in r["per_class"])
     for name, iou in r["per_class"].items():

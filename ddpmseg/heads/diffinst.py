@@ -191,8 +191,12 @@ class DiffInstNet(nn.Module):
                                          nn.Conv2d(w // 2, MASK_CHANNELS, 1))
         self.time_mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.GELU(), nn.Linear(4 * w, 4 * w))
         self.stages = nn.ModuleList(Stage(w, cfg.pooler, n_classes) for _ in range(cfg.stages))
-        self.proposal_boxes = nn.Embedding(cfg.proposals, 4)  # the control's learned boxes (cx cy w h logits)
-        nn.init.zeros_(self.proposal_boxes.weight)
+        if not cfg.diffusion:  # the control: Sparse R-CNN's learned proposal boxes (cx cy w h logits) and features
+            self.proposal_boxes = nn.Embedding(cfg.proposals, 4)
+            with torch.no_grad():  # spread over the image: identical boxes would give identical proposals
+                spread = torch.cat([torch.rand(cfg.proposals, 2) * 0.7 + 0.15, torch.rand(cfg.proposals, 2) * 0.4 + 0.2], 1)
+                self.proposal_boxes.weight.copy_(torch.logit(spread))
+            self.proposal_features = nn.Embedding(cfg.proposals, w)
         self.width, self.pooler = w, cfg.pooler
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +211,8 @@ class DiffInstNet(nn.Module):
         feat = self.adapter(reduced)
         mask_feat = self.mask_branch(feat)
         temb = self.time_mlp(sinusoidal(t, self.width))
-        outs, prev = [], None
+        outs = []
+        prev = self.proposal_features.weight[None].expand(len(boxes), -1, -1) if hasattr(self, "proposal_features") else None
         for stage in self.stages:
             logits, boxes, filters, prev = stage(feat, boxes, prev, temb, self.pooler)
             outs.append((logits, boxes, filters))
