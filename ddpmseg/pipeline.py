@@ -153,6 +153,9 @@ def _training_masks(
     for image_id, path in pairs:
         pre = data.Preprocess.from_dict(cache.preprocess(image_id))
         mask = data.load_mask(path, labelset, expected_size=pre.original_size)
+        # strokes: a mask mostly *unlabelled* (255, what `ddpmseg label` writes); a label set's ignored class (Bedroom-28's
+        # background 0) covering most of a dense mask is not, and that mask keeps the reference's nearest sampling
+        sparse = bool((mask == 255).mean() > data.SPARSE_FRACTION)
         if ignore_index != 255 and labelset is not None and labelset.n_classes <= 255:
             mask[mask == 255] = ignore_index  # 255 = unlabelled (sparse masks, `ddpmseg label`) under any label set
         if labelset is not None:
@@ -162,7 +165,7 @@ def _training_masks(
         # the reference's rule at the label's own resolution (its masks are 256x256 like its model grid):
         # counted on a small model's grid, a small class (eyes at 32 px) would vanish from every image
         kept = data.apply_min_pixels(mask, min_pixels, ignore_index)
-        grid = data.prepare_mask(mask, pre, ignore_index)  # a sparse mask's strokes kept on a coarse grid
+        grid = data.prepare_mask(mask, pre, ignore_index if sparse else None)  # strokes kept on a coarse grid
         dropped = np.setdiff1d(np.unique(mask[mask != ignore_index]), np.unique(kept[kept != ignore_index]))
         if dropped.size:  # the rule's classes ignored on the grid too (never a neighbour's label in their place)
             grid[np.isin(grid, dropped)] = ignore_index

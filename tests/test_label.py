@@ -352,8 +352,15 @@ def test_kill_9_keeps_every_acknowledged_edit(world, tmp_path):
         ops: list[dict] = []
         rng = np.random.default_rng(0)
         acked = 0
-        stop_at = time.perf_counter() + 3.0
-        kill_after = threading.Timer(2.0, lambda: p.send_signal(signal.SIGKILL))  # mid-stream, not between saves
+        stop_at = time.perf_counter() + 60.0
+
+        def kill_mid_stream() -> None:  # after a few acknowledged saves, while the next ones stream in
+            while acked < 5 and time.perf_counter() < stop_at:
+                time.sleep(0.01)
+            time.sleep(0.05)
+            p.send_signal(signal.SIGKILL)
+
+        kill_after = threading.Thread(target=kill_mid_stream)
         kill_after.start()
         while time.perf_counter() < stop_at:
             x, y = rng.uniform(5, 250, 2)

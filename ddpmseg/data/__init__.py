@@ -30,7 +30,14 @@ from ddpmseg.data.masks import (
     no_mask_found,
 )
 from ddpmseg.data.palette import distinct_colors
-from ddpmseg.data.preprocess import Preprocess, preprocess_image, prepare_mask, restore_labels, restore_map
+from ddpmseg.data.preprocess import (
+    SPARSE_FRACTION,
+    Preprocess,
+    preprocess_image,
+    prepare_mask,
+    restore_labels,
+    restore_map,
+)
 
 __all__ = [
     "COLOR_TOLERANCE",
@@ -55,6 +62,7 @@ __all__ = [
     "parse_shard",
     "take_shard",
     "prepare_mask",
+    "SPARSE_FRACTION",
     "preprocess_image",
     "restore_labels",
     "restore_map",
