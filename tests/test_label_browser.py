@@ -114,8 +114,9 @@ def test_strokes_save_reload_undo_and_predict_in_chromium(world, tmp_path):
             assert set(np.unique(pred)) <= {0, 1}
             # the strokes' own pixels: a fit on them predicts most of them back
             assert (pred[lab != UNLABELLED] == lab[lab != UNLABELLED]).mean() > 0.8
-            states = [e.text for e in driver.find_elements("css selector", "#images li .state")]
-            assert states[0] == "predicted"
+            # the list re-renders when a state or the suggested order changes: read it in one script, waiting
+            wait_for(driver, "(document.querySelector('#images li[data-name=image_0] .state') || {}).textContent === 'predicted'",
+                     what="the image list's state 'predicted'")
 
             driver.find_element("id", "accept").click()  # the prediction becomes labels, one undoable edit
             wait_for(driver, SAVED + " && window.ddpmsegLabel.cur.cursor === 3", what="Accept saved")
