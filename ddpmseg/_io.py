@@ -74,12 +74,29 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk; where the system cannot (some file
+    systems refuse a folder), go on: the rename is still atomic."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` for a temp file beside ``path``, then rename it onto ``path``.
 
     Readers see either the old file or the complete new one, never a partial
-    write. The file gets the permissions of a plain ``open(path, "w")``
-    (0o666 less the umask), not the temp file's 0o600.
+    write, even after a crash of the machine: the file's data and then the
+    rename are flushed to the disk (fsync) before this returns. The file gets
+    the permissions of a plain ``open(path, "w")`` (0o666 less the umask), not
+    the temp file's 0o600.
     """
     path = Path(path)
     try:
@@ -93,7 +110,9 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself
     finally:
         if tmp.exists():
             tmp.unlink()

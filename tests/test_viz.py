@@ -81,6 +81,24 @@ def test_save_png_atomic(tmp_path: Path) -> None:
     assert sorted(f.name for f in tmp_path.iterdir()) == ["a.png", "g.png"]
 
 
+def test_atomic_writes_reach_the_disk_before_the_rename_and_after(tmp_path: Path, monkeypatch) -> None:
+    """write_atomic fsyncs the new file's data before renaming it into place, then the folder (the
+    rename): what the labelling page reports saved survives a crash of the machine, not only kill -9."""
+    import os
+
+    from ddpmseg import _io
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(_io.os, "fsync", lambda fd: (events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}"),
+                                                     real_fsync(fd))[1])
+    monkeypatch.setattr(_io.os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), real_replace(a, b))[1])
+    _io.write_atomic(tmp_path / "x.txt", lambda t: t.write_text("new"))
+    assert (tmp_path / "x.txt").read_text() == "new"
+    assert len(events) == 3 and events[0].startswith(f"fsync {tmp_path}/.x.txt.") and events[0].endswith(".tmp")
+    assert events[1:] == ["replace x.txt", f"fsync {tmp_path}"]
+
+
 def test_heatmap_scales_to_the_maximum_in_viridis() -> None:
     u = np.array([[0.0, 0.5], [1.0, np.nan]])
     img, top = viz.heatmap(u)
