@@ -210,3 +210,34 @@ def test_fit_head_segdiff_then_predict_and_evaluate_on_eyes8(eyes_world, tmp_pat
             assert (preds / f"image_0_{kind}.png").is_file()
     result = json.loads(ok("evaluate", imgs, "--model", tmp_path / "rrdb", "--masks", imgs, "--json"))
     assert result["n_images"] == 3 and 0 <= result["miou"] <= 1
+
+
+class _RecordingOracle(_Oracle):
+    """The oracle that also keeps every x_t it is shown, by timestep."""
+
+    def __init__(self, x0: torch.Tensor, T: int) -> None:
+        super().__init__(x0, T)
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        self.seen[int(t[0])] = x.clone()
+        return super().forward(x, t, g)
+
+
+def test_each_ancestral_step_draws_from_the_posterior_written_out_plainly():
+    """x_{t-1} = beta_t sqrt(ab_{t-1}) / (1 - ab_t) x0 + (1 - ab_{t-1}) sqrt(alpha_t) / (1 - ab_t) x_t + noise of
+    variance beta_t, every step checked over many generations (not only where the chain ends)."""
+    T, n = 100, 4000
+    x0 = one_hot(torch.tensor([[[1]]]), 2)  # one pixel, two classes: x0 = (-1, 1)
+    head = SegDiffHead(2, sampler="ancestral", generations=n)
+    oracle = _RecordingOracle(x0, T)
+    head.module_ = oracle
+    head.sample(torch.zeros(2, 1, 1))
+    ab = oracle.ab.double()
+    for t in (90, 50, 10, 2):
+        x_t, x_prev = oracle.seen[t].double(), oracle.seen[t - 1].double()
+        beta = 1 - ab[t] / ab[t - 1]
+        mean = beta * ab[t - 1].sqrt() / (1 - ab[t]) * x0.double() + (1 - ab[t - 1]) * (1 - beta).sqrt() / (1 - ab[t]) * x_t
+        r = (x_prev - mean).flatten()
+        assert abs(r.mean().item()) < 4 * beta.sqrt().item() / n**0.5, t
+        assert r.var().item() == pytest.approx(beta.item(), rel=0.1), t
