@@ -213,6 +213,22 @@ def test_rle_round_trip():
     assert np.array_equal(rle_decode(rle_encode(a), 23, 17), a)
 
 
+@pytest.mark.parametrize("make", [lambda n: [0, 2**62, 0, 2**62, 0, 2**62, 0, 2**62 + n],  # an int64 sum wraps to n
+                                  lambda n: [0, 2**64 + n], lambda n: [0, -1, 0, n + 1], lambda n: [0, float(n)],
+                                  lambda n: [0, str(n)], lambda n: [0, None], lambda n: [0, 2, 1, n - 2.5],
+                                  lambda n: [300, n], lambda n: [0, 0, 0, n], lambda n: "0" * n, lambda n: [0, n - 1]])
+def test_bad_rle_is_bad_input_never_a_crash(client, make):
+    with pytest.raises(DdpmsegError, match="rle"):
+        rle_decode(make(4), 2, 2)
+    c, _ = client
+    rle = make(256 * 256)
+    good = rle_encode(np.zeros((256, 256), np.uint8))
+    for doc in ({"ops": [{"k": "set", "rle": rle}], "cursor": 1, "done": False, "labels": good},  # a 'set' edit
+                {"ops": [], "cursor": 0, "done": False, "labels": rle}):  # the labels of the PUT
+        r = c.put("/api/history/image_0", content=json.dumps(doc), headers=H)
+        assert r.status_code == 400 and "rle" in r.json()["error"], (doc, r.text)
+
+
 # -- sparse labels -----------------------------------------------------------------------------
 def _footprint_reference(mask: np.ndarray, pre: data.Preprocess, ignore: int) -> np.ndarray:
     """Straightforward per-cell loop: nearest sample, else the majority label of the cell's pixels."""

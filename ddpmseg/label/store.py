@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import operator
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,13 +69,18 @@ def rle_encode(labels: np.ndarray) -> list[int]:
 
 def rle_decode(rle: Sequence[int], width: int, height: int) -> np.ndarray:
     """The (height, width) uint8 map of :func:`rle_encode`'s list; a wrong total or value is a BadInput."""
-    a = np.asarray(rle, dtype=np.int64)
-    if a.ndim != 1 or a.size % 2:
+    n = width * height
+    msg = f"rle must hold values 0..255 with counts 1..{n} summing to {width}x{height} = {n}"
+    if isinstance(rle, (str, bytes)) or not isinstance(rle, Sequence) or len(rle) % 2:
         raise BadInput("rle must be a flat list [value, count, value, count, ...]")
-    values, counts = a[0::2], a[1::2]
-    if (values < 0).any() or (values > 255).any() or (counts < 1).any() or int(counts.sum()) != width * height:
-        raise BadInput(f"rle must hold values 0..255 with positive counts summing to {width}x{height} = {width * height}")
-    return np.repeat(values.astype(np.uint8), counts).reshape(height, width)
+    try:  # Python ints: an int64 sum of huge counts could wrap to n (np.repeat would then crash the server)
+        items = [operator.index(v) for v in rle]
+    except (TypeError, ValueError, OverflowError):
+        raise BadInput(msg) from None
+    values, counts = items[0::2], items[1::2]
+    if any(not 0 <= v <= 255 for v in values) or any(not 1 <= c <= n for c in counts) or sum(counts) != n:
+        raise BadInput(msg)
+    return np.repeat(np.asarray(values, np.uint8), np.asarray(counts, np.int64)).reshape(height, width)
 
 
 def _number(v: Any) -> bool:
