@@ -100,12 +100,42 @@ def test_coco_polygons_rle_and_uncompressed_rle_read_as_masks(tmp_path):
     ({"id": 5, "image_id": 7, "category_id": 3, "segmentation": [[1, 1, 5, 1, 5, 5]]}, "annotation 5 (image 'pic') has category_id 3, which is not in categories"),
     ({"id": 5, "image_id": 8, "category_id": 1, "segmentation": [[1, 1, 5, 1, 5, 5]]}, "annotation 5 names image_id 8, which is not in images"),
     ({"id": 5, "image_id": 7, "category_id": 1, "segmentation": {"size": [10, 10], "counts": "x"}}, "annotation 5 (image 'pic'): RLE size [10, 10] is not"),
+    ({"id": 5, "image_id": 7, "category_id": 1, "segmentation": {"size": 20, "counts": "x"}}, "annotation 5 (image 'pic'): RLE size 20 is not"),
+    ({"id": 5, "image_id": 7, "category_id": 1, "segmentation": {"size": [20, 20], "counts": ["a", 3]}}, "annotation 5 (image 'pic'): uncompressed RLE counts must be"),
+    ({"id": 5, "image_id": 7, "category_id": 1, "segmentation": {"size": [20, 20], "counts": [10, 5]}}, "annotation 5 (image 'pic'): uncompressed RLE counts must be"),
+    ({"id": 5, "image_id": 7, "category_id": 1, "segmentation": {"size": [20, 20], "counts": 7}}, "annotation 5 (image 'pic'): RLE counts must be a string"),
 ])
 def test_bad_coco_annotations_are_one_line_errors_naming_file_and_instance(tmp_path, ann, message):
     path = _coco(tmp_path, [ann])
     with pytest.raises(DdpmsegError) as e:
         load_annotations(path)
     assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("height, width", [(0, 20), (20, -3)])
+def test_a_coco_image_without_a_positive_size_is_a_one_line_error(tmp_path, height, width):
+    d = {"images": [{"id": 7, "file_name": "pic.png", "width": width, "height": height}],
+         "categories": [{"id": 1, "name": "disc"}], "annotations": []}
+    (tmp_path / "ann.json").write_text(json.dumps(d))
+    with pytest.raises(DdpmsegError) as e:
+        load_annotations(tmp_path / "ann.json")
+    assert f"images[0] ('pic.png') has height {height} and width {width}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unreadable_instances_csv_is_a_one_line_error(tmp_path, monkeypatch):
+    import ddpmseg.instances.annotations as annotations
+
+    Image.fromarray(np.ones((4, 4), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "instances.csv").write_bytes(b"image,instance,class\na,1,\xff\xfe\n")
+    with pytest.raises(DdpmsegError, match=r"instances.csv is not a readable CSV .*; give a text file"):
+        load_annotations(tmp_path, names=["bg", "cat"])
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(annotations, "open", denied, raising=False)
+    with pytest.raises(DdpmsegError, match=r"instances.csv: cannot read it \(Permission denied\)"):
+        load_annotations(tmp_path, names=["bg", "cat"])
 
 
 def test_id_pngs_take_classes_from_a_csv_or_a_semantic_mask_beside_them(tmp_path):
@@ -299,14 +329,29 @@ def test_instance_commands_refuse_mixed_inputs_in_one_line(scene_world, instance
     fails("predict", paths[0], "--model", model, "--out", tmp_path / "p", "--engine", "ray",
           match="is an instance model, which predicts in the plain loop only")
     fails("suggest", paths[5], "--model", model, "--out", tmp_path / "s", match="this is an instance model (the diffinst head)")
+    renamed = json.loads(coco.read_text())  # the same id naming another class
+    renamed["categories"] = [{**c, "name": "ball"} if c["id"] == 1 else c for c in renamed["categories"]]
+    (tmp_path / "renamed.json").write_text(json.dumps(renamed))
+    fails("evaluate", *paths[4:], "--model", model, "--instances", tmp_path / "renamed.json",
+          match="category 1 is 'ball' but the model's class 1 is 'disc'; give annotations with the model's category ids")
     assert not (tmp_path / "x").exists() and not (tmp_path / "p").exists()
 
 
-def test_the_control_has_distinct_learned_proposals_and_loads_back():
+def test_the_control_has_distinct_learned_proposals_and_loads_back(monkeypatch):
     """diffusion=false: Sparse R-CNN's learned boxes and proposal features (spread over the image, so the
-    proposals differ), t = 0, one step; its state loads back into the same predictions."""
-    from ddpmseg.heads import ImageMaps, get_head
+    proposals differ, and trained: they move from where they started), t = 0, one step; its state loads
+    back into the same predictions; fit leaves the global RNG alone."""
+    from ddpmseg.heads import ImageMaps, diffinst, get_head
     from ddpmseg.instances.synthetic import make_scenes
+
+    start = []
+    init = diffinst.DiffInstNet.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        start.append(self.proposal_boxes.weight.detach().clone())
+
+    monkeypatch.setattr(diffinst.DiffInstNet, "__init__", spy)
 
     scenes = make_scenes(4, 32, seed=1, objects=(2, 3))
     maps = [{(0, 1): torch.from_numpy(img).permute(2, 0, 1).float().numpy() / 255} for img, _ in scenes]
@@ -314,9 +359,15 @@ def test_the_control_has_distinct_learned_proposals_and_loads_back():
     config = spec.make_config({"diffusion": False, "proposals": 6, "stages": 1, "width": 16, "pca": 3, "pooler": 2,
                                "iterations": 3, "batch_size": 2, "threshold": 0.0, "resolution": 32})
     est = spec.build(config, n_classes=4, ignore_index=0, random_state=0, device="cpu", progress=False)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     est.fit(ImageMaps(maps, ((0, 1),), 32), [inst for _, inst in scenes])
+    assert torch.equal(torch.rand(3), expected)  # the global RNG as fit found it
     boxes = est._learned_boxes(1)[0]
     assert len({tuple(b) for b in boxes.tolist()}) == 6  # six different boxes
+    moved = (est.module_.proposal_boxes.weight.detach() - start[0]).abs()
+    assert len(start) == 1 and (moved.amax(1) > 1e-5).sum() >= 3  # the boxes learned (most of them moved)
     assert "the control (learned boxes, one step)" in est.describe()
     inst = est.predict_instances(maps[0], ((0, 1),), 32)
     again = spec.load(est.state_dict(), spec.fitted_config(est), n_classes=4, ignore_index=0, random_state=0)

@@ -167,7 +167,9 @@ class Stage(nn.Module):
         scale, shift = self.time(temb)[:, None].chunk(2, -1)
         x = x * (1 + scale) + shift
         x = self.norm2(x + self.ffn(x))
-        cxcywh = xyxy_to_cxcywh(boxes.detach())
+        # the delta base keeps its gradient: the control's learned stage-0 boxes learn through it (as in
+        # Sparse R-CNN; RoIAlign passes none to the boxes there either); DiffInstNet detaches between stages
+        cxcywh = xyxy_to_cxcywh(boxes)
         d = self.box(x)  # Sparse R-CNN's deltas, weights (2, 2, 1, 1)
         ctr = cxcywh[..., :2] + d[..., :2] / 2 * cxcywh[..., 2:]
         wh = cxcywh[..., 2:] * torch.exp(d[..., 2:].clamp(max=math.log(1000 / 16)))
@@ -216,6 +218,7 @@ class DiffInstNet(nn.Module):
         for stage in self.stages:
             logits, boxes, filters, prev = stage(feat, boxes, prev, temb, self.pooler)
             outs.append((logits, boxes, filters))
+            boxes = boxes.detach()  # Sparse R-CNN: each stage refines the previous one's boxes as constants
         return outs, mask_feat
 
 
@@ -353,7 +356,6 @@ class DiffInstHead(BaseEstimator):
         if not any(len(i) for i in y):
             raise DdpmsegError("diffinst head: no image holds an instance; give annotations with instances")
         cfg = self.config
-        torch.manual_seed(self.random_state)
         g = torch.Generator().manual_seed(self.random_state)
         self.keys_ = [tuple(k) for k in X.keys]
         self.size_ = int(X.size)
@@ -363,7 +365,9 @@ class DiffInstHead(BaseEstimator):
         d = raw[0].shape[0]
         self.n_features_in_ = d
         self.alphas_cumprod_ = cosine_alphas_cumprod()
-        net = DiffInstNet(d, int(self.n_classes), cfg)
+        with torch.random.fork_rng(devices=[]):  # the module's init from the seed, the global RNG untouched
+            torch.manual_seed(int(self.random_state))
+            net = DiffInstNet(d, int(self.n_classes), cfg)
         pixels = torch.cat([x.reshape(d, -1) for x in raw], 1)
         mean, std = pixels.mean(1), pixels.std(1).clamp(min=1e-6)
         z = ((pixels - mean[:, None]) / std[:, None]).T

@@ -98,14 +98,22 @@ def _decode(seg: Any, h: int, w: int, where: str) -> np.ndarray:
                                    f"(got {len(p)} values); fix or remove it")
         rle = mask.merge(mask.frPyObjects(polys, h, w))
     elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [h, w]:
-            raise DdpmsegError(f"{where}: RLE size {list(seg['size'])} is not the image's [height, width] [{h}, {w}]")
-        if isinstance(seg["counts"], list):
-            rle = mask.frPyObjects(seg, h, w)
-        else:
-            counts = seg["counts"]
-            rle = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
+        size = seg["size"]
+        if not isinstance(size, (list, tuple)) or list(size) != [h, w]:
+            raise DdpmsegError(f"{where}: RLE size {size!r} is not the image's [height, width] [{h}, {w}]")
+        counts = seg["counts"]
+        if isinstance(counts, list):  # uncompressed: run lengths that cover the image
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) or sum(counts) != h * w:
+                raise DdpmsegError(f"{where}: uncompressed RLE counts must be non-negative whole numbers summing to "
+                                   f"height x width = {h * w}; fix the counts")
+        elif not isinstance(counts, (str, bytes)):
+            raise DdpmsegError(f"{where}: RLE counts must be a string (compressed) or a list of run lengths, "
+                               f"got {type(counts).__name__}")
         try:
+            if isinstance(counts, list):
+                rle = mask.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+            else:
+                rle = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
             m = mask.decode(rle)
         except Exception as e:  # pycocotools raises bare errors on corrupt counts
             raise DdpmsegError(f"{where}: the RLE cannot be decoded ({type(e).__name__}); rewrite it") from None
@@ -137,7 +145,10 @@ def _load_coco(path: Path) -> Annotations:
     for i, im in enumerate(images):
         w = f"{path}: images[{i}]"
         iid, name = _need(im, "id", int, w), _need(im, "file_name", str, w)
-        by_id[iid] = (Path(name).stem, _need(im, "height", int, w), _need(im, "width", int, w))
+        ih, iw = _need(im, "height", int, w), _need(im, "width", int, w)
+        if ih < 1 or iw < 1:
+            raise DdpmsegError(f"{w} ({name!r}) has height {ih} and width {iw}; give the image's size in pixels (both >= 1)")
+        by_id[iid] = (Path(name).stem, ih, iw)
     parts: dict[int, list[tuple[np.ndarray, int]]] = {iid: [] for iid in by_id}
     for i, a in enumerate(anns):
         w = f"{path}: annotation {a.get('id', i) if isinstance(a, dict) else i}"
@@ -174,8 +185,13 @@ def _read_ids(path: Path) -> np.ndarray:
 
 def _read_csv(path: Path) -> dict[str, dict[int, str]]:
     out: dict[str, dict[int, str]] = {}
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as e:
+        raise DdpmsegError(f"{path}: cannot read it ({e.strerror or e}); check the file's permissions") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DdpmsegError(f"{path} is not a readable CSV ({e}); give a text file image,instance,class") from None
     if not rows or [c.strip().lower() for c in rows[0]] != ["image", "instance", "class"]:
         raise DdpmsegError(f"{path}: the first row must be the header image,instance,class")
     for n, row in enumerate(rows[1:], start=2):

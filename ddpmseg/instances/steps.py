@@ -160,6 +160,11 @@ def predict_instance_images(paths: Sequence[Path], model_dir: str | Path, out: P
 
 
 # -- evaluate ----------------------------------------------------------------------------------------------------
+def _named(name: str, cid: int) -> bool:
+    """Whether ``name`` is a real class name rather than the placeholder for an unnamed id."""
+    return bool(name.strip()) and name.strip() != f"class {cid}"
+
+
 def evaluate_instances(model_dir: str | Path, images: Sequence[Path], instances: str | Path, *, checkpoint: Any = None,
                        device: str = "auto", progress: bool = False) -> dict[str, Any]:
     """COCO mask AP, AP50, AP75 and per-class AP of an instance model on the annotated ``images``."""
@@ -168,6 +173,11 @@ def evaluate_instances(model_dir: str | Path, images: Sequence[Path], instances:
     pairs = [p for p in images if p.stem in ann.images]
     if not pairs:
         raise DdpmsegError(f"no image of the {len(images)} given is annotated in {instances}; give the annotated images")
+    for cid, name in sorted(ann.categories.items()):  # the same id must mean the same class (unnamed ones: any)
+        if 1 <= cid < len(seg.names) and _named(name, cid) and _named(seg.names[cid], cid) \
+                and name.strip().lower() != seg.names[cid].strip().lower():
+            raise DdpmsegError(f"{instances}: category {cid} is {name!r} but the model's class {cid} is "
+                               f"{seg.names[cid]!r}; give annotations with the model's category ids")
     for p in pairs:  # every annotation checked before the first forward pass
         rgb = data.load_rgb(p)
         ann.check_size(p.stem, (rgb.shape[1], rgb.shape[0]))
