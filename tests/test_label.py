@@ -86,6 +86,25 @@ def test_first_visit_sets_a_cookie_that_reads_but_never_writes(client):
     assert c.get("/api/images").status_code == 401
 
 
+def test_two_servers_on_one_host_keep_their_own_cookies(world, tmp_path):
+    # browsers send a host's cookies to every port of it: a second server must not replace the first's
+    apps = {}
+    for port, token in ((8001, "token-of-8001"), (8002, "token-of-8002")):
+        s = open_session([world / "imgs"], world / "classes.csv", tmp_path / f"labels{port}", features=world / "feats.h5",
+                         token=token, fit_options=FIT)
+        apps[port] = TestClient(server.create_app(s), base_url=f"http://127.0.0.1:{port}")
+    jar = {}
+    for port, c in apps.items():
+        r = c.get(f"/?token=token-of-{port}")
+        assert r.status_code == 200
+        jar.update(dict(r.cookies))
+    assert len(jar) == 2 and all(str(port) in name for port, name in zip(apps, sorted(jar)))
+    for c in apps.values():  # both cookies reach both servers; each reads its own
+        c.cookies.clear()
+        c.cookies.update(jar)
+        assert c.get("/api/images").status_code == 200
+
+
 # -- names, traversal, limits -----------------------------------------------------------------
 @pytest.mark.parametrize("name", ["..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "image_0.jpg", "nothing", "..",
                                   "image_0%00", "classes"])

@@ -29,11 +29,18 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}  # what /static/ serves, nothing else
-COOKIE = "ddpmseg_label_token"
+COOKIE = "ddpmseg_label_token"  # + "_PORT": browsers share cookies across ports, so each server names its own
 MAX_PNG_BYTES = 16 << 20  # PUT /api/labels
 MAX_JSON_BYTES = 32 << 20  # PUT /api/history (strokes and run-length label maps)
 MAX_PIXELS = 100_000_000  # a label PNG larger than this is refused before it is decoded
 PURPOSE = "ddpmseg label (the labelling web app)"
+
+
+def cookie_name(scope: dict[str, Any]) -> str:
+    """The token cookie of the server that got this request: one name per listening port, so a second
+    ``ddpmseg label`` on another port of the same host does not overwrite the first one's cookie."""
+    server = scope.get("server") or (None, None)
+    return f"{COOKIE}_{server[1] if server[1] is not None else 0}"
 
 
 class TooLarge(DdpmsegError):
@@ -136,7 +143,7 @@ def create_app(session: Session):
         html = html.replace("{{TOKEN}}", token)  # only ever sent to a request that holds the token already
         resp = HTMLResponse(html, headers={"Cache-Control": "no-store"})
         if request.query_params.get("token"):
-            resp.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+            resp.set_cookie(cookie_name(request.scope), token, httponly=True, samesite="strict")
         return resp
 
     async def static(request: Request):
@@ -246,7 +253,7 @@ def create_app(session: Session):
             given = request.headers.get("x-token") or request.query_params.get("token")
             allowed = token_ok(given)
             if not allowed and request.method in ("GET", "HEAD"):
-                allowed = token_ok(request.cookies.get(COOKIE))
+                allowed = token_ok(request.cookies.get(cookie_name(scope)))
             if not allowed:
                 write = request.method not in ("GET", "HEAD")
                 msg = ("this request needs the session's token in the X-Token header (or ?token=)" if write else
