@@ -109,6 +109,31 @@ class LabelStore:
             remove_stale_temps(self.label_path(n))
             remove_stale_temps(self.history_path(n))
         self._lock = threading.Lock()
+        for n in self.entries:
+            self._reconcile(n)
+
+    def _reconcile(self, name: str) -> None:
+        """Rewrite the label PNG from the history where they disagree: :meth:`save` writes the history
+        first, so a server killed between the two writes left a PNG (what fit reads) without the last edit."""
+        from ddpmseg.label.strokes import replay
+
+        if not self.history_path(name).is_file():
+            return
+        try:
+            doc = self.history(name)
+            want = replay(doc)
+            have = self.labels(name)
+        except (OSError, ValueError, DdpmsegError) as err:  # a symlink out of LABELS/, a PNG of another size
+            log.warning("labels of %s not checked against its history (%s)", name, err)
+            return
+        if np.array_equal(want, have):
+            return
+        log.info("label PNG of %s did not match its history (a server killed mid-save?); rewritten from it", name)
+        path = self.label_path(name)
+        if (want != UNLABELLED).any():
+            self._write_label_png(path, want)
+        elif path.is_file() or path.is_symlink():
+            path.unlink()
 
     @property
     def work(self) -> Path:
