@@ -128,9 +128,34 @@ def test_a_symlink_out_of_labels_is_refused(client, tmp_path):
     c, s = client
     secret = tmp_path / "secret.png"
     Image.fromarray(np.zeros((256, 256), np.uint8), "L").save(secret)
+    lab = np.full((256, 256), UNLABELLED, np.uint8)
+    lab[5:9, 5:50] = 1
+    assert c.put("/api/labels/image_0", content=png_bytes(lab), headers=H).status_code == 200
+    digest = s.store.label_digest()
     (s.store.out / "image_1.png").symlink_to(secret)
     assert c.get("/api/labels/image_1", headers=H).status_code == 404
     assert c.get("/api/history/image_1", headers=H).status_code == 404
+    # not a labelled image, nor in what a fit depends on; Predict refuses (fit --masks LABELS/ would read it)
+    assert s.store.labelled() == ["image_0"] and s.store.label_digest() == digest
+    assert {i["name"]: i["state"] for i in c.get("/api/images", headers=H).json()}["image_1"] == "unlabelled"
+    r = c.post("/api/predict/image_0", headers=H)
+    assert r.status_code == 409 and "image_1" in r.json()["error"] and "symlink" in r.json()["error"]
+    (s.store.out / "image_1.png").unlink()
+    (s.store.out / "image_1.png").symlink_to(s.store.out / "image_0.png")  # a link inside LABELS/ is a label
+    assert s.store.labelled() == ["image_0", "image_1"]
+
+
+@pytest.mark.parametrize("folder", ["strokes", WORK])
+def test_a_symlinked_store_folder_is_refused_at_start(world, tmp_path, folder):
+    out = tmp_path / "labels"
+    out.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (out / folder).symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(DdpmsegError, match="symlink") as err:
+        session(world, out)
+    assert "\n" not in str(err.value)
+    fails("label", world / "imgs", "--classes", world / "classes.csv", "--out", out, "--features", world / "feats.h5",
+          "--port", "0", match=("symlink", folder))
 
 
 def test_upload_limits_and_bad_bodies(client, monkeypatch):

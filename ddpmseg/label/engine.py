@@ -133,6 +133,9 @@ class Labeller:
         from ddpmseg.pipeline import fit_model
 
         labelled = self.store.labelled()
+        if self.store.links_out():  # fit reads the whole folder: it would train on them
+            raise DdpmsegError(f"label PNGs of {', '.join(self.store.links_out()[:5])} are symlinks leading out of "
+                               f"{self.store.out}; remove them (or copy the masks in), then Predict")
         if not labelled:
             raise DdpmsegError("nothing is labelled yet: paint a few strokes of each class, then Predict")
         digest = self.store.label_digest()

@@ -103,6 +103,10 @@ class LabelStore:
                                    "rename one of them: labels are saved as ID.png")
             w, h = data.open_image(p, "image").size
             self.entries[p.stem] = ImageEntry(p.stem, p, w, h)
+        for d in (self.out / STROKES_DIR, self.work):  # their files are written and read without _inside()
+            if d.is_symlink():
+                raise DdpmsegError(f"{d} is a symlink; labelling writes there, so it must be a real folder inside "
+                                   f"{self.out}: remove the link")
         for d in (self.out, self.out / STROKES_DIR, self.work):
             d.mkdir(parents=True, exist_ok=True)
         for n in self.entries:  # the temp files of a server killed while writing
@@ -282,21 +286,32 @@ class LabelStore:
     def state(self, name: str) -> str:
         """unlabelled, partly labelled, predicted (a prediction newer than the labels) or done."""
         path = self.history_path(name)
-        if path.is_file():
+        if path.is_file() and path.resolve().is_relative_to(self.out.resolve()):
             try:
                 if json.loads(path.read_text(encoding="utf-8")).get("done") is True:
                     return "done"
             except (OSError, ValueError):
                 pass
         pred = self.prediction_path(name)
-        labels = self.label_path(name)
-        if pred.is_file() and (not labels.is_file() or pred.stat().st_mtime_ns >= labels.stat().st_mtime_ns):
+        labels = self._saved(name)
+        if pred.is_file() and (labels is None or pred.stat().st_mtime_ns >= labels.stat().st_mtime_ns):
             return "predicted"
-        return "partly labelled" if labels.is_file() else "unlabelled"
+        return "partly labelled" if labels is not None else "unlabelled"
+
+    def _saved(self, name: str) -> Path | None:
+        """The label PNG of ``name`` if there is one inside LABELS/ (a symlink leading out of it is ignored)."""
+        path = self.label_path(name)
+        if not path.is_file() or (path.is_symlink() and not path.resolve().is_relative_to(self.out.resolve())):
+            return None
+        return path
+
+    def links_out(self) -> list[str]:
+        """Names whose label PNG is a symlink leading out of LABELS/ (``fit --masks LABELS/`` would read it)."""
+        return [n for n in self.entries if self.label_path(n).is_file() and self._saved(n) is None]
 
     def labelled(self) -> list[str]:
-        """Names of the images with at least one labelled pixel saved."""
-        return [n for n in self.entries if self.label_path(n).is_file()]
+        """Names of the images with at least one labelled pixel saved (symlinks out of LABELS/ ignored)."""
+        return [n for n in self.entries if self._saved(n) is not None]
 
     def label_digest(self) -> str:
         """One digest of every saved label PNG (what a fit depends on)."""
