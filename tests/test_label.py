@@ -241,6 +241,31 @@ def test_put_labels_becomes_an_undoable_edit(client):
     assert np.array_equal(rle_decode(doc["ops"][0]["rle"], 256, 256), lab)
 
 
+def test_put_labels_racing_a_history_put_drops_no_edit(world, tmp_path, monkeypatch):
+    store = session(world, tmp_path / "labels").store
+    stroke = {"k": "s", "c": 0, "r": 3, "p": [10, 10, 60, 12]}
+    other = {"ops": [stroke], "cursor": 1, "done": False, "width": 256, "height": 256}
+    read, racers = store.history, []
+
+    def history_then_a_racing_put(name):  # a PUT /api/history arrives between set_labels' read and write
+        doc = read(name)
+        t = threading.Thread(target=store.save, args=(name, other, replay(other)))
+        t.start()
+        t.join(0.5)  # it finishes here unless set_labels holds the lock
+        racers.append(t)
+        return doc
+
+    monkeypatch.setattr(store, "history", history_then_a_racing_put)
+    lab = np.full((256, 256), UNLABELLED, np.uint8)
+    lab[100:110, 100:150] = 1
+    store.set_labels("image_0", lab)
+    racers[0].join(10)
+    monkeypatch.undo()
+    final = store.history("image_0")
+    assert stroke in final["ops"]  # the racing PUT's edit is the last write, not overwritten by a stale one
+    assert np.array_equal(data.load_mask(store.label_path("image_0")), replay(final))
+
+
 def test_masks_made_elsewhere_open_as_one_edit(client):
     """A full mask already in LABELS/ (colour-coded with the label set's colours) is there to correct."""
     c, s = client

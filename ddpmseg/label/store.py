@@ -112,7 +112,7 @@ class LabelStore:
         for n in self.entries:  # the temp files of a server killed while writing
             remove_stale_temps(self.label_path(n))
             remove_stale_temps(self.history_path(n))
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # set_labels holds it around its read-modify-write and save()
         for n in self.entries:
             self._reconcile(n)
 
@@ -272,10 +272,11 @@ class LabelStore:
             raise BadInput(f"labels are {labels.shape[1]}x{labels.shape[0]} but image {name} is {e.width}x{e.height}")
         self._check_classes(labels)
         labels = labels.astype(np.uint8)
-        doc = self.history(name)
-        doc["ops"] = doc["ops"][: doc["cursor"]] + [{"k": "set", "rle": rle_encode(labels)}]
-        doc["cursor"] = len(doc["ops"])
-        return self.save(name, doc, labels)
+        with self._lock:  # a PUT /api/history between the read and the write would be dropped
+            doc = self.history(name)
+            doc["ops"] = doc["ops"][: doc["cursor"]] + [{"k": "set", "rle": rle_encode(labels)}]
+            doc["cursor"] = len(doc["ops"])
+            return self.save(name, doc, labels)
 
     def _write_label_png(self, path: Path, labels: np.ndarray) -> None:
         from ddpmseg import viz
