@@ -529,6 +529,20 @@ def test_other_hosts_warn(world, tmp_path, caplog):
     assert any("other machines" in r.message for r in caplog.records)
 
 
+def test_the_library_logs_the_url_instead_of_printing_it(world, tmp_path, caplog, capsys):
+    import logging
+
+    from ddpmseg.label import label_images
+
+    stop = threading.Event()
+    stop.set()
+    with caplog.at_level(logging.INFO, logger="ddpmseg.label"):
+        label_images([world / "imgs"], world / "classes.csv", tmp_path / "l", features=world / "feats.h5", port=0,
+                     stop=stop)
+    assert capsys.readouterr().out == ""  # library code is quiet
+    assert any("http://127.0.0.1:" in r.getMessage() and "token=" in r.getMessage() for r in caplog.records)
+
+
 def test_the_page_is_package_data():
     """Every file of the page is installed (setup.cfg's package_data), so a wheel serves it too."""
     import configparser

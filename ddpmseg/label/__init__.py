@@ -55,9 +55,10 @@ def label_images(images: Sequence[str | Path], classes: str | Path, out: str | P
                  host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False,
                  backbone_args: Mapping[str, Any] | None = None, extract: "ExtractConfig | None" = None,
                  fit_options: Mapping[str, Any] | None = None, device: str = "auto",
-                 announce: Callable[[str], None] = print, stop: threading.Event | None = None) -> None:
+                 announce: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> None:
     """Serve the labelling page for ``images`` (label set ``classes``, labels saved in ``out``) until
-    Ctrl-C; ``announce`` gets the one line with the URL and its token. Features: ``features`` (a cache
+    Ctrl-C; ``announce`` gets the one line with the URL and its token (default: logged at INFO; the CLI
+    prints it). Features: ``features`` (a cache
     holding the images) or ``checkpoint`` (extracted on demand into ``out``/.ddpmseg-label/features)."""
     from ddpmseg._optional import optional_import
     from ddpmseg.label import server
@@ -72,7 +73,10 @@ def label_images(images: Sequence[str | Path], classes: str | Path, out: str | P
     sock = server.bind(host, port)
     threading.Thread(target=session.labeller.warm_up, daemon=True, name="ddpmseg-label-warm-up").start()
     url = server.url_of(sock, host, session.token)
-    announce(url)
+    if announce is None:
+        log.info("ddpmseg label: open %s", url)
+    else:
+        announce(url)
     if open_browser:
         webbrowser.open(url)
     server.run_server(server.create_app(session), sock, stop)
