@@ -67,8 +67,16 @@ def test_every_route_needs_the_token(client):
         assert c.get(path).status_code == 401, path
         assert c.get(path, headers={"X-Token": "wrong"}).status_code == 401, path
         assert c.get(path, headers=H).status_code == 200, path
+    for path in ("/api/prediction/image_0", "/api/prediction/image_0?format=rle", "/api/prediction/image_0/uncertainty"):
+        assert c.get(path).status_code == 401, path
+        assert c.get(path, headers={"X-Token": "wrong"}).status_code == 401, path
+        assert c.get(path, headers=H).status_code == 404, path  # past the token: no prediction yet
     assert c.post("/api/predict/image_0").status_code == 401
     assert c.put("/api/labels/image_0", content=b"x").status_code == 401
+    doc = {"ops": [], "cursor": 0, "done": True, "labels": rle_encode(np.full((256, 256), UNLABELLED, np.uint8))}
+    assert c.put("/api/history/image_0", content=json.dumps(doc)).status_code == 401
+    assert c.put("/api/history/image_0", content=json.dumps(doc), headers={"X-Token": "wrong"}).status_code == 401
+    assert c.get("/api/history/image_0", headers=H).json()["done"] is False  # nothing was written
 
 
 def test_first_visit_sets_a_cookie_that_reads_but_never_writes(client):
