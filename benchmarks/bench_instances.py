@@ -92,6 +92,8 @@ def run_dataset(d: dict, args: argparse.Namespace, out: Results) -> None:
     scores: dict[str, list] = {}
     for seed in range(args.seeds):
         for variant, diffusion in (("diffinst", True), ("control", False)):
+            if variant not in args.variants:
+                continue
             cfg = spec.make_config({"iterations": args.iterations, "diffusion": diffusion, "width": args.width,
                                     "proposals": args.proposals, "stages": args.stages})
             r = cfg.working_resolution(size)
@@ -106,13 +108,15 @@ def run_dataset(d: dict, args: argparse.Namespace, out: Results) -> None:
                 pred = {i: est.predict_instances(maps[i], keys, size, steps=steps).to_original(pres[i]) for i in d["test"]}
                 pred_s = (time.perf_counter() - t0) / len(d["test"])
                 res = mask_ap(truth, pred, d["categories"])
-                name = f"{variant} {steps} step{'s' if steps > 1 else ''}" if diffusion else "control (fixed proposals, 1 step)"
+                name = f"{variant} {steps} step{'s' if steps > 1 else ''}" if diffusion else "control (learned proposals, 1 step)"
                 scores.setdefault(name, []).append(res)
                 out.row("instances", dataset=d["name"], variant=name, seed=seed, ap=res["ap"], ap50=res["ap50"],
                         ap75=res["ap75"], per_class=res["per_class"], fit_seconds=round(fit_s, 1),
                         predict_s_per_image=round(pred_s, 4), parameters=n_params, iterations=args.iterations,
                         proposals=args.proposals, stages=args.stages, width=args.width, resolution=r,
                         final_loss=round(est.final_loss_, 3))
+        if "components" not in args.variants:
+            continue
         with tempfile.TemporaryDirectory() as tmp:  # the baseline: the MLP ensemble's class map, components
             t0 = time.perf_counter()
             f = fit_model(d["feats"], d["masks"], Path(tmp) / "m", classes=d["classes"], seed=seed, device="cpu",
@@ -158,7 +162,13 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=0, help="training images (0: 20 synthetic, 10 FASSEG)")
     ap.add_argument("--test", type=int, default=0, help="test images (0: 20 synthetic, 10 FASSEG)")
     ap.add_argument("--contaminated", action="store_true", help="mark the timings as measured beside other load")
+    ap.add_argument("--variants", default="diffinst,control,components",
+                    help="which to run, comma-separated: diffinst (1 and 4 steps), control, components")
     args = ap.parse_args()
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - {"diffinst", "control", "components"})
+    if unknown or not args.variants:
+        ap.error(f"--variants: unknown {unknown}; choose from diffinst, control, components")
     torch.set_num_threads(1)
     with Results("instances", args) as out, tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets.split(","):

@@ -499,9 +499,22 @@ def t_student_forward(results, every):
     return table(["student", "parameters", "forward at 256 px", *TAIL], body)
 
 
+OLD_CONTROL, NEW_CONTROL = "control (fixed proposals, 1 step)", "control (learned proposals, 1 step)"
+
+
 def t_instances(results, every):
+    """Per data set and model the newest run's row; a control rerun (``--variants control``, after the
+    control's proposal boxes were made to learn) takes the place of the old control row, which trained
+    non-learning boxes (``every``: all rows as they are)."""
     body = []
-    for row, res in pick(results, "instances_summary", lambda r: (r["dataset"], r["variant"]), every):
+    rows = pick(results, "instances_summary", lambda r: (r["dataset"], r["variant"]), every)
+    if not every:
+        new = {row["dataset"]: (row, res) for row, res in rows if row["variant"] == NEW_CONTROL}
+        placed = [new[row["dataset"]] if row["variant"] == OLD_CONTROL and row["dataset"] in new else (row, res)
+                  for row, res in rows if not (row["variant"] == NEW_CONTROL and any(
+                      r["dataset"] == row["dataset"] and r["variant"] == OLD_CONTROL for r, _ in rows))]
+        rows = placed
+    for row, res in rows:
         size = f"{row['parameters'] / 1e6:.2f} M, {row['iterations']} steps" if row.get("parameters") else DASH
         timing = " (contaminated)" if row.get("timings") == "contaminated" else ""
         body.append([row["dataset"], row["variant"], pm(row["ap_mean"], row.get("ap_std"), 1),
