@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import operator
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,12 @@ from PIL import Image
 from ddpmseg import data
 from ddpmseg._io import remove_stale_temps, write_atomic
 from ddpmseg.errors import DdpmsegError
+from ddpmseg.label.strokes import UNLABELLED, BadInput, replay, rle_decode, rle_encode
 
+__all__ = ["UNLABELLED", "BadInput", "LabelStore", "NotFound", "rle_decode", "rle_encode"]  # the format's names, as before
 log = logging.getLogger(__name__)
 
 HISTORY_FORMAT = "ddpmseg-label-history/1"
-UNLABELLED = 255
 WORK_DIR = ".ddpmseg-label"
 STROKES_DIR = "strokes"
 STATES = ("unlabelled", "partly labelled", "predicted", "done")
@@ -45,42 +45,12 @@ class NotFound(DdpmsegError):
     """A name outside the image set (HTTP 404)."""
 
 
-class BadInput(DdpmsegError):
-    """A request body that is not what the API takes (HTTP 400)."""
-
-
 @dataclass(frozen=True)
 class ImageEntry:
     name: str
     path: Path
     width: int
     height: int
-
-
-def rle_encode(labels: np.ndarray) -> list[int]:
-    """Row-major run lengths of a uint8 map: ``[value, count, value, count, ...]``."""
-    flat = np.asarray(labels, dtype=np.uint8).reshape(-1)
-    if flat.size == 0:
-        return []
-    starts = np.r_[0, np.flatnonzero(flat[1:] != flat[:-1]) + 1]
-    counts = np.diff(np.r_[starts, flat.size])
-    return np.stack([flat[starts].astype(np.int64), counts], 1).reshape(-1).tolist()
-
-
-def rle_decode(rle: Sequence[int], width: int, height: int) -> np.ndarray:
-    """The (height, width) uint8 map of :func:`rle_encode`'s list; a wrong total or value is a BadInput."""
-    n = width * height
-    msg = f"rle must hold values 0..255 with counts 1..{n} summing to {width}x{height} = {n}"
-    if isinstance(rle, (str, bytes)) or not isinstance(rle, Sequence) or len(rle) % 2:
-        raise BadInput("rle must be a flat list [value, count, value, count, ...]")
-    try:  # Python ints: an int64 sum of huge counts could wrap to n (np.repeat would then crash the server)
-        items = [operator.index(v) for v in rle]
-    except (TypeError, ValueError, OverflowError):
-        raise BadInput(msg) from None
-    values, counts = items[0::2], items[1::2]
-    if any(not 0 <= v <= 255 for v in values) or any(not 1 <= c <= n for c in counts) or sum(counts) != n:
-        raise BadInput(msg)
-    return np.repeat(np.asarray(values, np.uint8), np.asarray(counts, np.int64)).reshape(height, width)
 
 
 def _number(v: Any) -> bool:
@@ -119,7 +89,6 @@ class LabelStore:
     def _reconcile(self, name: str) -> None:
         """Rewrite the label PNG from the history where they disagree: :meth:`save` writes the history
         first, so a server killed between the two writes left a PNG (what fit reads) without the last edit."""
-        from ddpmseg.label.strokes import replay
 
         if not self.history_path(name).is_file():
             return

@@ -1,4 +1,4 @@
-"""Strokes in Python, torch-free: replaying a saved history into labels exactly as the page paints them
+"""Strokes in Python, torch-free: the run-length code of label maps (:func:`rle_encode`), replaying a saved history into labels exactly as the page paints them
 (:func:`replay`), and synthetic scribbles drawn inside a true mask's classes (:func:`scribbles`), which
 benchmarks/bench_label.py and the docs' screenshot use in place of a person.
 
@@ -9,11 +9,46 @@ dabs along its polyline every ``max(0.5, r / 2)`` pixels (static/app.js does the
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Sequence
 
 import numpy as np
 
-from ddpmseg.label.store import UNLABELLED, rle_decode
+from ddpmseg.errors import DdpmsegError
+
+UNLABELLED = 255  # a label PNG's unlabelled pixels
+
+
+class BadInput(DdpmsegError):
+    """A request body that is not what the API takes (HTTP 400)."""
+
+
+def rle_encode(labels: np.ndarray) -> list[int]:
+    """Row-major run lengths of a uint8 map: ``[value, count, value, count, ...]``."""
+    flat = np.asarray(labels, dtype=np.uint8).reshape(-1)
+    if flat.size == 0:
+        return []
+    starts = np.r_[0, np.flatnonzero(flat[1:] != flat[:-1]) + 1]
+    counts = np.diff(np.r_[starts, flat.size])
+    return np.stack([flat[starts].astype(np.int64), counts], 1).reshape(-1).tolist()
+
+
+def rle_decode(rle: Sequence[int], width: int, height: int) -> np.ndarray:
+    """The (height, width) uint8 map of :func:`rle_encode`'s list; a wrong total or value is a BadInput."""
+    n = width * height
+    msg = f"rle must hold values 0..255 with counts 1..{n} summing to {width}x{height} = {n}"
+    if isinstance(rle, (str, bytes)) or not isinstance(rle, Sequence) or len(rle) % 2:
+        raise BadInput("rle must be a flat list [value, count, value, count, ...]")
+    try:  # Python ints: an int64 sum of huge counts could wrap to n (np.repeat would then crash the server)
+        items = [operator.index(v) for v in rle]
+    except (TypeError, ValueError, OverflowError):
+        raise BadInput(msg) from None
+    values, counts = items[0::2], items[1::2]
+    if any(not 0 <= v <= 255 for v in values) or any(not 1 <= c <= n for c in counts) or sum(counts) != n:
+        raise BadInput(msg)
+    return np.repeat(np.asarray(values, np.uint8), np.asarray(counts, np.int64)).reshape(height, width)
+
+
 
 
 def dab(labels: np.ndarray, c: int, cx: float, cy: float, r: float) -> None:
