@@ -30,7 +30,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpmseg import data, viz
