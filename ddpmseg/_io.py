@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -72,6 +73,25 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_json(path: Path, option: str, fix: str) -> object:
+    """The JSON value of the file ``path`` given by ``option``; unreadable or not JSON is a one-line
+    error ending in ``fix`` (what the file should hold)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise DdpmsegError(f"{option} {path}: cannot read it ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DdpmsegError(f"{option} {path} is not JSON ({e}); {fix}") from None
+
+
+def changed_file(path: Path, digest: str | None) -> str | None:
+    """What is wrong with ``path`` against the sha256 recorded for it: "is gone", "has changed" (the
+    contents differ), or None (there, and the same; any contents when ``digest`` is empty)."""
+    if not path.is_file():
+        return "is gone"
+    return "has changed" if digest and file_sha256(path) != digest else None
 
 
 def _fsync(path: Path) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ddpmseg import data, viz
-from ddpmseg._io import file_sha256, remove_stale_temps
+from ddpmseg._io import changed_file, file_sha256, remove_stale_temps
 from ddpmseg.backbones import Backbone, backbone_from_record, create_backbone, precision_dtype, resolve_device
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.cache import FeatureWriter
@@ -52,8 +52,9 @@ def cached_image(image_id: str, source: str, digest: str | None, size: int, mode
     """The model input (3, S, S) of a cached image, read again from its source file (for a head that
     reads pixels); a file moved or changed since extraction is a one-line error."""
     path = Path(source)
-    if not path.is_file() or (digest and file_sha256(path) != digest):
-        what = "is gone" if not path.is_file() else "has changed since extraction (sha256 differs)"
+    what = changed_file(path, digest)
+    if what:
+        what += " since extraction (sha256 differs)" if what == "has changed" else ""
         raise DdpmsegError(f"image {image_id!r}: its source {path} {what}, and this head reads the images' pixels; "
                            "put the file back or extract the features again")
     return load_image(path, size, mode)[1][0]

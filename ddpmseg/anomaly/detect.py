@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpmseg import data, viz
-from ddpmseg._io import check_not_there, check_writable, file_sha256, save_npy_atomic, write_atomic
+from ddpmseg._io import changed_file, check_not_there, check_writable, file_sha256, save_npy_atomic, write_atomic
 import ddpmseg.backbones.runs as runs
 from ddpmseg.anomaly import knn
 from ddpmseg.anomaly.config import (
@@ -221,8 +221,9 @@ def _normal_images(normal: Sequence[str | Path] | None, checkpoint: str | Path) 
                            "folder that records its training images, so give them with --normal DIR")
     listed = runs.training_images(run)
     for path, digest in listed:
-        if not path.is_file() or file_sha256(path) != digest:
-            what = "is gone" if not path.is_file() else "has changed since training (sha256 differs)"
+        what = changed_file(path, digest)
+        if what:
+            what += " since training (sha256 differs)" if what == "has changed" else ""
             raise DdpmsegError(f"training image {path} of {run} {what}; put it back, or give the normal images "
                                "with --normal DIR")
     return listed
@@ -248,8 +249,7 @@ def _bank(backbone: Backbone, normal: list[tuple[Path, str]], settings: knn.KnnS
     for p, _ in tqdm(normal, desc="knn bank: features", unit="image", disable=not progress):
         x0, _ = data.preprocess_image(data.load_rgb(p), size, "resize")
         feats.append(knn.patch_features(backbone, x0, noise, settings, precision))
-    n_keep = max(1, round(settings.coreset * sum(len(f) for f in feats)))
-    with tqdm(total=n_keep, desc="knn bank: coreset", unit="patch", disable=not progress or settings.coreset >= 1) as bar:
+    with tqdm(total=settings.bank_size(sum(len(f) for f in feats)), desc="knn bank: coreset", unit="patch", disable=not progress or settings.coreset >= 1) as bar:
         bank = knn.build_bank(feats, knn.block_widths(backbone, settings), settings, key, bar.update)
     bank.save(path)
     return bank

@@ -56,6 +56,10 @@ class KnnSettings:
     coreset: float = 0.01  # fraction of the normal patches kept (1: every patch)
     scale: bool = True  # each block map divided by its RMS over the normal patches (else the largest blocks dominate)
 
+    def bank_size(self, n_patches: int) -> int:
+        """How many of ``n_patches`` normal patches the bank keeps."""
+        return max(1, round(self.coreset * n_patches))
+
 
 def patch_features(backbone: Backbone, x0: torch.Tensor, noise: torch.Tensor, settings: KnnSettings,
                    precision: str = "fp32") -> torch.Tensor:
@@ -156,7 +160,7 @@ def build_bank(features: Sequence[torch.Tensor], widths: Sequence[int], settings
     else:
         scale = torch.ones(x.shape[1])
     x = x * scale
-    n = max(1, round(settings.coreset * len(x)))
+    n = settings.bank_size(len(x))
     chosen = greedy_coreset(x, n, settings.seed, progress)[0] if n < len(x) else torch.arange(len(x))
     bank, bank_owner = x[chosen].contiguous(), owner[chosen]
     return PatchBank(bank, scale, _radius(x, owner, bank, bank_owner, settings.seed), key)

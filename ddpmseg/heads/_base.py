@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from sklearn.exceptions import NotFittedError as _SkNotFittedError
 
+from ddpmseg._io import read_json
 from ddpmseg.errors import DdpmsegError
 
 Key = tuple[int, int]  # (timestep, decoder block)
@@ -192,12 +193,7 @@ def config_dict(config: Any) -> dict[str, Any]:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The JSON object of ``--head-config FILE``."""
     path = Path(path)
-    try:
-        value = json.loads(path.read_text())
-    except OSError as e:
-        raise DdpmsegError(f"--head-config {path}: cannot read it ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DdpmsegError(f"--head-config {path} is not JSON ({e}); write one object such as {{\"steps\": 3}}") from None
+    value = read_json(path, "--head-config", 'write one object such as {"steps": 3}')
     if not isinstance(value, dict):
         raise DdpmsegError(f"--head-config {path} holds a {type(value).__name__}; write one JSON object such as "
                            "{\"steps\": 3}")

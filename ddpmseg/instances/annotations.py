@@ -20,13 +20,13 @@ instance. Out: :func:`to_coco` (ground truth or results, RLE masks).
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ddpmseg._io import read_json
 from ddpmseg._optional import optional_import
 from ddpmseg.data.images import open_image
 from ddpmseg.data.masks import load_mask
@@ -124,12 +124,7 @@ def _decode(seg: Any, h: int, w: int, where: str) -> np.ndarray:
 
 
 def _load_coco(path: Path) -> Annotations:
-    try:
-        d = json.loads(path.read_text())
-    except OSError as e:
-        raise DdpmsegError(f"--instances {path}: cannot read it ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DdpmsegError(f"--instances {path} is not JSON ({e}); give a COCO instances file") from None
+    d = read_json(path, "--instances", "give a COCO instances file")
     where = f"--instances {path}"
     images = _need(d, "images", list, where)
     cats = _need(d, "categories", list, where)
