@@ -249,7 +249,7 @@ def fit_model(
         ids = [i for i, _ in pairs]
         digests = [cache.sha256(i) or "" for i in ids]
         maps = [cache.block_maps(i) for i in ids]
-        sources = [(i, cache.source(i), cache.sha256(i)) for i in ids]
+        sources = [(i, cache.source(i), d) for i, d in zip(ids, digests)]  # for a head that reads pixels
         n_pixels = int(sum((m != ignore_index).sum() for m in label_maps))
         trained = set(np.unique(np.concatenate([m.reshape(-1) for m in label_maps])).tolist())
         untrained = [c for c in range(labelset.n_classes) if c != ignore_index and c not in trained]
