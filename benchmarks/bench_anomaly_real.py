@@ -1,7 +1,8 @@
 """Anomaly detection on real defects: ELPV solar cells, heal and knn against the mean-image baseline.
 
     pip install elpv-dataset==1.0.0.post1
-    python benchmarks/bench_anomaly_real.py [--size 32] [--seeds 3] [--steps 1500] [--parts heal,knn]
+    python benchmarks/bench_anomaly_real.py [--size 32] [--seeds 3] [--steps 1500] [--parts baseline,heal,healx,knn]
+        [--starts 100,250,400,600] [--variants residual,scaling,all,single,random,greedy10]
 
 Data: ELPV (``elpv-dataset`` on PyPI, 2,624 greyscale 300x300 electroluminescence
 images of solar cells, each rated defective with probability 0, 1/3, 2/3 or 1;
@@ -15,20 +16,31 @@ of each, the other 488 normal cells train the DDPM (``train-ddpm --image-size
 SIZE --batch-size 16 --lr 2e-4``, ``--steps``, its seed = the benchmark seed;
 kept in ``$DDPMSEG_BENCH_CACHE/elpv/`` and resumed there) and fill knn's bank.
 
-Per seed, on the 200 test images, image AUROC of:
+Per seed, on the 200 test images, image AUROC of (``--parts``):
 
-- mean-image: the distance to the mean normal training image (mean over channels
-  of ``|x - m|`` at the model grid), score the mean of its top 1 % (as heal's);
-- heal: ``ddpmseg anomaly --method heal`` from each single start step, and the
-  default three (100, 250, 400) combined; image score the top 1 % mean or the map's
-  maximum; and a feature residual: the distance between the DDPM patch features
-  of the image and of its healed image (t 250), score its maximum;
+- baseline, the mean image: the distance to the mean normal training image (mean over
+  channels of ``|x - m|`` at the model grid), score the mean of its top 1 % (as heal's);
+- heal: ``ddpmseg anomaly --method heal`` from each single start step (``--starts``) and
+  combinations of them (heal's default three 100, 250, 400; all four; 100 + 250); image
+  score the top 1 % mean or the map's maximum; and (variant ``residual``) a feature
+  residual: the distance between the DDPM patch features of the image and of its
+  healed image (t 250), score its maximum;
+- healx: one heal per (start, DDIM steps) of ``HEALX`` and, from it, the residual in
+  colour (heal's: the mean over channels of ``|x - healed|``) or grey (``|grey(x) -
+  grey(healed)|``), scored by its top 0.1 / 1 / 5 %, its maximum, or normalised per
+  image (top 1 % over the map's mean; minus its median);
 - knn: ``ddpmseg anomaly --method knn`` (bank of the training images' patches,
-  greedy coreset 1 %, grid half the model's) and variants: all patches (and,
-  with ``--greedy10``, a greedy 10 %), a random 1 % or 10 % instead of the
-  greedy coreset, no per-block scaling, one timestep or one block alone; with
-  the bank's size, build time and seconds per image. (The full grid is left out: 4x the patches make
-  the greedy coreset ~16x slower, over an hour per seed on 2 CPU cores.)
+  greedy coreset 1 %, grid half the model's) and variants (``--variants``): all
+  patches, a random 1 % or 10 % instead of the greedy coreset, a greedy 10 %, no
+  per-block scaling, one timestep or one block alone; with the bank's size, build
+  time and seconds per image. (The full grid is left out: 4x the patches make the
+  greedy coreset ~16x slower, over an hour per seed on 2 CPU cores.)
+
+Architecture and budget: at 32 px train-ddpm's default (32 channels, mults 1,2,2);
+at 64 px the same widths with one level more (mults 1,2,2,2; ``narrow_flags``), since
+the 64 px default (64 channels, 1,2,3,4) takes ~12 s a step on 2 CPU cores. The
+32 px runs train 1,500 steps; the 64 px ones were given 600 (``--steps 600``: ~2.4 s a
+step single-threaded, 24 min a seed).
 
 Prints one JSON line per (setting, seed) and a summary per setting (mean, sample sd).
 """
@@ -36,6 +48,9 @@ Prints one JSON line per (setting, seed) and a summary per setting (mean, sample
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
 import importlib.util
 import os
 import random
@@ -51,6 +66,7 @@ from _common import Results, peak_rss_mb
 from ddpmseg import data
 from ddpmseg.anomaly import knn
 from ddpmseg.anomaly.detect import anomaly_maps
+from ddpmseg.anomaly.config import DEFAULT_SAMPLE_STEPS
 from ddpmseg.anomaly.heal import Healer
 from ddpmseg.anomaly.metrics import image_auroc
 from ddpmseg.backbones import create_backbone
@@ -58,10 +74,24 @@ from ddpmseg.features.extractor import make_noise
 from ddpmseg.metrics import top_mean
 from ddpmseg.options import DEFAULT_STEPS
 from ddpmseg.train import TrainConfig, train_ddpm
+from ddpmseg.train.config import small_architecture
 
 CACHE = Path(os.environ.get("DDPMSEG_BENCH_CACHE", Path.home() / ".cache" / "ddpmseg" / "bench")) / "elpv"
 STARTS = (100, 250, 400, 600)
-DEFAULT_STARTS = (100, 250, 400)
+COMBOS = ((100, 250, 400), (100, 250, 400, 600), (100, 250))  # heal's default three, all four, the two smallest
+HEALX = ((50, 50), (100, 50), (100, 10), (250, 10))  # healx: (start step, DDIM steps)
+VARIANTS = ("residual", "scaling", "all", "single", "random", "greedy10")
+
+
+def healx_scores(colour: np.ndarray, grey: np.ndarray) -> dict[str, float]:
+    """Image scores of one healed image's residual maps (colour: mean over channels of |x - healed|;
+    grey: |grey(x) - grey(healed)|): top fractions, the maximum, and per-image normalised."""
+    out = {f"top {f:g} %": top_mean(colour, f / 100) for f in (0.1, 1, 5)}
+    out["max"] = float(colour.max())
+    out["grey, top 1 %"] = top_mean(grey, 0.01)
+    out["top 1 % / mean"] = top_mean(colour, 0.01) / max(float(colour.mean()), 1e-8)
+    out["top 1 % - median"] = top_mean(colour, 0.01) - float(np.median(colour))
+    return out
 
 
 def elpv_split() -> tuple[list[Path], list[Path], list[Path]]:
@@ -93,10 +123,22 @@ def trained_run(train: list[Path], size: int, seed: int, steps: int) -> Path:
     if (run / "train.json").is_file():
         train_ddpm([folder], run, resume=True, steps=steps, device="cpu", progress=True)
     else:
-        config = TrainConfig(steps=steps, batch_size=16, lr=2e-4, save_every=500, sample_every=500, seed=seed,
+        config = TrainConfig(steps=steps, batch_size=16, lr=2e-4, save_every=100, sample_every=500, seed=seed,
                              keep_last=1)
-        train_ddpm([folder], run, config, image_size=size, device="cpu", progress=True)
+        arch = dict(image_size=size) if size == 32 else dict(model_flags=narrow_flags(size))
+        train_ddpm([folder], run, config, **arch, device="cpu", progress=True)
     return run
+
+
+def narrow_flags(size: int) -> Path:
+    """train-ddpm's 32 px architecture (32 channels) with one level more per doubling of ``size``: the
+    default 64 px one (64 channels, 1,2,3,4) takes ~12 s a step on 2 CPU cores, this one ~4x the 32 px."""
+    levels = int(math.log2(size // 32))
+    cfg = small_architecture(32)
+    cfg = dataclasses.replace(cfg, image_size=size, channel_mult=cfg.channel_mult + ",2" * levels)
+    path = CACHE / f"flags{size}.json"
+    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    return path
 
 
 def auroc(scores: dict[str, float], bad: set[str]) -> float:
@@ -112,9 +154,13 @@ def main() -> None:
     ap.add_argument("--parts", default="baseline,heal,knn")
     ap.add_argument("--limit", type=int, default=0, help="test images of each kind (0: all 100); for a quick try")
     ap.add_argument("--no-train", action="store_true", help="use the cached runs as they are (a quick try)")
-    ap.add_argument("--greedy10", action="store_true", help="also a greedy coreset of 10 % (~3 min per seed alone)")
+    ap.add_argument("--starts", default=",".join(map(str, STARTS)), help="heal's start steps, each alone")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"of {','.join(VARIANTS)}: heal's feature residual and knn's variants (default: all)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
+    starts = [int(s) for s in args.starts.split(",")]
+    variants = set(args.variants.split(",")) | {"default"}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     train, test_normal, test_bad = elpv_split()
     if args.limit:
@@ -144,20 +190,22 @@ def main() -> None:
                 record("baseline: mean image", seed, scores)
             if "heal" in parts:
                 maps: dict[int, dict[str, np.ndarray]] = {}
-                for s in STARTS:
+                for s in starts:
                     out = work / f"heal{s}-{seed}"
                     summary = anomaly_maps(test, run, out, method="heal", start_steps=[s], seed=seed, save_maps=True,
                                            device="cpu")
                     maps[s] = {p.stem: np.load(out / f"{p.stem}_anomaly.npy") for p in test}
                     record(f"heal t{s}, top 1 %", seed, summary.scores, s_per_image=round(summary.seconds / len(test), 3))
                     record(f"heal t{s}, max", seed, {k: float(m.max()) for k, m in maps[s].items()})
-                combined = {k: np.mean([maps[s][k] for s in DEFAULT_STARTS], 0) for k in maps[STARTS[0]]}
-                record("heal t100+250+400 (default), top 1 %", seed, {k: top_mean(m, 0.01) for k, m in combined.items()})
-                record("heal t100+250+400, max", seed, {k: float(m.max()) for k, m in combined.items()})
-                allfour = {k: np.mean([maps[s][k] for s in STARTS], 0) for k in maps[STARTS[0]]}
-                record("heal t100+250+400+600, top 1 %", seed, {k: top_mean(m, 0.01) for k, m in allfour.items()})
+                for combo in COMBOS:
+                    if set(combo) <= set(starts):
+                        combined = {k: np.mean([maps[s][k] for s in combo], 0) for k in maps[starts[0]]}
+                        name = "heal t" + "+".join(map(str, combo))
+                        record(f"{name}, top 1 %", seed, {k: top_mean(m, 0.01) for k, m in combined.items()})
+                        record(f"{name}, max", seed, {k: float(m.max()) for k, m in combined.items()})
+            if "heal" in parts and "residual" in variants:
                 # the feature residual: DDPM patch features of the image against those of its healed image
-                healer = Healer(backbone, 50, False, "fp32", seed)
+                healer = Healer(backbone, DEFAULT_SAMPLE_STEPS, False, "fp32", seed)
                 noise = make_noise(seed, size)
                 settings = knn.KnnSettings(DEFAULT_STEPS, tuple(backbone.default_blocks()), seed, max(1, size // 2))
                 scores = {}
@@ -168,6 +216,25 @@ def main() -> None:
                     g = knn.patch_features(backbone, healed.cpu(), noise, settings)
                     scores[p.stem] = float((f - g).norm(dim=1).max())
                 record("heal t250, feature residual, max", seed, scores)
+            if "healx" in parts:  # residual and image score variants, from one heal per (start, sample steps)
+                noise = make_noise(seed, size)
+                for start, steps in HEALX:
+                    healer = Healer(backbone, steps, False, "fp32", seed)
+                    found: dict[str, dict[str, float]] = {}
+                    t1 = time.perf_counter()
+                    for lo in range(0, len(test), 4):  # anomaly's batches: the same DDIM paths
+                        batch = test[lo : lo + 4]
+                        x0 = torch.cat([grid_in(p) for p in batch])
+                        h = healer.heal(x0, start, noise.expand(len(batch), -1, -1, -1)).cpu()
+                        colour = ((x0 - h).abs().mean(1) / 2).numpy()
+                        grey = ((x0.mean(1) - h.mean(1)).abs() / 2).numpy()
+                        for p, c, g in zip(batch, colour, grey):
+                            for name, value in healx_scores(c, g).items():
+                                found.setdefault(name, {})[p.stem] = value
+                    seconds = (time.perf_counter() - t1) / len(test)
+                    for name, scores in found.items():
+                        record(f"heal t{start} ({steps} DDIM steps), {name}", seed, scores,
+                               **({"s_per_image": round(seconds, 3)} if name == "top 1 %" else {}))
             if "knn" in parts:
                 out = work / f"knn-{seed}"
                 t1 = time.perf_counter()
@@ -180,6 +247,8 @@ def main() -> None:
                        bank_patches=len(bank.vectors), dims=int(bank.vectors.shape[1]),
                        bank_mb=round(bank.vectors.numel() * 4 / 2**20, 1), radius=round(bank.radius, 3),
                        peak_rss_mb=peak_rss_mb())
+                if variants == {"default"}:
+                    continue
                 noise = make_noise(seed, size)
                 base = knn.KnnSettings(DEFAULT_STEPS, tuple(backbone.default_blocks()), seed, max(1, size // 2))
                 widths = knn.block_widths(backbone, base)
@@ -201,21 +270,24 @@ def main() -> None:
                     record(f"knn, {name}", seed, scores, bank_build_s=round(built, 1), bank_patches=len(b.vectors),
                            s_per_image_distances=round((time.perf_counter() - t1) / len(tests), 4))
 
-                variant("no per-block scaling", scale=False)
-                variant("all patches (no coreset)", coreset=1.0)
-                for t in base.steps:  # one timestep's blocks alone
-                    variant(f"t{t} only", [i for i, k in enumerate(keys) if k[0] == t])
-                for blk in base.blocks:  # one block at every timestep
-                    variant(f"block {blk} only", [i for i, k in enumerate(keys) if k[1] == blk])
-                # a random 10 % of the patches (the issue's probe) instead of the greedy coreset
-                x = torch.cat(feats)
-                pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: round(0.1 * len(x))]
-                b = knn.build_bank([x[pick]], widths, knn.KnnSettings(**{**base.__dict__, "coreset": 1.0}), "")
-                record("knn, random 10 %", seed, {k: float(b.distances(v).max()) for k, v in tests.items()})
-                pick = pick[: round(0.01 * len(x))]
-                b = knn.build_bank([x[pick]], widths, knn.KnnSettings(**{**base.__dict__, "coreset": 1.0}), "")
-                record("knn, random 1 %", seed, {k: float(b.distances(v).max()) for k, v in tests.items()})
-                if args.greedy10:  # slow: 10x the greedy steps of the default
+                if "scaling" in variants:
+                    variant("no per-block scaling", scale=False)
+                if "all" in variants:
+                    variant("all patches (no coreset)", coreset=1.0)
+                if "single" in variants:
+                    for t in base.steps:  # one timestep's blocks alone
+                        variant(f"t{t} only", [i for i, k in enumerate(keys) if k[0] == t])
+                    for blk in base.blocks:  # one block at every timestep
+                        variant(f"block {blk} only", [i for i, k in enumerate(keys) if k[1] == blk])
+                if "random" in variants:  # a random 10 % / 1 % of the patches (the issue's probe), not the greedy coreset
+                    x = torch.cat(feats)
+                    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: round(0.1 * len(x))]
+                    b = knn.build_bank([x[pick]], widths, knn.KnnSettings(**{**base.__dict__, "coreset": 1.0}), "")
+                    record("knn, random 10 %", seed, {k: float(b.distances(v).max()) for k, v in tests.items()})
+                    pick = pick[: round(0.01 * len(x))]
+                    b = knn.build_bank([x[pick]], widths, knn.KnnSettings(**{**base.__dict__, "coreset": 1.0}), "")
+                    record("knn, random 1 %", seed, {k: float(b.distances(v).max()) for k, v in tests.items()})
+                if "greedy10" in variants:  # 10x the greedy steps of the default
                     variant("coreset 10 %", coreset=0.1)
         for name, vals in rows.items():
             log.row("anomaly_real_summary", setting=name, size=args.size, seeds=len(vals),
