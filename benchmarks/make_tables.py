@@ -525,6 +525,37 @@ def t_instances(results, every):
                   *TAIL], body)
 
 
+REAL_DEFAULTS = {"heal": "heal t100+250+400, top 1 %", "knn": "knn, coreset 1 %, grid S/2"}  # what `anomaly` does
+
+
+def _real_setting(s: str) -> str:
+    return s.replace(" (default)", "")
+
+
+def t_anomaly_real(results, every):
+    """Per image size and setting the newest run's summary (``every``: all), the baseline first, then heal,
+    then knn; the gain over the baseline of the same run; seconds per image from the per-seed rows."""
+    import statistics
+
+    picked = pick(results, "anomaly_real_summary", lambda r: (r["size"], _real_setting(r["setting"])), every)
+    rank = lambda s: 0 if s.startswith("baseline") else 1 if s.startswith("heal") else 2  # noqa: E731
+    body = []
+    for row, res in sorted(picked, key=lambda x: (x[0]["size"], rank(x[0]["setting"]))):
+        name = _real_setting(row["setting"])
+        base = same_file(res, "anomaly_real_summary", size=row["size"], setting="baseline: mean image")
+        gain = DASH if base is None or name.startswith("baseline") else \
+            f"{row['image_auroc_mean'] - base['image_auroc_mean']:+.3f}"
+        seeds = [r for r in res.rows("anomaly_real") if r["setting"] == row["setting"] and r["size"] == row["size"]]
+        speed = [r["s_per_image"] for r in seeds if r.get("s_per_image") is not None]
+        bank = [r for r in seeds if r.get("bank_patches")]
+        shown = name + (" **(default)**" if name in REAL_DEFAULTS.values() else "")
+        body.append([f"{row['size']} px", shown, pm(row["image_auroc_mean"], row.get("image_auroc_std") or None, 3, lo=3),
+                     gain, num(row["seeds"]), num(statistics.mean(speed), 3, lo=2) if speed else DASH,
+                     f"{bank[0]['bank_patches']:,}" if bank else DASH, *tail(res)])
+    return table(["size", "detector, image score", "image AUROC", "vs baseline", "seeds", "s / image",
+                  "bank patches", *TAIL], body)
+
+
 SEGDIFF_VARIANTS = {
     "mlp": "MLP ensemble (default `fit`), 32 px features",
     "ddp": "DDP head, 32 px features",
@@ -577,7 +608,7 @@ TABLES: dict[str, Callable[[list[Result], bool], str]] = {
     "calibration": t_calibration, "active": t_active, "precision-quality": t_precision,
     "distill-quality": t_distill_quality, "distill-sampling": t_distill_sampling, "distill-speed": t_distill_speed,
     "student-forward": t_student_forward, "segdiff": t_segdiff, "instances": t_instances,
-    "label-predict": t_label_predict, "label-quality": t_label_quality,
+    "label-predict": t_label_predict, "anomaly-real": t_anomaly_real, "label-quality": t_label_quality,
 }
 MARKER = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
