@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="test images of each kind (0: all 100); for a quick try")
     ap.add_argument("--no-train", action="store_true", help="use the cached runs as they are (a quick try)")
     ap.add_argument("--starts", default=",".join(map(str, STARTS)), help="heal's start steps, each alone")
+    ap.add_argument("--grid", type=int, default=0, help="knn's patch grid (0: half the model grid, anomaly's default)")
     ap.add_argument("--healx", default=",".join(f"{t}/{n}" for t, n in HEALX), help="healx: START/DDIM-STEPS,...")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"of {','.join(VARIANTS)}: heal's feature residual and knn's variants (default: all)")
@@ -241,19 +242,22 @@ def main() -> None:
             if "knn" in parts:
                 out = work / f"knn-{seed}"
                 t1 = time.perf_counter()
-                summary = anomaly_maps(test[:1], run, out, method="knn", normal=train, seed=seed, device="cpu")
+                kw = dict(method="knn", normal=train, seed=seed, grid=args.grid, device="cpu")
+                summary = anomaly_maps(test[:1], run, out, **kw)
                 bank_seconds = time.perf_counter() - t1 - summary.seconds
-                summary = anomaly_maps(test, run, out, method="knn", normal=train, seed=seed, device="cpu", overwrite=True)
+                summary = anomaly_maps(test, run, out, **kw, overwrite=True)
                 bank = knn.PatchBank.load(out / knn.BANK_FILE)
-                record("knn, coreset 1 %, grid S/2 (default)", seed, summary.scores,
+                grid = args.grid or max(1, size // 2)
+                at = "" if not args.grid else f" (grid {grid})"  # variants' names: the default grid unsaid
+                record("knn, coreset 1 %, grid " + (f"{grid}" if args.grid else "S/2") + " (default)", seed, summary.scores,
                        s_per_image=round(summary.seconds / len(test), 3), bank_build_s=round(bank_seconds, 1),
                        bank_patches=len(bank.vectors), dims=int(bank.vectors.shape[1]),
                        bank_mb=round(bank.vectors.numel() * 4 / 2**20, 1), radius=round(bank.radius, 3),
                        peak_rss_mb=peak_rss_mb())
-                if variants == {"default"}:
+                if not variants & {"scaling", "all", "single", "random", "greedy10"}:
                     continue
                 noise = make_noise(seed, size)
-                base = knn.KnnSettings(DEFAULT_STEPS, tuple(backbone.default_blocks()), seed, max(1, size // 2))
+                base = knn.KnnSettings(DEFAULT_STEPS, tuple(backbone.default_blocks()), seed, grid)
                 widths = knn.block_widths(backbone, base)
                 keys = [(t, b) for t in base.steps for b in base.blocks]
                 feats = [knn.patch_features(backbone, grid_in(p), noise, base) for p in train]
@@ -270,12 +274,12 @@ def main() -> None:
                     built = time.perf_counter() - t1
                     t1 = time.perf_counter()
                     dists = {k: b.distances(v[:, idx]).numpy() for k, v in tests.items()}
-                    record(f"knn, {name}", seed, {k: float(d.max()) for k, d in dists.items()},
+                    record(f"knn, {name}{at}", seed, {k: float(d.max()) for k, d in dists.items()},
                            bank_build_s=round(built, 1), bank_patches=len(b.vectors),
                            s_per_image_distances=round((time.perf_counter() - t1) / len(tests), 4))
                     if "scores" in variants:  # the image score: the mean of the top f % of patch distances
                         for f in FRACTIONS:
-                            record(f"knn, {name}, top {f:g} %", seed, {k: top_mean(d, f / 100) for k, d in dists.items()})
+                            record(f"knn, {name}{at}, top {f:g} %", seed, {k: top_mean(d, f / 100) for k, d in dists.items()})
 
                 if "scaling" in variants:
                     variant("no per-block scaling", scale=False)
@@ -290,10 +294,10 @@ def main() -> None:
                     x = torch.cat(feats)
                     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: round(0.1 * len(x))]
                     b = knn.build_bank([x[pick]], widths, knn.KnnSettings(**{**base.__dict__, "coreset": 1.0}), "")
-                    record("knn, random 10 %", seed, {k: float(b.distances(v).max()) for k, v in tests.items()})
+                    record(f"knn, random 10 %{at}", seed, {k: float(b.distances(v).max()) for k, v in tests.items()})
                     pick = pick[: round(0.01 * len(x))]
                     b = knn.build_bank([x[pick]], widths, knn.KnnSettings(**{**base.__dict__, "coreset": 1.0}), "")
-                    record("knn, random 1 %", seed, {k: float(b.distances(v).max()) for k, v in tests.items()})
+                    record(f"knn, random 1 %{at}", seed, {k: float(b.distances(v).max()) for k, v in tests.items()})
                 if "greedy10" in variants:  # 10x the greedy steps of the default
                     variant("coreset 10 %", coreset=0.1)
         for name, vals in rows.items():
