@@ -2,7 +2,7 @@
 
     pip install elpv-dataset==1.0.0.post1
     python benchmarks/bench_anomaly_real.py [--size 32] [--seeds 3] [--steps 1500] [--parts baseline,heal,healx,knn]
-        [--starts 100,250,400,600] [--variants residual,scaling,all,single,random,greedy10]
+        [--starts 100,250,400,600] [--variants residual,scaling,all,greedy1,single,random,greedy10,scores]
 
 Data: ELPV (``elpv-dataset`` on PyPI, 2,624 greyscale 300x300 electroluminescence
 images of solar cells, each rated defective with probability 0, 1/3, 2/3 or 1;
@@ -19,7 +19,8 @@ kept in ``$DDPMSEG_BENCH_CACHE/elpv/`` and resumed there) and fill knn's bank.
 Per seed, on the 200 test images, image AUROC of (``--parts``):
 
 - baseline, the mean image: the distance to the mean normal training image (mean over
-  channels of ``|x - m|`` at the model grid), score the mean of its top 1 % (as heal's);
+  channels of ``|x - m|`` at the model grid), score the mean of its top 1 % (and, as
+  rows of their own, the other image scores the detectors are tried with);
 - heal: ``ddpmseg anomaly --method heal`` from each single start step (``--starts``) and
   combinations of them (heal's default three 100, 250, 400; all four; 100 + 250); image
   score the top 1 % mean or the map's maximum; and (variant ``residual``) a feature
@@ -27,15 +28,17 @@ Per seed, on the 200 test images, image AUROC of (``--parts``):
   healed image (t 250), score its maximum;
 - healx: one heal per (start, DDIM steps) of ``--healx`` and, from it, the residual in
   colour (heal's: the mean over channels of ``|x - healed|``) or grey (``|grey(x) -
-  grey(healed)|``), scored by the mean of its top 0.1 to 50 %, its maximum, or
-  normalised per image (top 1 % over the map's mean; minus its median);
-- knn: ``ddpmseg anomaly --method knn`` (bank of the training images' patches,
-  greedy coreset 1 %, grid half the model's) and variants (``--variants``): all
-  patches, a random 1 % or 10 % instead of the greedy coreset, a greedy 10 %, no
+  grey(healed)|``), mapped back to the original size as ``anomaly`` does and scored
+  by the mean of its top 0.1 to 50 %, its maximum, or normalised per image (top 1 %
+  over the map's mean; minus its median): ``anomaly --start-steps T --sample-steps
+  N`` with another image score;
+- knn: ``ddpmseg anomaly --method knn`` with its defaults (the bank of the training
+  images' patches: PatchCore's greedy 1 % coreset until the first real-defects
+  table, every patch since; grid half the model's) and variants (``--variants``):
+  all patches, the greedy 1 % (``greedy1``), a random 1 % or 10 %, a greedy 10 %, no
   per-block scaling, one timestep or one block alone, and (``scores``) each variant
   scored by the mean of its top 0.1 to 50 % of patch distances instead of the
-  largest; with the bank's size, build time and seconds per image. (The full grid is left out: 4x the patches make the
-  greedy coreset ~16x slower, over an hour per seed on 2 CPU cores.)
+  largest; with the bank's size, build time and seconds per image.
 
 Architecture and budget: at 32 px train-ddpm's default (32 channels, mults 1,2,2);
 at 64 px the same widths with one level more (mults 1,2,2,2; ``narrow_flags``), since
@@ -67,7 +70,7 @@ from _common import Results, peak_rss_mb
 from ddpmseg import data
 from ddpmseg.anomaly import knn
 from ddpmseg.anomaly.detect import anomaly_maps
-from ddpmseg.anomaly.config import DEFAULT_SAMPLE_STEPS
+from ddpmseg.anomaly.config import DEFAULT_SAMPLE_STEPS, KNN_CORESET
 from ddpmseg.anomaly.heal import Healer
 from ddpmseg.anomaly.metrics import image_auroc
 from ddpmseg.backbones import create_backbone
@@ -81,7 +84,7 @@ CACHE = Path(os.environ.get("DDPMSEG_BENCH_CACHE", Path.home() / ".cache" / "ddp
 STARTS = (100, 250, 400, 600)
 COMBOS = ((100, 250, 400), (100, 250, 400, 600), (100, 250))  # heal's default three, all four, the two smallest
 HEALX = ((50, 10), (100, 50), (100, 10), (250, 10))  # healx: (start step, DDIM steps); --healx picks some
-VARIANTS = ("residual", "scaling", "all", "single", "random", "greedy10", "scores")
+VARIANTS = ("residual", "scaling", "all", "greedy1", "single", "random", "greedy10", "scores")
 FRACTIONS = (0.1, 1, 5, 10, 20, 50)  # image scores: the mean of the map's top f %
 
 
@@ -157,7 +160,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="test images of each kind (0: all 100); for a quick try")
     ap.add_argument("--no-train", action="store_true", help="use the cached runs as they are (a quick try)")
     ap.add_argument("--starts", default=",".join(map(str, STARTS)), help="heal's start steps, each alone")
-    ap.add_argument("--grid", type=int, default=0, help="knn's patch grid (0: half the model grid, anomaly's default)")
+    ap.add_argument("--grid", type=int, default=0, help="knn's patch grid (0: anomaly's default, half the model grid)")
     ap.add_argument("--healx", default=",".join(f"{t}/{n}" for t, n in HEALX), help="healx: START/DDIM-STEPS,...")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"of {','.join(VARIANTS)}: heal's feature residual and knn's variants (default: all)")
@@ -190,8 +193,12 @@ def main() -> None:
             grid_in = lambda p: data.preprocess_image(data.load_rgb(p), size, "resize")[0]  # noqa: E731
             if "baseline" in parts:
                 mean = torch.stack([grid_in(p)[0] for p in train]).mean(0)
-                scores = {p.stem: top_mean(((grid_in(p)[0] - mean).abs().mean(0) / 2).numpy(), 0.01) for p in test}
-                record("baseline: mean image", seed, scores)
+                diff = {p.stem: ((grid_in(p)[0] - mean).abs().mean(0) / 2).numpy() for p in test}
+                record("baseline: mean image", seed, {k: top_mean(d, 0.01) for k, d in diff.items()})
+                for f in FRACTIONS:  # the baseline given each image score the detectors are tried with
+                    if f != 1:
+                        record(f"baseline: mean image, top {f:g} %", seed, {k: top_mean(d, f / 100) for k, d in diff.items()})
+                record("baseline: mean image, max", seed, {k: float(d.max()) for k, d in diff.items()})
             if "heal" in parts:
                 maps: dict[int, dict[str, np.ndarray]] = {}
                 for s in starts:
@@ -211,7 +218,7 @@ def main() -> None:
                 # the feature residual: DDPM patch features of the image against those of its healed image
                 healer = Healer(backbone, DEFAULT_SAMPLE_STEPS, False, "fp32", seed)
                 noise = make_noise(seed, size)
-                settings = knn.KnnSettings(DEFAULT_STEPS, tuple(backbone.default_blocks()), seed, max(1, size // 2))
+                settings = knn.KnnSettings(DEFAULT_STEPS, tuple(backbone.default_blocks()), seed, knn.default_grid(size))
                 scores = {}
                 for p in test:
                     x0 = grid_in(p)
@@ -228,12 +235,15 @@ def main() -> None:
                     t1 = time.perf_counter()
                     for lo in range(0, len(test), 4):  # anomaly's batches: the same DDIM paths
                         batch = test[lo : lo + 4]
-                        x0 = torch.cat([grid_in(p) for p in batch])
+                        prepared = [data.preprocess_image(data.load_rgb(p), size, "resize") for p in batch]
+                        x0 = torch.cat([x for x, _ in prepared])
                         h = healer.heal(x0, start, noise.expand(len(batch), -1, -1, -1)).cpu()
                         colour = ((x0 - h).abs().mean(1) / 2).numpy()
                         grey = ((x0.mean(1) - h.mean(1)).abs() / 2).numpy()
-                        for p, c, g in zip(batch, colour, grey):
-                            for name, value in healx_scores(c, g).items():
+                        for p, c, g, (_, pre) in zip(batch, colour, grey, prepared):
+                            # scored at the original size, as anomaly scores its maps
+                            full = [data.restore_map(m, pre, fill=0.0) for m in (c, g)]
+                            for name, value in healx_scores(*full).items():
                                 found.setdefault(name, {})[p.stem] = value
                     seconds = (time.perf_counter() - t1) / len(test)
                     for name, scores in found.items():
@@ -247,14 +257,15 @@ def main() -> None:
                 bank_seconds = time.perf_counter() - t1 - summary.seconds
                 summary = anomaly_maps(test, run, out, **kw, overwrite=True)
                 bank = knn.PatchBank.load(out / knn.BANK_FILE)
-                grid = args.grid or max(1, size // 2)
+                grid = args.grid or knn.default_grid(size)
                 at = "" if not args.grid else f" (grid {grid})"  # variants' names: the default grid unsaid
-                record("knn, coreset 1 %, grid " + (f"{grid}" if args.grid else "S/2") + " (default)", seed, summary.scores,
+                what = "all patches (no coreset)" if KNN_CORESET >= 1 else f"coreset {100 * KNN_CORESET:g} %, grid S/2"
+                record(f"knn, {what}{at} (default)", seed, summary.scores,
                        s_per_image=round(summary.seconds / len(test), 3), bank_build_s=round(bank_seconds, 1),
                        bank_patches=len(bank.vectors), dims=int(bank.vectors.shape[1]),
                        bank_mb=round(bank.vectors.numel() * 4 / 2**20, 1), radius=round(bank.radius, 3),
                        peak_rss_mb=peak_rss_mb())
-                if not variants & {"scaling", "all", "single", "random", "greedy10"}:
+                if not variants & {"scaling", "all", "greedy1", "single", "random", "greedy10"}:
                     continue
                 noise = make_noise(seed, size)
                 base = knn.KnnSettings(DEFAULT_STEPS, tuple(backbone.default_blocks()), seed, grid)
@@ -283,8 +294,10 @@ def main() -> None:
 
                 if "scaling" in variants:
                     variant("no per-block scaling", scale=False)
-                if "all" in variants:
+                if "all" in variants:  # (the default's bank again, for its top-f scores)
                     variant("all patches (no coreset)", coreset=1.0)
+                if "greedy1" in variants:  # PatchCore's 1 % (anomaly's default before the real-defects table)
+                    variant("coreset 1 %, grid S/2", coreset=0.01)
                 if "single" in variants:
                     for t in base.steps:  # one timestep's blocks alone
                         variant(f"t{t} only", [i for i, k in enumerate(keys) if k[0] == t])

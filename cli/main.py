@@ -878,9 +878,12 @@ def merge(sources, out) -> None:
               help="knn: normal images (folders or files, repeatable) for the bank; default: the images the run "
               "(--ckpt RUN/) was trained on.")
 @click.option("--coreset", type=click.FloatRange(0, 1, min_open=True), default=anomaly_config.KNN_CORESET,
-              show_default=True, help="knn: fraction of the normal patches kept in the bank (greedy k-centre).")
+              show_default=True, help="knn: fraction of the normal patches kept in the bank (greedy k-centre below 1; "
+              "1: every patch).")
+@click.option("--max-bank-mb", type=click.FloatRange(0, min_open=True), default=anomaly_config.KNN_MAX_MB,
+              show_default=True, help="knn: the bank's largest size in MiB (a random sample of the patches beyond).")
 @click.option("--grid", type=click.IntRange(0), default=anomaly_config.KNN_GRID, show_default=True,
-              help="knn: patch grid cells a side (0: half the model grid).")
+              help="knn: patch grid cells a side (0: half the model grid, at most 32).")
 @click.option("--start-steps", default=",".join(map(str, anomaly_config.DEFAULT_START_STEPS)), show_default=True,
               help="heal: noise each image to each of these steps, heal it back, average the maps.")
 @click.option("--sample-steps", type=click.IntRange(1), default=anomaly_config.DEFAULT_SAMPLE_STEPS, show_default=True,
@@ -902,7 +905,7 @@ def merge(sources, out) -> None:
 @_overwrite
 @click.pass_obj
 def anomaly(obj, inputs, images, checkpoint, preset, model_flags, image_size, num_head_channels, device, out,
-            method, normal, coreset, grid, start_steps, sample_steps, ancestral, smooth, seed, batch_size, precision,
+            method, normal, coreset, max_bank_mb, grid, start_steps, sample_steps, ancestral, smooth, seed, batch_size, precision,
             vmax, save_maps, skip_done, overwrite) -> None:
     """Anomaly maps of IMAGES from a DDPM of normal images: |image - healed| after partial diffusion
     (--method heal), or the distance to the nearest normal patch of its features (--method knn).
@@ -917,7 +920,7 @@ def anomaly(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
     from ddpmseg.anomaly.detect import anomaly_maps
 
     s = anomaly_maps(_image_inputs(inputs, images), checkpoint, out, method=method, normal=list(normal) or None,
-                     coreset=coreset, grid=grid, start_steps=_ints(start_steps, "start-steps"),
+                     coreset=coreset, max_bank_mb=max_bank_mb, grid=grid, start_steps=_ints(start_steps, "start-steps"),
                      sample_steps=sample_steps, ancestral=ancestral, smooth=smooth, seed=seed, batch_size=batch_size,
                      save_maps=save_maps, vmax=vmax, device=device, precision=precision, progress=obj["progress"],
                      overwrite=overwrite, skip_done=skip_done,
@@ -926,6 +929,8 @@ def anomaly(obj, inputs, images, checkpoint, preset, model_flags, image_size, nu
     click.echo(f"anomaly: {plural(s.n_images, 'image')} -> {s.out} ({s.seconds / n:.2f} s/image; scores in "
                f"{s.out / 'scores.csv'})"
                + (f"; {plural(s.already_done, 'image')} done before, left out" if s.already_done else "")
+               + (f"; knn bank: {s.bank['patches']:,} patches of {plural(s.bank['images'], 'normal image')} "
+                  f"({s.bank['mb']:g} MiB)" if s.bank else "")
                + f"; colour scale 0..{s.vmax:.3g}"
                + (f"; {100 * s.above_vmax:.2g} % of map pixels above --vmax {s.vmax:.3g} (drawn at the top colour"
                   + ("): raise --vmax to see them" if s.above_vmax >= 0.01 else ")") if s.above_vmax > 0 else "")

@@ -188,6 +188,26 @@ def test_greedy_coreset_equals_a_plain_farthest_point_loop():
     assert np.allclose(dist.numpy(), final, atol=5e-3)  # the expansion |x|^2 - 2xc + |c|^2 loses ~1e-6 near 0
 
 
+def test_bank_keeps_every_patch_greedy_below_one_and_a_seeded_sample_beyond_its_size():
+    from ddpmseg.anomaly.knn import KnnSettings, build_bank, greedy_coreset
+
+    rng = np.random.default_rng(2)
+    feats = [torch.from_numpy(rng.normal(size=(64, 8)).astype(np.float32)) for _ in range(4)]  # 4 images, 256 patches
+    x = torch.cat(feats)
+    every = build_bank(feats, [4, 4], KnnSettings((50,), (1,), 0, 8, scale=False), "k")
+    assert torch.equal(every.vectors, x)  # the default: all patches, in order
+    greedy = build_bank(feats, [4, 4], KnnSettings((50,), (1,), 0, 8, coreset=0.1, scale=False), "k")
+    assert torch.equal(greedy.vectors, x[greedy_coreset(x, 26, 0)[0]])  # round(0.1 * 256) by greedy k-centre
+    cap = 100 * 8 * 4 / 2**20  # MiB of 100 vectors of 8 float32
+    capped = [build_bank(feats, [4, 4], KnnSettings((50,), (1,), seed, 8, scale=False, max_mb=cap), "k")
+              for seed in (0, 0, 1)]
+    assert len(capped[0].vectors) == 100 and torch.equal(capped[0].vectors, capped[1].vectors)
+    assert not torch.equal(capped[0].vectors, capped[2].vectors)  # a random sample, seeded
+    rows = {tuple(r) for r in x.tolist()}
+    assert all(tuple(r) in rows for r in capped[0].vectors.tolist()) and len({tuple(r) for r in capped[0].vectors.tolist()}) == 100
+    assert KnnSettings((50,), (1,), 0, 8, coreset=0.5, max_mb=cap).bank_size(256, 8) == 100  # greedy, capped too
+
+
 def test_nearest_distance_and_patch_features_against_plain_computations(random_backbone):
     from scipy.ndimage import uniform_filter
     from scipy.spatial.distance import cdist
@@ -227,6 +247,7 @@ def test_anomaly_knn_end_to_end(normal_ddpm, textures, tmp_path):
     said = ok("anomaly", textures / "test", "--ckpt", normal_ddpm, "--out", out, "--method", "knn", "--save-maps",
               "--device", "cpu")
     assert "anomaly: 15 images" in said and "colour scale 0.." in said
+    assert "knn bank: 12,288 patches of 48 normal images" in said  # every patch: 48 images x 16 x 16
     listed = json.loads((normal_ddpm / "train.json").read_text())["images"]
     assert len(listed) == 48 and all(Path(e["path"]).is_absolute() and len(e["sha256"]) == 64 for e in listed)
     assert (out / BANK_FILE).is_file() and not list(out.glob("*_healed.png"))

@@ -45,6 +45,7 @@ from ddpmseg.anomaly.config import (
     DISPLAY_SIDE,
     KNN_CORESET,
     KNN_GRID,
+    KNN_MAX_MB,
     MAP_SUFFIX,
     METHODS,
     OUTPUT_KINDS,
@@ -70,6 +71,7 @@ class AnomalySummary:
     above_vmax: float = 0.0  # share of all map pixels above vmax (drawn at the brightest colour)
     already_done: int = 0  # images left out by skip_done: their outputs and score were there
     method: str = DEFAULT_METHOD
+    bank: dict | None = None  # knn: knn.describe of the bank (images, patches, dims, radius, mb)
 
 
 def _smooth(m: np.ndarray, sigma: float) -> np.ndarray:
@@ -101,6 +103,7 @@ def anomaly_maps(
     smooth: float = 0.0,
     normal: Sequence[str | Path] | None = None,
     coreset: float = KNN_CORESET,
+    max_bank_mb: float = KNN_MAX_MB,
     grid: int = KNN_GRID,
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -122,8 +125,9 @@ def anomaly_maps(
 
     ``vmax`` (None: heal 0.25, knn the bank's radius) is the one colour scale of the run.
     knn: ``normal`` the normal images of the bank (None: the run's training images, as its
-    train.json records them), ``coreset`` the fraction of their patches kept, ``grid`` the patch
-    grid (0: half the model grid); ``start_steps``, ``sample_steps``, ``ancestral`` and ``smooth``
+    train.json records them), ``coreset`` the fraction of their patches kept (greedy k-centre below 1),
+    ``max_bank_mb`` the bank's largest size (a random sample of the patches beyond), ``grid`` the patch
+    grid (0: half the model grid, at most 32); ``start_steps``, ``sample_steps``, ``ancestral`` and ``smooth``
     are heal's.
     ``skip_done`` (without ``overwrite``): leave out the images whose outputs and score row are all
     there already (an interrupted run's finished images) and write the others, replacing what an
@@ -156,8 +160,8 @@ def anomaly_maps(
         for s in steps:
             healer.check_start(s)
     else:
-        settings = knn.KnnSettings(DEFAULT_STEPS, tuple(backbone.default_blocks()), seed, grid or max(1, size // 2),
-                                   coreset=coreset)
+        settings = knn.KnnSettings(DEFAULT_STEPS, tuple(backbone.default_blocks()), seed, grid or knn.default_grid(size),
+                                   coreset=coreset, max_mb=max_bank_mb)
         knn.check_settings(settings, size)
     for p in paths:  # fail on a bad image before any forward pass
         data.load_rgb(p)
@@ -206,7 +210,8 @@ def anomaly_maps(
         if scores:
             _write_scores(out / "scores.csv", scores)
     return AnomalySummary(out, len(paths), time.perf_counter() - start, scores, not_images, vmax,
-                          above / max(pixels, 1), len(done_before), method)
+                          above / max(pixels, 1), len(done_before), method,
+                          None if bank is None else knn.describe(bank, len(normal_paths)))
 
 
 def _normal_images(normal: Sequence[str | Path] | None, checkpoint: str | Path) -> list[tuple[Path, str]]:
@@ -249,8 +254,10 @@ def _bank(backbone: Backbone, normal: list[tuple[Path, str]], settings: knn.KnnS
     for p, _ in tqdm(normal, desc="knn bank: features", unit="image", disable=not progress):
         x0, _ = data.preprocess_image(data.load_rgb(p), size, "resize")
         feats.append(knn.patch_features(backbone, x0, noise, settings, precision))
-    with tqdm(total=settings.bank_size(sum(len(f) for f in feats)), desc="knn bank: coreset", unit="patch", disable=not progress or settings.coreset >= 1) as bar:
-        bank = knn.build_bank(feats, knn.block_widths(backbone, settings), settings, key, bar.update)
+    widths = knn.block_widths(backbone, settings)
+    with tqdm(total=settings.bank_size(sum(len(f) for f in feats), sum(widths)), desc="knn bank: coreset",
+              unit="patch", disable=not progress or settings.coreset >= 1) as bar:
+        bank = knn.build_bank(feats, widths, settings, key, bar.update)
     bank.save(path)
     return bank
 

@@ -8,10 +8,14 @@ PatchCore is the anchor, with ddpmseg's extractor in place of an ImageNet CNN:
   zero padding counted, the "locally aware" neighbourhood) at its native
   resolution, resized (bilinear) to a ``grid`` x ``grid`` patch grid and
   concatenated: one vector per grid cell;
-- the memory bank: every patch of the normal images, reduced to a coreset by
-  greedy k-centre selection (distances on a Gaussian random projection to
+- the memory bank: every patch of the normal images (the default: on real
+  defects all patches scored above PatchCore's 1 % coreset, see
+  docs/anomaly.md) or, with ``coreset`` < 1, a coreset chosen by greedy
+  k-centre selection (distances on a Gaussian random projection to
   ~24.7 ln N dimensions, the Johnson-Lindenstrauss size anomalib uses; the
-  bank keeps the full vectors);
+  bank keeps the full vectors); at most ``max_mb`` of float32 vectors, a
+  random sample of them beyond (the memory, and the time a test patch takes,
+  grow with the bank);
 - a patch's score: the Euclidean distance to its nearest bank vector; the map:
   the patch scores resized to the model grid (bilinear) and smoothed (Gaussian,
   sigma 4 px of a 256 px grid, scaled); the image score: the largest patch score.
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpmseg._io import write_atomic
+from ddpmseg.anomaly.config import KNN_MAX_GRID
 from ddpmseg.backbones import Backbone
 from ddpmseg.errors import DdpmsegError
 from ddpmseg.features.extractor import extract_block_maps
@@ -53,12 +58,16 @@ class KnnSettings:
     seed: int
     grid: int
     pool: int = 3
-    coreset: float = 0.01  # fraction of the normal patches kept (1: every patch)
+    coreset: float = 1.0  # fraction of the normal patches kept by greedy k-centre selection (1: every patch)
     scale: bool = True  # each block map divided by its RMS over the normal patches (else the largest blocks dominate)
+    max_mb: float = 512.0  # the bank's float32 vectors at most this many MiB: a random sample of the patches beyond
 
-    def bank_size(self, n_patches: int) -> int:
-        """How many of ``n_patches`` normal patches the bank keeps."""
-        return max(1, round(self.coreset * n_patches))
+    def bank_size(self, n_patches: int, dims: int) -> int:
+        """How many of ``n_patches`` normal patches of ``dims`` numbers the bank keeps."""
+        return max(1, min(round(self.coreset * n_patches), self.max_patches(dims)))
+
+    def max_patches(self, dims: int) -> int:
+        return max(1, int(self.max_mb * 2**20 // (4 * max(dims, 1))))
 
 
 def patch_features(backbone: Backbone, x0: torch.Tensor, noise: torch.Tensor, settings: KnnSettings,
@@ -160,8 +169,14 @@ def build_bank(features: Sequence[torch.Tensor], widths: Sequence[int], settings
     else:
         scale = torch.ones(x.shape[1])
     x = x * scale
-    n = settings.bank_size(len(x))
-    chosen = greedy_coreset(x, n, settings.seed, progress)[0] if n < len(x) else torch.arange(len(x))
+    n = settings.bank_size(len(x), x.shape[1])
+    if n >= len(x):
+        chosen = torch.arange(len(x))
+    elif settings.coreset < 1:
+        chosen = greedy_coreset(x, n, settings.seed, progress)[0]
+    else:  # every patch, but more than max_mb holds: a random sample (greedy selection of so many would take hours)
+        gen = torch.Generator().manual_seed(settings.seed)
+        chosen = torch.randperm(len(x), generator=gen)[:n].sort().values
     bank, bank_owner = x[chosen].contiguous(), owner[chosen]
     return PatchBank(bank, scale, _radius(x, owner, bank, bank_owner, settings.seed), key)
 
@@ -193,15 +208,23 @@ def patch_map(scores: torch.Tensor, grid: int, size: int) -> np.ndarray:
     return m.numpy().astype(np.float32)
 
 
+def default_grid(size: int) -> int:
+    """The patch grid of a ``size`` px model: half its grid, at most KNN_MAX_GRID cells a side."""
+    return max(1, min(size // 2, KNN_MAX_GRID))
+
+
 def check_settings(settings: KnnSettings, size: int) -> None:
     if not 0 < settings.coreset <= 1:
         raise DdpmsegError(f"--coreset {settings.coreset}: give the fraction of normal patches kept, in (0, 1]")
+    if not settings.max_mb > 0:
+        raise DdpmsegError(f"--max-bank-mb {settings.max_mb:g}: give the bank's largest size in MiB, above 0")
     if not 1 <= settings.grid <= size:
         raise DdpmsegError(f"--grid {settings.grid}: give a patch grid of 1..{size} (the model grid) cells a side")
     if settings.pool < 1 or settings.pool % 2 == 0:
         raise DdpmsegError(f"pool {settings.pool}: give an odd neighbourhood size (1, 3, 5)")
 
 
-def describe(bank: PatchBank, n_images: int, n_patches: int) -> dict[str, Any]:
-    return {"images": n_images, "patches": n_patches, "bank": int(len(bank.vectors)), "dims": int(bank.vectors.shape[1]),
+def describe(bank: PatchBank, n_images: int) -> dict[str, Any]:
+    """What the CLI says of a bank: its normal images, patches, their length, MiB and radius."""
+    return {"images": n_images, "patches": int(len(bank.vectors)), "dims": int(bank.vectors.shape[1]),
             "radius": bank.radius, "mb": round(bank.vectors.numel() * 4 / 2**20, 1)}
