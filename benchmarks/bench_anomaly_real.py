@@ -73,7 +73,7 @@ from ddpmseg.anomaly.detect import anomaly_maps
 from ddpmseg.anomaly.config import DEFAULT_SAMPLE_STEPS, KNN_CORESET
 from ddpmseg.anomaly.heal import Healer
 from ddpmseg.anomaly.metrics import image_auroc
-from ddpmseg.backbones import create_backbone
+from ddpmseg.backbones import create_backbone, runs
 from ddpmseg.features.extractor import make_noise
 from ddpmseg.metrics import top_mean
 from ddpmseg.options import DEFAULT_STEPS
@@ -186,7 +186,8 @@ def main() -> None:
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             run = CACHE / f"run{args.size}-s{seed}" if args.no_train else trained_run(train, args.size, seed, args.steps)
-            log.row("anomaly_real_train", seed=seed, size=args.size, steps=args.steps, train_images=len(train),
+            trained = runs.step_of(runs.latest_ema(run)[0])  # with --no-train, what the cached run has
+            log.row("anomaly_real_train", seed=seed, size=args.size, steps=trained, train_images=len(train),
                     seconds_this_call=round(time.perf_counter() - t0))
             backbone = create_backbone(run, device="cpu")
             size = backbone.image_size

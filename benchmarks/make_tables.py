@@ -369,7 +369,7 @@ def _setting(s: str) -> str:
     if not m:
         return s
     how = f"DDIM {m[3]}" if m[3] else "ancestral"
-    return f"start {m[1]}, {how}" + (" (the defaults)" if m[4] else "")
+    return f"start {m[1]}, {how}" + (" (heal's defaults before the real-defects table)" if m[4] else "")
 
 
 def t_anomaly(results, every):

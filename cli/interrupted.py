@@ -112,7 +112,9 @@ def _predict(p: dict, before: Any) -> str:
 def _anomaly_last(p: dict) -> str:
     from ddpmseg.anomaly.config import MAP_SUFFIX
 
-    return f"*{MAP_SUFFIX}" if p.get("save_maps") else "*_healed.png"  # what each image writes last
+    if p.get("save_maps"):  # what each image writes last
+        return f"*{MAP_SUFFIX}"
+    return "*_healed.png" if p.get("method") == "heal" else "*_anomaly.png"
 
 
 def _anomaly_before(p: dict) -> Any:

@@ -128,7 +128,7 @@ def normal_ddpm(tmp_path_factory, textures) -> Path:
 
 def test_train_ddpm_then_anomaly_then_evaluate_anomaly(normal_ddpm, textures, tmp_path):
     out = tmp_path / "maps"
-    said = ok("anomaly", textures / "test", "--ckpt", normal_ddpm, "--out", out, "--start-steps", "100,250",
+    said = ok("anomaly", textures / "test", "--ckpt", normal_ddpm, "--out", out, "--method", "heal", "--start-steps", "100,250",
               "--sample-steps", 10, "--save-maps", "--device", "cpu")
     assert "anomaly: 15 images" in said
     names = sorted(p.stem for p in (textures / "test").glob("*.png"))
@@ -139,9 +139,12 @@ def test_train_ddpm_then_anomaly_then_evaluate_anomaly(normal_ddpm, textures, tm
     assert m.shape == (32, 32) and m.dtype == np.float32
     rows = (out / "scores.csv").read_text().splitlines()
     assert rows[0] == "image,score" and len(rows) == 1 + len(names)
-    # an image's score is the mean of its map's top 1 %: the 10 highest of 32 x 32 values, taken here by hand
+    # an image's score is the mean of its map's top TOP_FRACTION: that many of the 32 x 32 values, by hand
+    from ddpmseg.anomaly.config import TOP_FRACTION
+
+    k = round(TOP_FRACTION * 32 * 32)
     score = dict(r.split(",") for r in rows[1:])["blob_000"]
-    assert float(score) == pytest.approx(float(np.sort(m.ravel().astype(np.float64))[-10:].mean()), rel=1e-5)
+    assert float(score) == pytest.approx(float(np.sort(m.ravel().astype(np.float64))[-k:].mean()), rel=1e-5)
     result = json.loads(ok("evaluate-anomaly", "--maps", out, "--masks", textures / "masks", "--json"))
     assert result["n_images"] == 15 and result["n_anomalous"] == 9
     assert result["pixel_auroc"] > 0.75, result  # chance is 0.5
@@ -149,7 +152,7 @@ def test_train_ddpm_then_anomaly_then_evaluate_anomaly(normal_ddpm, textures, tm
     table = ok("evaluate-anomaly", "--maps", out, "--masks", textures / "masks")
     assert "pixel AUROC" in table and "AUPRO" in table
     # outputs are not replaced without --overwrite, and a missing mask is named
-    fails("anomaly", textures / "test", "--ckpt", normal_ddpm, "--out", out, match="would replace")
+    fails("anomaly", textures / "test", "--ckpt", normal_ddpm, "--out", out, "--method", "heal", match="would replace")
     (textures / "masks" / "good_000.png").rename(tmp_path / "moved.png")
     try:
         fails("evaluate-anomaly", "--maps", out, "--masks", textures / "masks", match=("1 of 15 maps have no mask", "good_000"))
@@ -159,14 +162,21 @@ def test_train_ddpm_then_anomaly_then_evaluate_anomaly(normal_ddpm, textures, tm
 
 def test_anomaly_bad_inputs(normal_ddpm, textures, tmp_path):
     img = textures / "test" / "good_000.png"
-    fails("anomaly", img, "--ckpt", normal_ddpm, "--out", tmp_path / "a", "--start-steps", "100,100",
+    heal = ("--method", "heal")
+    fails("anomaly", img, "--ckpt", normal_ddpm, "--out", tmp_path / "a", *heal, "--start-steps", "100,100",
           match="duplicated start step")
-    fails("anomaly", img, "--ckpt", normal_ddpm, "--out", tmp_path / "a", "--start-steps", "5000",
+    fails("anomaly", img, "--ckpt", normal_ddpm, "--out", tmp_path / "a", *heal, "--start-steps", "5000",
           match="--start-steps 5000 out of range")
+    # knn is the default: a heal command line of before is refused, not run as knn with its options ignored
+    fails("anomaly", img, "--ckpt", normal_ddpm, "--out", tmp_path / "a", "--start-steps", "100", "--smooth", 1,
+          match="--start-steps, --smooth are --method heal's, not knn's; add --method heal (the default method is knn)")
+    fails("anomaly", img, "--ckpt", normal_ddpm, "--out", tmp_path / "a", *heal, "--coreset", 0.5,
+          match="--coreset is --method knn's, not heal's; add --method knn")
+    assert not (tmp_path / "a").exists()
     bad = tmp_path / "masks"
     bad.mkdir()
     maps = tmp_path / "maps"
-    ok("anomaly", img, "--ckpt", normal_ddpm, "--out", maps, "--start-steps", "50", "--sample-steps", 2, "--save-maps")
+    ok("anomaly", img, "--ckpt", normal_ddpm, "--out", maps, *heal, "--start-steps", "50", "--sample-steps", 2, "--save-maps")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(bad / "good_000.png")
     fails("evaluate-anomaly", "--maps", maps, "--masks", bad, match="is 10x10 (WxH) but its map is 32x32")
     fails("evaluate-anomaly", "--maps", tmp_path, "--masks", bad, match="no *_anomaly.npy in")

@@ -125,7 +125,7 @@ def test_anomaly_skip_done_finishes_an_interrupted_run(tiny_ckpt, three, tmp_pat
     from ddpmseg.anomaly import detect
 
     out = tmp_path / "maps"
-    args = ["anomaly", three, "--ckpt", tiny_ckpt[0], "--model-flags", tiny_ckpt[1], "--out", out,
+    args = ["anomaly", three, "--ckpt", tiny_ckpt[0], "--model-flags", tiny_ckpt[1], "--out", out, "--method", "heal",
             "--start-steps", 20, "--sample-steps", 2, "--batch-size", 1, "--device", "cpu"]
     interrupt_on_call(monkeypatch, detect, "_write_outputs", 2)
     err = interrupted(*args)
@@ -143,6 +143,18 @@ def test_anomaly_skip_done_finishes_an_interrupted_run(tiny_ckpt, three, tmp_pat
     with (out / "scores.csv").open(newline="") as f:
         assert [r["image"] for r in csv.DictReader(f)] == ["image_0", "image_1", "image_2"]
     assert "anomaly: 0 images" in ok(*args, "--skip-done")  # every image done: nothing to redo
+
+
+def test_anomaly_knn_interrupted_counts_its_finished_images(tiny_ckpt, three, tmp_path, monkeypatch):
+    """knn (the default) writes no healed picture: its finished images are counted by their maps."""
+    from ddpmseg.anomaly import detect
+
+    out = tmp_path / "maps"
+    interrupt_on_call(monkeypatch, detect, "_write_outputs", 2)
+    err = interrupted("anomaly", three, "--ckpt", tiny_ckpt[0], "--model-flags", tiny_ckpt[1], "--out", out,
+                      "--normal", three, "--batch-size", 1, "--device", "cpu")
+    assert err.endswith(f"the outputs and scores.csv rows of the 1 image this run finished are kept in {out}; "
+                        "rerun with --skip-done to finish the rest"), err
 
 
 # -- train-ddpm --------------------------------------------------------------------------------------

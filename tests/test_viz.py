@@ -371,16 +371,18 @@ def test_anomaly_says_how_many_pixels_its_colour_scale_saturates(tiny_ckpt, eyes
 
     ckpt, flags = tiny_ckpt
     img = eyes8 / "image_0.jpg"
-    args = dict(model_flags=flags, start_steps=[50], sample_steps=2, device="cpu", save_maps=True)
+    args = dict(model_flags=flags, method="heal", start_steps=[50], sample_steps=2, device="cpu", save_maps=True)
     with viz.record_drawing() as drawn:
         s = anomaly_maps([img], ckpt, tmp_path / "a", vmax=0.01, **args)
     m = np.load(tmp_path / "a" / "image_0_anomaly.npy")
     assert s.vmax == 0.01 and s.above_vmax == pytest.approx(float(np.mean(m > 0.01))) and s.above_vmax > 0.01
     assert any(d.text == f"{100 * s.above_vmax:.2g} % of pixels" for d in drawn)  # on the picture's colour bar
     assert anomaly_maps([img], ckpt, tmp_path / "b", vmax=float(m.max()) + 1, **args).above_vmax == 0.0
-    said = ok("anomaly", img, "--ckpt", ckpt, "--model-flags", flags, "--out", tmp_path / "c", "--start-steps", 50,
+    said = ok("anomaly", img, "--ckpt", ckpt, "--model-flags", flags, "--out", tmp_path / "c", "--method", "heal",
+              "--start-steps", 50,
               "--sample-steps", 2, "--vmax", 0.01, "--device", "cpu")
     assert f"{100 * s.above_vmax:.2g} % of map pixels above --vmax 0.01" in said and "raise --vmax" in said
-    said = ok("anomaly", img, "--ckpt", ckpt, "--model-flags", flags, "--out", tmp_path / "d", "--start-steps", 50,
+    said = ok("anomaly", img, "--ckpt", ckpt, "--model-flags", flags, "--out", tmp_path / "d", "--method", "heal",
+              "--start-steps", 50,
               "--sample-steps", 2, "--vmax", 100, "--device", "cpu")
     assert "above --vmax" not in said

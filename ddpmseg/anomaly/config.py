@@ -14,7 +14,9 @@ DEFAULT_VMAX = 0.25  # heal: the map value drawn brightest in the PNGs (knn: the
 TOP_FRACTION = 0.01  # an image's score: the mean of its map's top 1 %
 OUTPUT_KINDS = ("anomaly", "healed")  # heal: NAME_anomaly.png, NAME_healed.png (knn: NAME_anomaly.png)
 METHODS = ("heal", "knn")  # reconstruction by partial diffusion; distance to normal patches (PatchCore-style)
-DEFAULT_METHOD = "heal"
+DEFAULT_METHOD = "knn"  # ELPV (docs/anomaly.md): knn above heal at 64 px, level at 32 px with a third of the spread
+OPTIONS_OF = {"heal": ("start_steps", "sample_steps", "ancestral", "smooth"),  # each method's own options
+              "knn": ("normal", "coreset", "max_bank_mb", "grid")}
 KNN_CORESET = 1.0  # knn: the fraction of the normal patches kept in the bank (greedy k-centre below 1; 1: all)
 KNN_MAX_MB = 512.0  # knn: the bank's vectors at most this many MiB (a random sample of the patches beyond)
 KNN_GRID = 0  # knn: patch grid cells a side; 0: half the model grid, at most KNN_MAX_GRID

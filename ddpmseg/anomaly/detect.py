@@ -222,8 +222,9 @@ def _normal_images(normal: Sequence[str | Path] | None, checkpoint: str | Path) 
         return [(p, file_sha256(p)) for p in paths]
     run = Path(checkpoint) if runs.is_run(checkpoint) else runs.run_of(checkpoint)
     if run is None:
-        raise DdpmsegError(f"--method knn compares with normal images: --ckpt {checkpoint} is not a train-ddpm run "
-                           "folder that records its training images, so give them with --normal DIR")
+        raise DdpmsegError(f"--method knn (the default) compares with normal images: --ckpt {checkpoint} is not a "
+                           "train-ddpm run folder that records its training images, so give them with --normal DIR "
+                           "(or use --method heal)")
     listed = runs.training_images(run)
     for path, digest in listed:
         what = changed_file(path, digest)
