@@ -525,7 +525,10 @@ def t_instances(results, every):
                   *TAIL], body)
 
 
-REAL_DEFAULTS = {"heal": "heal t100+250+400, top 1 %", "knn": "knn, coreset 1 %, grid S/2"}  # what `anomaly` does
+REAL_DEFAULTS = {"heal": "heal t50 (10 DDIM steps), top 20 %", "knn": "knn, all patches (no coreset)"}  # `anomaly`'s
+REAL_NAMES = {"knn, all patches (no coreset)": "knn, every patch up to 512 MiB (a random sample beyond)",
+              "knn, coreset 1 %, grid S/2": "knn, greedy coreset 1 % (PatchCore's; the default before this table)",
+              "heal t100+250+400, top 1 %": "heal t100+250+400, top 1 % (the defaults before this table)"}
 
 
 def _real_setting(s: str) -> str:
@@ -538,17 +541,23 @@ def t_anomaly_real(results, every):
     import statistics
 
     picked = pick(results, "anomaly_real_summary", lambda r: (r["size"], _real_setting(r["setting"])), every)
-    rank = lambda s: 0 if s.startswith("baseline") else 1 if s.startswith("heal") else 2  # noqa: E731
+    # the baseline needs no DDPM and the split is fixed: every run of a size has the same one (the newest shown)
+    bases = {row["size"]: row for row, _ in picked if row["setting"] == "baseline: mean image"}
+
+    def rank(s: str) -> int:  # baseline, heal's start steps and combinations, its image scores (healx), knn
+        return 0 if s.startswith("baseline") else 2 if "DDIM steps" in s else 1 if s.startswith("heal") else 3
+
     body = []
     for row, res in sorted(picked, key=lambda x: (x[0]["size"], rank(x[0]["setting"]))):
         name = _real_setting(row["setting"])
-        base = same_file(res, "anomaly_real_summary", size=row["size"], setting="baseline: mean image")
+        base = same_file(res, "anomaly_real_summary", size=row["size"], setting="baseline: mean image") \
+            or bases.get(row["size"])
         gain = DASH if base is None or name.startswith("baseline") else \
             f"{row['image_auroc_mean'] - base['image_auroc_mean']:+.3f}"
         seeds = [r for r in res.rows("anomaly_real") if r["setting"] == row["setting"] and r["size"] == row["size"]]
         speed = [r["s_per_image"] for r in seeds if r.get("s_per_image") is not None]
         bank = [r for r in seeds if r.get("bank_patches")]
-        shown = name + (" **(default)**" if name in REAL_DEFAULTS.values() else "")
+        shown = REAL_NAMES.get(name, name) + (" **(default)**" if name in REAL_DEFAULTS.values() else "")
         body.append([f"{row['size']} px", shown, pm(row["image_auroc_mean"], row.get("image_auroc_std") or None, 3, lo=3),
                      gain, num(row["seeds"]), num(statistics.mean(speed), 3, lo=2) if speed else DASH,
                      f"{bank[0]['bank_patches']:,}" if bank else DASH, *tail(res)])

@@ -907,15 +907,15 @@ def merge(sources, out) -> None:
 def anomaly(ctx, inputs, images, checkpoint, preset, model_flags, image_size, num_head_channels, device, out,
             method, normal, coreset, max_bank_mb, grid, start_steps, sample_steps, ancestral, smooth, seed, batch_size, precision,
             vmax, save_maps, skip_done, overwrite) -> None:
-    """Anomaly maps of IMAGES from a DDPM of normal images: |image - healed| after partial diffusion
-    (--method heal), or the distance to the nearest normal patch of its features (--method knn).
+    """Anomaly maps of IMAGES from a DDPM of normal images: the distance to the nearest normal patch of
+    its features (--method knn, the default), or |image - healed| after partial diffusion (--method heal).
 
     \b
     Examples:
       ddpmseg anomaly new_images/ --ckpt normal_run/ --out maps/ --save-maps
-      ddpmseg anomaly new_images/ --ckpt normal_run/ --method knn --out maps_knn/
-      ddpmseg anomaly new_images/ --ckpt ffhq.pt --method knn --normal good_images/ --out maps_knn/
-      ddpmseg anomaly new_images/ --ckpt normal_run/ --step 5000 --start-steps 250 --out maps250/
+      ddpmseg anomaly new_images/ --ckpt ffhq.pt --normal good_images/ --out maps/
+      ddpmseg anomaly new_images/ --ckpt normal_run/ --method heal --out maps_heal/
+      ddpmseg anomaly new_images/ --ckpt normal_run/ --step 5000 --method heal --start-steps 100 --out maps100/
     """
     from ddpmseg.anomaly.detect import anomaly_maps
 

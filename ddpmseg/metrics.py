@@ -104,7 +104,7 @@ def image_uncertainty(pixel_map: Any) -> float:
 
 def top_mean(values: Any, fraction: float) -> float:
     """The mean of the ``fraction`` highest values (at least one): the reference's per-image uncertainty
-    (top 10 % of the pixel map), the anomaly score (top 1 %)."""
+    (top 10 % of the pixel map), heal's anomaly score (top 20 %)."""
     flat = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
     if flat.size == 0:
         raise DdpmsegError("an empty map has no score")

@@ -6,7 +6,7 @@
 the map is the mean over channels of ``|x - healed|`` (in units of the 0..1
 intensity range), averaged over the start steps, optionally smoothed
 (Gaussian, ``smooth`` pixels of the model grid); its score is the mean of the
-map's top 1 % of pixels.
+map's top 20 % of pixels.
 
 ``knn`` (PatchCore-style, :mod:`ddpmseg.anomaly.knn`): the map is each
 patch's distance to the nearest patch of a bank of normal patches, in the
@@ -291,7 +291,7 @@ def _write_outputs(out: Path, stem: str, rgb: np.ndarray, full: np.ndarray, heal
 
 
 def _write_scores(path: Path, scores: dict[str, float]) -> None:
-    """``scores.csv``: image, score (heal: the mean of the top 1 % of its map; knn: its largest patch distance),
+    """``scores.csv``: image, score (heal: the mean of the top 20 % of its map; knn: its largest patch distance),
     merged with the file's earlier rows."""
     rows: dict[str, str] = {}
     if path.is_file():

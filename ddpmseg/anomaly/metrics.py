@@ -9,8 +9,8 @@
 - the best achievable Dice over thresholds (Pinaya et al.'s figure), pooled
   over all pixels of all images, and the threshold that gives it;
 - image AUROC of the per-image scores (those of the folder's scores.csv, which
-  ``anomaly`` writes: heal's top-1 % mean, knn's largest patch distance; the mean
-  of each map's top 1 % without one), when some masks are empty (normal images)
+  ``anomaly`` writes: heal's top-20 % mean, knn's largest patch distance; the mean
+  of each map's top 20 % without one), when some masks are empty (normal images)
   and some are not.
 
 numpy, scipy and scikit-learn only: ``evaluate-anomaly`` never loads torch.
