@@ -58,8 +58,9 @@ def test_aupro_perfect_random_and_region_weighting():
 
 
 def test_image_auroc_and_score():
-    assert image_score(np.arange(100.0).reshape(10, 10)) == 99.0  # the top 1 % of 100 pixels: one
-    assert image_score(np.arange(1000.0)) == np.mean(np.arange(990, 1000))
+    assert image_score(np.arange(100.0).reshape(10, 10), 0.01) == 99.0  # the top 1 % of 100 pixels: one
+    assert image_score(np.arange(1000.0), 0.01) == np.mean(np.arange(990, 1000))
+    assert image_score(np.arange(1000.0)) == np.mean(np.arange(800, 1000))  # heal's default: the top 20 %
     assert metrics.image_auroc([0.1, 0.2, 0.9], [False, False, True]) == 1.0
     assert metrics.image_auroc([0.1, 0.2], [True, True]) is None
 

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import secrets
+import signal
 import socket
 import threading
 from dataclasses import dataclass
@@ -302,4 +303,16 @@ def run_server(app, sock: socket.socket, stop: threading.Event | None = None) ->
     server = uvicorn.Server(config)
     if stop is not None:
         threading.Thread(target=lambda: (stop.wait(), setattr(server, "should_exit", True)), daemon=True).start()
+    caught: list[int] = []
+    handle_exit = server.handle_exit
+
+    def note(sig: int, frame) -> None:
+        caught.append(sig)
+        handle_exit(sig, frame)
+
+    server.handle_exit = note  # uvicorn installs this for SIGINT / SIGTERM while it serves
     server.run(sockets=[sock])
+    if signal.SIGINT in caught:
+        # uvicorn re-raises the Ctrl-C it caught into asyncio's handler, which loses it when the main task has no
+        # await left (Python 3.11): the command then ended with status 0 instead of the Ctrl-C message and 130
+        raise KeyboardInterrupt
