@@ -920,12 +920,13 @@ def anomaly(ctx, inputs, images, checkpoint, preset, model_flags, image_size, nu
     from ddpmseg.anomaly.detect import anomaly_maps
 
     obj = ctx.obj
-    foreign = [f"--{k.replace('_', '-')}" for k in anomaly_config.OPTIONS_OF[_other_method(method)]
+    other = next(m for m in anomaly_config.METHODS if m != method)
+    foreign = [f"--{k.replace('_', '-')}" for k in anomaly_config.OPTIONS_OF[other]
                if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
     if foreign:  # knn became the default: a heal command line of before must not run knn and ignore its options
-        raise DdpmsegError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} --method "
-                           f"{_other_method(method)}'s, not {method}'s; add --method {_other_method(method)}"
-                           + (" (the default method is knn)" if method == anomaly_config.DEFAULT_METHOD else ""))
+        raise DdpmsegError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} --method {other}'s, "
+                           f"not {method}'s; add --method {other}"
+                           + (f" (the default method is {method})" if method == anomaly_config.DEFAULT_METHOD else ""))
     s = anomaly_maps(_image_inputs(inputs, images), checkpoint, out, method=method, normal=list(normal) or None,
                      coreset=coreset, max_bank_mb=max_bank_mb, grid=grid, start_steps=_ints(start_steps, "start-steps"),
                      sample_steps=sample_steps, ancestral=ancestral, smooth=smooth, seed=seed, batch_size=batch_size,
@@ -942,10 +943,6 @@ def anomaly(ctx, inputs, images, checkpoint, preset, model_flags, image_size, nu
                + (f"; {100 * s.above_vmax:.2g} % of map pixels above --vmax {s.vmax:.3g} (drawn at the top colour"
                   + ("): raise --vmax to see them" if s.above_vmax >= 0.01 else ")") if s.above_vmax > 0 else "")
                + _skipped(s.not_images, "folder entry that is not an image", "folder entries that are not images"))
-
-
-def _other_method(method: str) -> str:
-    return next(m for m in anomaly_config.METHODS if m != method)
 
 
 @main.command("evaluate-anomaly")
